@@ -1,0 +1,122 @@
+"""The NumPy backend: the reference math of every per-element update.
+
+Each method is one fused pass over flat float32 vectors of equal length, updated in place. The
+CuPy backend (``cupy_backend.py``) calls one CUDA kernel from ``kernels/easgd.cu`` per method with
+exactly this signature and the same per-element formula, written in ``kernels/easgd.cuh``; the
+tests hold both to this reference. The formulas below are evaluated in float32 in the order
+written, so that a host build of the C++ header matches them bit for bit.
+
+Notation (DESIGN.md §2): lr = η, alpha = α, beta = β, delta = δ (momentum), wd = λ (weight
+decay, part of the gradient: g + λ·point where the gradient was taken).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["NumpyBackend"]
+
+_f32 = np.float32
+
+
+class NumpyBackend:
+    """Reference implementation on host memory."""
+
+    name = "numpy"
+    xp = np
+    is_gpu = False
+
+    # ---- memory -------------------------------------------------------------------------
+    def zeros(self, n: int) -> np.ndarray:
+        return np.zeros(int(n), dtype=np.float32)
+
+    def asarray(self, a) -> np.ndarray:
+        return np.ascontiguousarray(a, dtype=np.float32)
+
+    def to_host(self, a, out: np.ndarray | None = None) -> np.ndarray:
+        if out is None:
+            return np.array(a, dtype=np.float32, copy=True)
+        np.copyto(out, a)
+        return out
+
+    def from_host(self, host: np.ndarray, out: np.ndarray) -> np.ndarray:
+        np.copyto(out, host)
+        return out
+
+    def host_empty(self, n: int) -> np.ndarray:
+        """A host buffer for MPI staging (pinned memory on the GPU backend)."""
+        return np.empty(int(n), dtype=np.float32)
+
+    def synchronize(self) -> None:
+        """Nothing to wait for on the host."""
+
+    def sum_squares(self, a) -> float:
+        a = np.asarray(a)
+        return float(np.dot(a, a))
+
+    def all_finite(self, a) -> bool:
+        return bool(np.isfinite(a).all())
+
+    def scale(self, a, s) -> None:
+        """a ← s·a"""
+        np.multiply(a, _f32(s), out=a)
+
+    # ---- fused updates ------------------------------------------------------------------
+    def sgd_step(self, x, g, lr, wd) -> None:
+        """x ← x − η(g + λx)"""
+        t = g + _f32(wd) * x
+        x -= _f32(lr) * t
+
+    def exchange(self, x, c, e, alpha) -> None:
+        """e ← α(x − c);  x ← x − e"""
+        np.subtract(x, c, out=e)
+        e *= _f32(alpha)
+        x -= e
+
+    def exchange_sgd_step(self, x, c, g, e, alpha, lr, wd) -> None:
+        """e ← α(x − c);  x ← (x − e) − η(g + λx)   (gradient taken at the old x)"""
+        t = g + _f32(wd) * x
+        t *= _f32(lr)
+        np.subtract(x, c, out=e)
+        e *= _f32(alpha)
+        x -= e
+        x -= t
+
+    def nesterov_lookahead(self, x, v, delta, y) -> None:
+        """y ← x + δv   (the point where EAMSGD takes its gradient)"""
+        np.multiply(v, _f32(delta), out=y)
+        y += x
+
+    def nesterov_step(self, x, v, g, lr, delta, wd) -> None:
+        """v ← δv − η(g + λ(x + δv));  x ← x + v   (v on the right is the old v)"""
+        dv = _f32(delta) * v
+        t = g + _f32(wd) * (x + dv)
+        t *= _f32(lr)
+        np.subtract(dv, t, out=v)
+        x += v
+
+    def exchange_nesterov_step(self, x, v, c, g, e, alpha, lr, delta, wd) -> None:
+        """e ← α(x − c);  v ← δv − η(g + λ(x + δv));  x ← (x − e) + v   (old x, v on the right)"""
+        dv = _f32(delta) * v
+        t = g + _f32(wd) * (x + dv)
+        t *= _f32(lr)
+        np.subtract(x, c, out=e)
+        e *= _f32(alpha)
+        np.subtract(dv, t, out=v)
+        x -= e
+        x += v
+
+    def downpour_step(self, x, acc, g, lr, wd) -> None:
+        """d ← −η(g + λx);  x ← x + d;  acc ← acc + d"""
+        t = g + _f32(wd) * x
+        d = _f32(-lr) * t
+        x += d
+        acc += d
+
+    def sync_easgd_update(self, x, c, xmean, alpha, beta) -> None:
+        """x ← x − α(x − c);  c ← (1 − β)c + β·x̄   (both from the old x and c)"""
+        diff = x - c
+        diff *= _f32(alpha)
+        c *= _f32(1) - _f32(beta)
+        c += _f32(beta) * xmean
+        x -= diff

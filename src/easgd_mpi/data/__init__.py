@@ -1,0 +1,6 @@
+"""Data sets for the built-in classification problems, and per-worker minibatch sampling."""
+
+from .builtin import Dataset, load_dataset
+from .sampling import WorkerSampler
+
+__all__ = ["Dataset", "load_dataset", "WorkerSampler"]

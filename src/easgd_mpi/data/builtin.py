@@ -1,0 +1,85 @@
+"""Built-in data sets: scikit-learn's handwritten digits (shipped with the package, no download)
+and a synthetic Gaussian-classes set. Each comes as a train split (the workers') and a held-out
+split (the master's evaluation of the center)."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError
+
+__all__ = ["Dataset", "load_dataset"]
+
+
+@dataclass
+class Dataset:
+    """Features as float32 rows, labels as int64 class indices."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    n_classes: int
+
+    @property
+    def n_features(self) -> int:
+        return self.x_train.shape[1]
+
+
+def load_dataset(data_cfg) -> Dataset:
+    """The data set named by ``data_cfg.name`` (a :class:`~easgd_mpi.config.DataConfig`)."""
+    if data_cfg.name == "digits":
+        x, y = _digits()
+    elif data_cfg.name == "synthetic":
+        x, y = _synthetic(data_cfg)
+    else:
+        raise DataError(f"data.name = '{data_cfg.name}' is not a built-in data set")
+    n_classes = int(y.max()) + 1
+    return _split(data_cfg.name, x, y, n_classes, data_cfg.test_fraction, data_cfg.seed)
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("data.name = 'digits' needs scikit-learn (pip install scikit-learn)")
+    # Read scikit-learn's shipped file directly: importing sklearn.datasets costs ~2 s per
+    # rank, which on a small node is most of a short run's start-up.
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    if path.is_file():
+        table = np.loadtxt(path, delimiter=",", dtype=np.float64)
+        data, target = table[:, :-1], table[:, -1]
+    else:  # a future scikit-learn may move the file; the public loader still works
+        from sklearn.datasets import load_digits  # noqa: PLC0415
+
+        bunch = load_digits()
+        data, target = bunch.data, bunch.target
+    # Pixel intensities are 0..16; scale to [0, 1] so the default learning rate fits.
+    return (data / 16.0).astype(np.float32), target.astype(np.int64)
+
+
+def _synthetic(cfg) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(cfg.seed)
+    means = rng.standard_normal((cfg.classes, cfg.features))
+    means *= cfg.separation / np.linalg.norm(means, axis=1, keepdims=True)
+    y = rng.integers(0, cfg.classes, cfg.samples)
+    # Every class present, so n_classes is what the config says.
+    y[: cfg.classes] = np.arange(cfg.classes)
+    x = means[y] + rng.standard_normal((cfg.samples, cfg.features))
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def _split(name, x, y, n_classes, test_fraction, seed) -> Dataset:
+    n = x.shape[0]
+    n_test = int(round(n * test_fraction))
+    if n_test < 1 or n - n_test < 1:
+        raise DataError(
+            f"data set '{name}' has {n} samples: too few for data.test_fraction = {test_fraction}"
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    test, train = order[:n_test], order[n_test:]
+    return Dataset(name, x[train], y[train], x[test], y[test], n_classes)

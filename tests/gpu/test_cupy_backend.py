@@ -1,0 +1,188 @@
+"""CupyBackend against the NumPy reference, on a real GPU.
+
+Skipped where CuPy or a usable GPU is missing, unless EASGD_TEST_GPU=1 (set on GPU CI runners),
+which turns a missing GPU into a failure so a broken driver cannot pass as "skipped".
+
+Every fused kernel runs on awkward lengths and on views at element offsets 0-3 of larger device
+buffers (equal offsets take the float4 path after a scalar head; different offsets per array
+take the scalar path). Output-only arrays are poisoned with NaN so an unwritten element shows,
+and guard elements outside each view must be untouched. The kernels round like NumPy (no FMA),
+so results are expected to be bit-identical; the test allows a relative error of 1e-6.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import numpy as np
+import pytest
+
+from easgd_mpi.backend import NumpyBackend, cupy_backend
+from easgd_mpi.backend.cupy_backend import KERNELS, CupyBackend, gpu_available
+from easgd_mpi.errors import BackendError
+
+LENGTHS = [0, 1, 3, 4 * 1024 + 1, 1_000_003]
+OFFSETS = ["0", "1", "2", "3", "mixed"]
+GUARD = 5
+SCALARS = [
+    {"s": 0.7, "lr": 0.05, "wd": 1e-4, "alpha": 0.225, "beta": 0.9, "delta": 0.99},
+    {"s": -3.0, "lr": 0.5, "wd": 0.0, "alpha": 0.9, "beta": 0.5, "delta": 0.9},
+]
+RTOL = 1e-6
+ATOL = float(np.finfo(np.float32).tiny)  # tolerate a flushed subnormal, nothing more
+
+
+@pytest.fixture(scope="module")
+def backend() -> CupyBackend:
+    ok, why = gpu_available()
+    if not ok:
+        if os.environ.get("EASGD_TEST_GPU") == "1":
+            pytest.fail(f"EASGD_TEST_GPU=1 but no usable GPU: {why}")
+        pytest.skip(f"no usable GPU: {why}")
+    return CupyBackend(device_id=0)
+
+
+@pytest.fixture(scope="module")
+def cp(backend):
+    return cupy_backend.cupy
+
+
+def _values(rng: np.random.Generator, n: int) -> np.ndarray:
+    v = rng.standard_normal(n).astype(np.float32)
+    if n >= 8:
+        idx = rng.integers(0, n, size=max(1, n // 50))
+        special = np.array([0.0, -0.0, 1e-39, -3e-41, 1e30, -2e-20], dtype=np.float32)
+        v[idx] = special[rng.integers(0, special.size, idx.size)]
+    return v
+
+
+def _host_inputs(spec, n: int, offsets: str, seed: int):
+    rng = np.random.default_rng(seed)
+    bufs, offs = {}, {}
+    for k, name in enumerate(spec.arrays):
+        off = (k % 4) if offsets == "mixed" else int(offsets)
+        buf = _values(rng, n + 3 + GUARD)
+        if name not in spec.reads:
+            buf[off : off + n] = np.nan  # poison: must be overwritten
+        bufs[name], offs[name] = buf, off
+    return bufs, offs
+
+
+def _args(spec, views, scalars):
+    return [views[p] if p in spec.arrays else scalars[p] for p in spec.params]
+
+
+@pytest.mark.parametrize("offsets", OFFSETS)
+@pytest.mark.parametrize("n", LENGTHS)
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_kernel_matches_numpy(backend, cp, name, n, offsets):
+    spec = KERNELS[name]
+    ref = NumpyBackend()
+    for k, scalars in enumerate(SCALARS):
+        bufs, offs = _host_inputs(spec, n, offsets, zlib.crc32(f"{name}/{n}/{offsets}/{k}".encode()))
+        dev = {p: cp.asarray(b) for p, b in bufs.items()}
+        dviews = {p: dev[p][offs[p] : offs[p] + n] for p in spec.arrays}
+        hviews = {p: bufs[p][offs[p] : offs[p] + n] for p in spec.arrays}
+        with np.errstate(all="ignore"):
+            getattr(ref, name)(*_args(spec, hviews, scalars))
+        getattr(backend, name)(*_args(spec, dviews, scalars))
+        backend.synchronize()
+        for p in spec.arrays:
+            got = cp.asnumpy(dev[p])
+            np.testing.assert_allclose(
+                got, bufs[p], rtol=RTOL, atol=ATOL, equal_nan=True,
+                err_msg=f"{name}(n={n}, offsets={offsets}, scalars={scalars}): array {p}",
+            )  # fmt: skip
+
+
+def test_scalars_may_be_numpy_or_python_numbers(backend, cp):
+    x = cp.ones(10, dtype=cp.float32)
+    g = cp.ones(10, dtype=cp.float32)
+    backend.sgd_step(x, g, np.float64(0.5), 0)
+    backend.sgd_step(x, g, np.float32(0.25), np.float32(0.0))
+    assert cp.asnumpy(x).tolist() == [0.25] * 10
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda cp: (cp.zeros(8, cp.float32), cp.zeros(8, cp.float64)), "dtype"),
+        (lambda cp: (cp.zeros(8, cp.float32), cp.zeros(7, cp.float32)), "same length"),
+        (lambda cp: (cp.zeros(8, cp.float32), cp.zeros(16, cp.float32)[::2]), "contiguous"),
+        (lambda cp: (cp.zeros(8, cp.float32), np.zeros(8, np.float32)), "cupy.ndarray"),
+    ],
+)
+def test_bad_arrays_are_rejected(backend, cp, make, match):
+    x, g = make(cp)
+    with pytest.raises(BackendError, match=match):
+        backend.sgd_step(x, g, 0.1, 0.0)
+
+
+def test_array_on_another_device_is_rejected(backend, cp):
+    if cp.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("needs two GPUs")
+    with cp.cuda.Device(1):
+        other = cp.zeros(8, cp.float32)
+    with pytest.raises(BackendError, match="GPU 1"):
+        backend.scale(other, 2.0)
+
+
+def test_host_empty_is_pinned(backend, cp):
+    h = backend.host_empty(1000)
+    assert isinstance(h, np.ndarray) and h.dtype == np.float32 and h.shape == (1000,)
+    attrs = cp.cuda.runtime.pointerGetAttributes(h.ctypes.data)
+    assert attrs.type == cp.cuda.runtime.memoryTypeHost  # page-locked, registered with CUDA
+    assert backend.host_empty(0).size == 0
+
+
+@pytest.mark.parametrize("n", [0, 1, 3, 1_000_003])
+@pytest.mark.parametrize("offset", [0, 3])
+def test_to_host_from_host_round_trip(backend, cp, n, offset):
+    src = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    pinned = backend.host_empty(n + offset)[offset:]
+    pinned[:] = src
+    dbuf = cp.full(n + offset + GUARD, np.nan, dtype=cp.float32)
+    dview = dbuf[offset : offset + n]
+    assert backend.from_host(pinned, dview) is dview
+    back = backend.host_empty(n)
+    assert backend.to_host(dview, back) is back
+    np.testing.assert_array_equal(back, src)
+    assert np.isnan(cp.asnumpy(dbuf[:offset])).all() and np.isnan(cp.asnumpy(dbuf[offset + n :])).all()
+    np.testing.assert_array_equal(backend.to_host(dview), src)  # out=None: a new array
+    # pageable host memory and non-float32 input work too (synchronous copies)
+    backend.from_host(src.astype(np.float64), dview)
+    np.testing.assert_array_equal(cp.asnumpy(dview), src)
+
+
+def test_async_copies_then_synchronize(backend, cp):
+    n = 1 << 20
+    h_in, h_out = backend.host_empty(n), backend.host_empty(n)
+    h_in[:] = np.arange(n, dtype=np.float32)
+    d = backend.zeros(n)
+    backend.from_host_async(h_in, d)
+    backend.scale(d, 2.0)
+    backend.to_host_async(d, h_out)
+    backend.synchronize()
+    np.testing.assert_array_equal(h_out, 2 * np.arange(n, dtype=np.float32))
+
+
+def test_memory_helpers(backend, cp):
+    z = backend.zeros(5)
+    assert isinstance(z, cp.ndarray) and z.dtype == cp.float32 and float(z.sum()) == 0
+    a = backend.asarray(np.arange(6, dtype=np.float64).reshape(2, 3))
+    assert a.dtype == cp.float32 and a.flags.c_contiguous
+    assert backend.sum_squares(a) == pytest.approx(55.0)
+    assert backend.all_finite(a)
+    a[1, 1] = np.inf
+    assert not backend.all_finite(a)
+    x = _values(np.random.default_rng(1), 100_003)
+    x[np.abs(x) > 1e10] = 1.0
+    assert backend.sum_squares(cp.asarray(x)) == pytest.approx(NumpyBackend().sum_squares(x), rel=1e-5)
+
+
+def test_describe_reports_the_device(backend):
+    info = cupy_backend.describe()
+    assert info["gpu_available"] and info["kernels_compile"], info
+    assert info["devices"] and info["devices"][0]["total_memory_bytes"] > 0
+    assert backend.name == "cupy" and backend.is_gpu
