@@ -140,11 +140,14 @@ def report_error(exc: BaseException, rank: int | None) -> None:
     """One line on stderr naming the rank; tracebacks only for bugs."""
     where = f"[rank {rank}] " if rank is not None else ""
     if isinstance(exc, EasgdError):
-        print(f"easgd: error: {where}{exc}", file=sys.stderr, flush=True)
+        text = f"easgd: error: {where}{exc}\n"
     else:
         tb = "".join(traceback.format_exception(exc))
-        print(f"easgd: internal error on {where or 'a rank '}(this is a bug):\n{tb}",
-              file=sys.stderr, flush=True)
+        text = f"easgd: internal error {where}(this is a bug):\n{tb}"
+    # One write per message: the launcher forwards several ranks' stderr through one stream,
+    # and separate writes of text and newline interleave between ranks.
+    sys.stderr.write(text)
+    sys.stderr.flush()
 
 
 def run_or_abort(func: Callable[[], int]) -> int:

@@ -134,7 +134,8 @@ def _shared_type():
 def _build_problem(cfg, problem, xp):
     if problem is None:
         return make_problem(cfg, xp=xp)
-    if callable(problem) and not hasattr(problem, "loss_and_grad"):
+    # A class or a factory function builds one per rank with that rank's array module.
+    if isinstance(problem, type) or (callable(problem) and not hasattr(problem, "loss_and_grad")):
         return problem(cfg, xp)
     return problem
 

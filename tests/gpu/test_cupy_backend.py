@@ -7,7 +7,8 @@ Every fused kernel runs on awkward lengths and on views at element offsets 0-3 o
 buffers (equal offsets take the float4 path after a scalar head; different offsets per array
 take the scalar path). Output-only arrays are poisoned with NaN so an unwritten element shows,
 and guard elements outside each view must be untouched. The kernels round like NumPy (no FMA),
-so results are expected to be bit-identical; the test allows a relative error of 1e-6.
+so results are bit-identical except for subnormals, which CuPy's -ftz=true flushes to zero: the
+test allows a relative error of 1e-6 and an absolute error of the smallest normal float32.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ SCALARS = [
     {"s": -3.0, "lr": 0.5, "wd": 0.0, "alpha": 0.9, "beta": 0.5, "delta": 0.9},
 ]
 RTOL = 1e-6
-ATOL = float(np.finfo(np.float32).tiny)  # tolerate a flushed subnormal, nothing more
+ATOL = float(np.finfo(np.float32).tiny)  # a flushed subnormal (CuPy: -ftz=true), no more
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,8 @@ def test_kernel_matches_numpy(backend, cp, name, n, offsets):
     spec = KERNELS[name]
     ref = NumpyBackend()
     for k, scalars in enumerate(SCALARS):
-        bufs, offs = _host_inputs(spec, n, offsets, zlib.crc32(f"{name}/{n}/{offsets}/{k}".encode()))
+        seed = zlib.crc32(f"{name}/{n}/{offsets}/{k}".encode())  # stable across runs
+        bufs, offs = _host_inputs(spec, n, offsets, seed)
         dev = {p: cp.asarray(b) for p, b in bufs.items()}
         dviews = {p: dev[p][offs[p] : offs[p] + n] for p in spec.arrays}
         hviews = {p: bufs[p][offs[p] : offs[p] + n] for p in spec.arrays}
@@ -148,7 +150,8 @@ def test_to_host_from_host_round_trip(backend, cp, n, offset):
     back = backend.host_empty(n)
     assert backend.to_host(dview, back) is back
     np.testing.assert_array_equal(back, src)
-    assert np.isnan(cp.asnumpy(dbuf[:offset])).all() and np.isnan(cp.asnumpy(dbuf[offset + n :])).all()
+    outside = cp.concatenate([dbuf[:offset], dbuf[offset + n :]])
+    assert cp.isnan(outside).all(), "a copy wrote outside its view"
     np.testing.assert_array_equal(backend.to_host(dview), src)  # out=None: a new array
     # pageable host memory and non-float32 input work too (synchronous copies)
     backend.from_host(src.astype(np.float64), dview)
@@ -178,7 +181,8 @@ def test_memory_helpers(backend, cp):
     assert not backend.all_finite(a)
     x = _values(np.random.default_rng(1), 100_003)
     x[np.abs(x) > 1e10] = 1.0
-    assert backend.sum_squares(cp.asarray(x)) == pytest.approx(NumpyBackend().sum_squares(x), rel=1e-5)
+    want = NumpyBackend().sum_squares(x)
+    assert backend.sum_squares(cp.asarray(x)) == pytest.approx(want, rel=1e-5)
 
 
 def test_describe_reports_the_device(backend):

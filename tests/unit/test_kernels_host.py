@@ -1,10 +1,16 @@
-"""The kernel math of kernels/easgd.cuh, built for the host, against the NumPy reference.
+"""The kernels of kernels/, built for the host with g++, against the NumPy reference.
 
-kernels/host_shim.cpp loops over the same inline functions the CUDA kernels call; g++ builds it
-into a shared library that is called through ctypes. Both sides round every float32 operation
-once, in the same order, so the results must be equal bit for bit, including signed zeros and
-subnormals. Views start at element offsets 0-3 of larger buffers to mimic chunks of flat
-buffers, and guard elements around each view must stay untouched.
+Two shared libraries, called through ctypes:
+
+* kernels/host_shim.cpp loops over the per-element functions of easgd.cuh (the kernel math);
+* kernels/host_grid_emulation.cpp runs the __global__ kernels of easgd.cu themselves, one
+  (block, thread) after the other, which checks the float4 body, the aligning scalar head, the
+  scalar tail and the all-scalar path for views whose addresses disagree modulo 16.
+
+Both sides round every float32 operation once, in the same order, so the results must be equal
+bit for bit, including signed zeros and subnormals. Views start at element offsets 0-3 of
+16-byte aligned buffers, like chunks of flat buffers, and guard elements around each view must
+stay untouched.
 """
 
 from __future__ import annotations
@@ -36,15 +42,14 @@ SCALARS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def shim(tmp_path_factory) -> ctypes.CDLL:
+def _build(tmp_path_factory, source: str, *flags: str) -> ctypes.CDLL:
     cxx = os.environ.get("CXX") or shutil.which("g++")
     if not cxx or not shutil.which(cxx):
         pytest.skip("g++ not found (set CXX to a C++ compiler to run the host kernel tests)")
-    lib = tmp_path_factory.mktemp("shim") / "libeasgd_host.so"
+    lib = tmp_path_factory.mktemp("kernels") / f"lib{Path(source).stem}.so"
     cmd = [
-        cxx, "-O3", "-fPIC", "-shared", "-std=c++17", "-ffp-contract=off", "-Wall", "-Wextra",
-        "-I", str(KERNEL_DIR), str(KERNEL_DIR / "host_shim.cpp"), "-o", str(lib),
+        cxx, "-fPIC", "-shared", "-std=c++17", "-ffp-contract=off", "-Wall", "-Wextra", *flags,
+        "-I", str(KERNEL_DIR), str(KERNEL_DIR / source), "-o", str(lib),
     ]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stderr}"
@@ -59,6 +64,21 @@ def shim(tmp_path_factory) -> ctypes.CDLL:
     return dll
 
 
+@pytest.fixture(scope="module")
+def shim(tmp_path_factory) -> ctypes.CDLL:
+    return _build(tmp_path_factory, "host_shim.cpp", "-O3")
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory) -> ctypes.CDLL:
+    dll = _build(tmp_path_factory, "host_grid_emulation.cpp", "-O2", "-fno-strict-aliasing")
+    dll.easgd_emu_set_thread.restype = None
+    dll.easgd_emu_set_thread.argtypes = [ctypes.c_uint] * 4
+    dll.easgd_emu_misaligned.restype = ctypes.c_longlong
+    dll.easgd_emu_misaligned.argtypes = []
+    return dll
+
+
 def _values(rng: np.random.Generator, n: int) -> np.ndarray:
     """Mostly normal values, sprinkled with ±0, subnormals and large magnitudes."""
     v = rng.standard_normal(n).astype(np.float32)
@@ -69,13 +89,22 @@ def _values(rng: np.random.Generator, n: int) -> np.ndarray:
     return v
 
 
+def _aligned(values: np.ndarray) -> np.ndarray:
+    """A copy of ``values`` whose first element is 16-byte aligned (like a CuPy allocation)."""
+    raw = np.empty(values.size + 4, dtype=np.float32)
+    start = (-raw.ctypes.data % 16) // 4
+    out = raw[start : start + values.size]
+    out[:] = values
+    return out
+
+
 def _make_inputs(spec, n: int, offsets: str, seed: int):
     """Buffers with guards and the views into them, one per array parameter."""
     rng = np.random.default_rng(seed)
     buffers, views = {}, {}
     for k, name in enumerate(spec.arrays):
         off = (k % 4) if offsets == "mixed" else int(offsets)
-        buf = _values(rng, n + 3 + GUARD)
+        buf = _aligned(_values(rng, n + 3 + GUARD))
         if name not in spec.reads:  # output only: poison, so an unwritten element shows
             buf[off : off + n] = np.nan
         buffers[name] = buf
@@ -90,10 +119,8 @@ def _call_args(spec, views, scalars, pointer: bool):
     ]
 
 
-@pytest.mark.parametrize("offsets", OFFSETS)
-@pytest.mark.parametrize("n", LENGTHS)
-@pytest.mark.parametrize("name", list(KERNELS))
-def test_host_kernel_matches_numpy_bitwise(shim, name, n, offsets):
+def _check_against_numpy(name, n, offsets, run) -> None:
+    """``run(spec, views, scalars)`` must leave the buffers exactly as NumpyBackend does."""
     spec = KERNELS[name]
     ref = NumpyBackend()
     for k, scalars in enumerate(SCALARS):
@@ -102,15 +129,44 @@ def test_host_kernel_matches_numpy_bitwise(shim, name, n, offsets):
         got_bufs, got_views = _make_inputs(spec, n, offsets, seed)
         with np.errstate(all="ignore"):  # 1e30 · 1e30 overflows on purpose
             getattr(ref, name)(*_call_args(spec, ref_views, scalars, pointer=False))
-        getattr(shim, spec.symbol)(*_call_args(spec, got_views, scalars, pointer=True), n)
+        run(spec, _call_args(spec, got_views, scalars, pointer=True))
         for p in spec.arrays:
             want, got = ref_bufs[p].view(np.uint32), got_bufs[p].view(np.uint32)
             bad = np.flatnonzero(want != got)
             assert bad.size == 0, (
                 f"{name}(n={n}, offsets={offsets}, scalars={scalars}): {p} differs at "
                 f"{bad.size} buffer positions, first {bad[0]}: "
-                f"numpy {ref_bufs[p][bad[0]]!r} vs host kernel {got_bufs[p][bad[0]]!r}"
+                f"numpy {ref_bufs[p][bad[0]]!r} vs kernel {got_bufs[p][bad[0]]!r}"
             )
+
+
+@pytest.mark.parametrize("offsets", OFFSETS)
+@pytest.mark.parametrize("n", LENGTHS)
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_kernel_math_matches_numpy_bitwise(shim, name, n, offsets):
+    def run(spec, args):
+        getattr(shim, spec.symbol)(*args, n)
+
+    _check_against_numpy(name, n, offsets, run)
+
+
+@pytest.mark.parametrize("grid", [(1, 1), (3, 5)], ids=["1x1", "3x5"])
+@pytest.mark.parametrize("offsets", OFFSETS)
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 5, 8, 4 * 1024 + 1, 65_539])
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_emulated_cuda_kernel_matches_numpy_bitwise(emu, name, n, offsets, grid):
+    blocks, threads = grid
+
+    def run(spec, args):
+        kernel = getattr(emu, spec.symbol)
+        for b in range(blocks):
+            for t in range(threads):
+                emu.easgd_emu_set_thread(b, t, blocks, threads)
+                kernel(*args, n)
+        bad = emu.easgd_emu_misaligned()
+        assert bad == 0, f"{bad} float4 accesses not 16-byte aligned (a GPU would fault)"
+
+    _check_against_numpy(name, n, offsets, run)
 
 
 def test_every_numpy_method_has_a_kernel():

@@ -1,0 +1,45 @@
+# easgd-mpi: the two commands a fresh machine needs are `make demo` and `make test`.
+# Both create .venv first (the package, mpi4py and MPICH from PyPI wheels; no system MPI).
+
+PYTHON  ?= python3
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+MPIEXEC := $(VENV)/bin/mpiexec
+NP      ?= 5
+# Per-launch limit for MPI test runs: a hung rank must fail the run, not stall CI.
+MPI_TEST_TIMEOUT ?= 300
+ARGS    ?=
+
+.PHONY: venv demo test test-unit test-mpi bench clean
+
+$(VENV)/.installed: setup.py pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[mpich,test,plot]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+## demo: the main job: 4 workers + master, async EASGD on the digits MLP (about 30 s)
+demo: venv
+	$(MPIEXEC) -n $(NP) $(VENV)/bin/easgd train $(ARGS)
+
+## test: unit tests, CLI tests, then the MPI tests at 2, 3 and 5 ranks
+test: test-unit test-mpi
+
+test-unit: venv
+	timeout 900 $(PY) -m pytest -q tests/unit tests/cli tests/gpu
+
+test-mpi: venv
+	@for n in 2 3 5; do \
+	  echo "== MPI tests with $$n ranks"; \
+	  timeout $(MPI_TEST_TIMEOUT) $(MPIEXEC) -n $$n $(PY) -m pytest --with-mpi -q tests/mpi \
+	    || exit 1; \
+	done
+
+## bench: the exchange benchmark (writes bench/results/exchange.json)
+bench: venv
+	$(PY) bench/bench_exchange.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

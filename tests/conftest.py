@@ -1,0 +1,71 @@
+"""Shared test set-up.
+
+Under ``mpiexec ... pytest --with-mpi`` (pytest-mpi) every rank runs every test. Two hooks keep
+such runs sane: a failure on any rank aborts the whole MPI job at once (otherwise the other
+ranks wait forever in the test's next collective), and only rank 0 reports, so the output is
+one readable summary.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _mpi_enabled(config) -> bool:
+    return bool(config.getoption("--with-mpi", default=False))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+    if not _mpi_enabled(config):
+        return
+    from mpi4py import MPI
+
+    if MPI.COMM_WORLD.Get_rank() != 0:
+        reporter = config.pluginmanager.getplugin("terminalreporter")
+        if reporter is not None:
+            config.pluginmanager.unregister(reporter)
+
+
+def pytest_runtest_logreport(report):
+    if report.failed and "mpi" in report.keywords:
+        from mpi4py import MPI
+
+        if MPI.Is_initialized() and MPI.COMM_WORLD.Get_size() > 1:
+            rank = MPI.COMM_WORLD.Get_rank()
+            sys.stderr.write(f"\n[rank {rank}] {report.nodeid} failed:\n{report.longreprtext}\n")
+            sys.stderr.flush()
+            MPI.COMM_WORLD.Abort(1)
+
+
+@pytest.fixture
+def mpiexec() -> str:
+    """The launcher that belongs to this interpreter's mpi4py (never a system one)."""
+    path = BIN / "mpiexec"
+    if not path.exists():
+        found = shutil.which("mpiexec")
+        if found is None:
+            pytest.fail("no mpiexec next to the interpreter or on PATH")
+        return found
+    return str(path)
+
+
+@pytest.fixture
+def easgd_cmd() -> list[str]:
+    """How to start the CLI with this interpreter."""
+    return [sys.executable, "-m", "easgd_mpi"]
+
+
+@pytest.fixture
+def clean_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EASGD_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env

@@ -1,0 +1,48 @@
+"""A user script whose model raises on one rank mid-run: the whole job must end, promptly.
+
+Usage: mpiexec -n P python fail_on_one_rank.py RANK STEP OUTPUT_DIR
+"""
+
+import sys
+
+from mpi4py import MPI
+
+import easgd_mpi as ea
+from easgd_mpi.cli import run_or_abort
+
+FAIL_RANK, FAIL_STEP, OUTPUT = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+
+
+class Exploding:
+    """The built-in problem, except that one rank raises at one step."""
+
+    def __init__(self, cfg, xp):
+        self.inner = ea.make_problem(cfg, xp)
+        self.layout = self.inner.layout
+        self.calls = 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def _count(self):
+        self.calls += 1
+        if MPI.COMM_WORLD.Get_rank() == FAIL_RANK and self.calls == FAIL_STEP:
+            raise RuntimeError(f"injected failure at step {FAIL_STEP}")
+
+    def loss_and_grad(self, x, batch, g):  # what a worker calls
+        self._count()
+        return self.inner.loss_and_grad(x, batch, g)
+
+    def evaluate(self, x_host):  # what the master calls
+        self._count()
+        return self.inner.evaluate(x_host)
+
+
+def main() -> int:
+    cfg = ea.Config.from_toml(None, overrides={"steps": 100000, "output": OUTPUT,
+                                               "eval_interval": 0.2})
+    ea.train(cfg, problem=Exploding, out=lambda line: None)
+    return 0
+
+
+sys.exit(run_or_abort(main))

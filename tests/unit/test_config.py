@@ -1,0 +1,107 @@
+"""Config: defaults, TOML, environment, overrides, validation incl. the stability region."""
+
+import pytest
+
+from easgd_mpi.config import Config
+from easgd_mpi.errors import ConfigError
+
+
+def load(text=None, tmp_path=None, env=None, **overrides):
+    path = None
+    if text is not None:
+        path = tmp_path / "c.toml"
+        path.write_text(text)
+    return Config.from_toml(path, overrides=overrides, environ=env or {})
+
+
+def test_defaults_are_the_papers():
+    cfg = load()
+    assert cfg.algorithm == "easgd" and cfg.tau == 4
+    assert cfg.resolve_alpha(4) == pytest.approx(0.9 / 4)
+    assert cfg.resolve_beta(4) == pytest.approx(0.9)
+
+
+def test_precedence_cli_over_file_over_env(tmp_path):
+    cfg = load("tau = 8\nlr = 0.1\n", tmp_path, env={"EASGD_TAU": "2", "EASGD_SEED": "7"},
+               tau="16")
+    assert cfg.tau == 16 and cfg.lr == 0.1 and cfg.seed == 7
+
+
+def test_env_nested_key_and_unrelated_vars_ignored():
+    cfg = load(env={"EASGD_DATA__NAME": "synthetic", "EASGD_CUDA_MPI": "1"})
+    assert cfg.data.name == "synthetic"
+
+
+def test_round_trip_through_toml(tmp_path):
+    cfg = load(**{"model.hidden": "[32, 16]", "rho": "2.0", "quadratic.curvature": "[1, 2]",
+                  "quadratic.dim": "2"})
+    again = load(cfg.to_toml(), tmp_path)
+    assert again == cfg
+    assert again.resolve_alpha(3) == pytest.approx(cfg.lr * 2.0)
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        ({"algorithm": "sgdx"}, "algorithm = 'sgdx' is not one of"),
+        ({"lr": "0"}, "lr = 0.0 must be > 0"),
+        ({"lr": "-1"}, "lr = -1.0 must be > 0"),
+        ({"tau": "0"}, "tau = 0 must be >= 1"),
+        ({"momentum": "1.0", "algorithm": "eamsgd"}, "momentum = 1.0 must be in [0, 1)"),
+        ({"momentum": "-0.1", "algorithm": "eamsgd"}, "momentum = -0.1 must be in [0, 1)"),
+        ({"momentum": "0.9"}, "momentum = 0.9 is not used by algorithm 'easgd'"),
+        ({"tau": "2.5"}, "'tau' must be an integer"),
+        ({"lr": "true"}, "'lr' must be a number"),
+        ({"alpha": "0.1", "beta": "0.5"}, "exactly one of rho, alpha, beta"),
+        ({"lock_mode": "none"}, "lock_mode = 'none' is not one of shared, exclusive"),
+        ({"model.hidden": "[0]"}, "model.hidden"),
+        ({"quadratic.dim": "3", "quadratic.optimum": "[1, 2]"}, "quadratic.optimum has 2"),
+    ],
+)
+def test_bad_values_name_key_and_bound(overrides, fragment):
+    with pytest.raises(ConfigError) as info:
+        load(**overrides)
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_misspelt_key_suggests_the_right_one():
+    with pytest.raises(ConfigError, match="unknown key 'lerning_rate'"):
+        load(lerning_rate="0.1")
+    with pytest.raises(ConfigError, match="did you mean 'batch_size'"):
+        load(batchsize="3")
+    with pytest.raises(ConfigError, match="did you mean 'data.name'"):
+        load(**{"data.nmae": "digits"})
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        Config.from_toml(tmp_path / "missing.toml", environ={})
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        load("lr = [\n", tmp_path)
+    with pytest.raises(ConfigError, match="unknown key 'data.nope'"):
+        load("[data]\nnope = 1\n", tmp_path)
+
+
+@pytest.mark.parametrize(
+    "overrides, workers, fragment",
+    [
+        ({"beta": "2.0"}, 4, "0 < beta < 2"),
+        ({"alpha": "1.5"}, 4, "0 < alpha <= 1"),
+        ({"rho": "30", "lr": "0.05"}, 2, "alpha = lr*rho"),
+        ({"model.name": "quadratic", "quadratic.curvature": "30", "lr": "0.1"}, 2, "lr*h <= 2"),
+        ({"model.name": "quadratic", "alpha": "0.8", "lr": "0.5", "quadratic.curvature": "2"},
+         4, "(4 - 2*lr*h)/(4 - lr*h)"),
+    ],
+)
+def test_stability_region(overrides, workers, fragment):
+    cfg = load(**overrides)
+    with pytest.raises(ConfigError) as info:
+        cfg.validate(workers=workers)
+    assert fragment in str(info.value)
+
+
+def test_stable_values_pass():
+    load(**{"model.name": "quadratic", "alpha": "0.6", "lr": "0.5",
+            "quadratic.curvature": "1"}).validate(workers=4)
+    load(beta="0.9").validate(workers=1)
