@@ -23,6 +23,8 @@ from easgd_mpi.backend import NumpyBackend, cupy_backend
 from easgd_mpi.backend.cupy_backend import KERNELS, CupyBackend, gpu_available
 from easgd_mpi.errors import BackendError
 
+pytestmark = pytest.mark.gpu
+
 LENGTHS = [0, 1, 3, 4 * 1024 + 1, 1_000_003]
 OFFSETS = ["0", "1", "2", "3", "mixed"]
 GUARD = 5

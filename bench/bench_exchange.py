@@ -1,0 +1,247 @@
+#!/usr/bin/env python3
+"""Exchange throughput: the project's RMA exchange against three baselines, in one run.
+
+Per worker, for each size n (float32 elements) and worker count p, measures exchanges/s and
+GB/s (8n bytes per exchange: n floats read from the center, n floats added to it) of:
+
+- ``easgd``: ``CenterWindow.exchange`` with the NumPy exchange kernel (what training does);
+- ``rma-floor``: the same Get_accumulate(NO_OP) + Accumulate(SUM) calls on the same chunks,
+  with no other work: the bare MPI floor of this protocol;
+- ``sendrecv``: a parameter-server loop with buffer-based Send/Recv (the master serves);
+- ``pickle``: the same server with mpi4py's pickle-based send/recv, as often written.
+
+Run it as a plain script: it launches ``mpiexec -n p+1`` (the one next to this Python) for each
+worker count, prints a table with ratios against the baselines and writes JSON.
+
+    python bench/bench_exchange.py [--sizes 1e5,1e6,5e6,2.5e7] [--workers 1,2,4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+METHODS = ("easgd", "rma-floor", "sendrecv", "pickle")
+_TAG_REQ, _TAG_CENTER, _TAG_DIFF, _TAG_DONE = 11, 12, 13, 14
+
+
+# ---------------------------------------------------------------------------------------------
+# The MPI child: one world of p+1 ranks, every method and size.
+
+
+def child(args) -> None:
+    from mpi4py import MPI
+
+    from easgd_mpi.backend import NumpyBackend
+    from easgd_mpi.center import CenterWindow
+
+    comm = MPI.COMM_WORLD
+    rank, p = comm.Get_rank(), comm.Get_size() - 1
+    backend = NumpyBackend()
+    results = []
+    for n in args.sizes:
+        x = np.random.default_rng(rank).standard_normal(n).astype(np.float32)
+        for method in METHODS:
+            comm.Barrier()
+            if method in ("easgd", "rma-floor"):
+                window = CenterWindow(comm, n, p, initial=np.zeros(n, np.float32)
+                                      if rank == 0 else None, chunk=args.chunk)
+                if rank == 0:
+                    _idle_master(comm)
+                    rate = None
+                elif method == "easgd":
+                    rate = _timed(lambda: window.exchange(
+                        lambda lo, hi, c, e: backend.exchange(x[lo:hi], c, e, 0.01)), args)
+                    comm.Ibarrier().Wait()
+                else:
+                    rate = _timed(lambda: _floor_exchange(window, MPI), args)
+                    comm.Ibarrier().Wait()
+                window.close()
+            else:
+                pickled = method == "pickle"
+                if rank == 0:
+                    _serve(comm, n, p, pickled, MPI)
+                    rate = None
+                else:
+                    c = np.empty(n, np.float32)
+                    e = np.empty(n, np.float32)
+                    rate = _timed(lambda: _server_exchange(comm, x, c, e, pickled, backend), args)
+                    comm.send(None, dest=0, tag=_TAG_DONE)
+            rates = comm.gather(rate, root=0)
+            if rank == 0:
+                per_worker = [r for r in rates[1:]]
+                mean = float(np.mean(per_worker))
+                results.append({"method": method, "n": n, "workers": p,
+                                "exchanges_per_s": mean, "gb_per_s": mean * 8 * n / 1e9})
+                print(f"# p={p} n={n:.0e} {method:10s} {mean:10.1f} exch/s "
+                      f"{mean * 8 * n / 1e9:7.2f} GB/s", file=sys.stderr, flush=True)
+    if rank == 0:
+        print(json.dumps(results), flush=True)
+
+
+def _timed(exchange, args) -> float:
+    exchange()  # warm-up: page faults, MPI connection set-up
+    count, start = 0, time.perf_counter()
+    while True:
+        exchange()
+        count += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= args.seconds and count >= args.min_reps:
+            return count / elapsed
+
+
+def _floor_exchange(window, MPI) -> None:
+    """The same RMA calls on the same chunks as CenterWindow.exchange, nothing else."""
+    win, c, noop = window._win, window._c[0], window._noop_origin
+    for lo, hi in window._bounds():
+        k = hi - lo
+        win.Get_accumulate(noop[:k], c[:k], 0, target=(lo, k, MPI.FLOAT), op=MPI.NO_OP)
+        win.Accumulate(c[:k], 0, target=(lo, k, MPI.FLOAT), op=MPI.SUM)
+    win.Flush(0)
+
+
+def _idle_master(comm) -> None:
+    done = comm.Ibarrier()
+    while not done.Test():
+        time.sleep(0.001)
+
+
+def _serve(comm, n, p, pickled, MPI) -> None:
+    """A parameter server: answer each request with the center, then add the difference."""
+    center = np.zeros(n, np.float32)
+    diff = np.empty(n, np.float32)
+    status = MPI.Status()
+    finished = 0
+    while finished < p:
+        msg = comm.recv(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status)
+        src, tag = status.Get_source(), status.Get_tag()
+        if tag == _TAG_DONE:
+            finished += 1
+            continue
+        del msg
+        if pickled:
+            comm.send(center, dest=src, tag=_TAG_CENTER)
+            center += comm.recv(source=src, tag=_TAG_DIFF)
+        else:
+            comm.Send(center, dest=src, tag=_TAG_CENTER)
+            comm.Recv(diff, source=src, tag=_TAG_DIFF)
+            center += diff
+
+
+def _server_exchange(comm, x, c, e, pickled, backend) -> None:
+    comm.send(None, dest=0, tag=_TAG_REQ)
+    if pickled:
+        c = comm.recv(source=0, tag=_TAG_CENTER)
+        backend.exchange(x, c, e, 0.01)
+        comm.send(e, dest=0, tag=_TAG_DIFF)
+    else:
+        comm.Recv(c, source=0, tag=_TAG_CENTER)
+        backend.exchange(x, c, e, 0.01)
+        comm.Send(e, dest=0, tag=_TAG_DIFF)
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver: launch one world per worker count, print the table, write JSON.
+
+
+def driver(args) -> int:
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    if not mpiexec.exists():
+        mpiexec = Path("mpiexec")
+    rows = []
+    for p in args.workers:
+        cmd = [str(mpiexec), "-n", str(p + 1), sys.executable, __file__, "--child",
+               "--sizes", ",".join(str(n) for n in args.sizes), "--seconds", str(args.seconds),
+               "--min-reps", str(args.min_reps), "--chunk", str(args.chunk)]
+        print(f"running {p} worker(s)...", file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=args.timeout)
+        if proc.returncode != 0:
+            print(f"bench_exchange: the MPI run with {p} workers failed "
+                  f"(exit {proc.returncode})", file=sys.stderr)
+            return 1
+        rows += json.loads(proc.stdout.strip().splitlines()[-1])
+    table = _ratios(rows)
+    _print_table(table)
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "benchmark": "exchange", "unit": "per worker; 8n bytes per exchange",
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
+        "mpi": _mpi_version(), "chunk": args.chunk, "seconds": args.seconds,
+        "rows": table}, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+def _ratios(rows):
+    by_key = {(r["method"], r["n"], r["workers"]): r for r in rows}
+    table = []
+    for r in rows:
+        if r["method"] != "easgd":
+            continue
+        key = (r["n"], r["workers"])
+        floor = by_key[("rma-floor", *key)]["gb_per_s"]
+        table.append({
+            "n": r["n"], "workers": r["workers"],
+            **{f"{m}_gb_per_s": by_key[(m, *key)]["gb_per_s"] for m in METHODS},
+            "easgd_exchanges_per_s": r["exchanges_per_s"],
+            "vs_floor": r["gb_per_s"] / floor,
+            "vs_sendrecv": r["gb_per_s"] / by_key[("sendrecv", *key)]["gb_per_s"],
+            "vs_pickle": r["gb_per_s"] / by_key[("pickle", *key)]["gb_per_s"],
+        })
+    return table
+
+
+def _print_table(table) -> None:
+    head = (f"{'n':>9} {'p':>2} {'exch/s':>9} {'easgd':>7} {'floor':>7} {'sendrecv':>8} "
+            f"{'pickle':>7} {'vs floor':>8} {'vs s/r':>7} {'vs pickle':>9}")
+    print("per-worker GB/s (8n bytes per exchange)")
+    print(head)
+    print("-" * len(head))
+    for r in table:
+        print(f"{r['n']:>9.1e} {r['workers']:>2} {r['easgd_exchanges_per_s']:>9.1f} "
+              f"{r['easgd_gb_per_s']:>7.2f} {r['rma-floor_gb_per_s']:>7.2f} "
+              f"{r['sendrecv_gb_per_s']:>8.2f} {r['pickle_gb_per_s']:>7.2f} "
+              f"{r['vs_floor']:>8.2f} {r['vs_sendrecv']:>7.2f} {r['vs_pickle']:>9.2f}")
+
+
+def _mpi_version() -> str:
+    try:
+        out = subprocess.run([sys.executable, "-c", "from mpi4py import MPI; "
+                              "print(MPI.Get_library_version().splitlines()[0])"],
+                             capture_output=True, text=True, timeout=60)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="1e5,1e6,5e6,2.5e7",
+                        help="comma-separated element counts")
+    parser.add_argument("--workers", default="1,2,4", help="comma-separated worker counts")
+    parser.add_argument("--seconds", type=float, default=1.0, help="time per measurement")
+    parser.add_argument("--min-reps", type=int, default=3)
+    parser.add_argument("--chunk", type=int, default=262144, help="floats per RMA transfer")
+    parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--json", default="bench/results/exchange.json")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.sizes = [int(float(s)) for s in args.sizes.split(",")]
+    args.workers = [int(w) for w in args.workers.split(",")]
+    if args.child:
+        child(args)
+        return 0
+    return driver(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
