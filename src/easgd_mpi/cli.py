@@ -1,4 +1,4 @@
-"""The ``easgd`` command: train | check (inspect and plot come with checkpoints and plots).
+"""The ``easgd`` command: train | check | inspect | plot.
 
 Every subcommand is a thin layer over the public API. Errors caused by input print one line
 and exit with code 2; any other exception on one rank aborts the whole MPI job.
@@ -35,6 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
     train.set_defaults(func=_cmd_train)
+
+    check = sub.add_parser(
+        "check", help="print what each rank would use (MPI, GPU, CuPy, kernels)",
+        description="Report MPI library and version, world size, GPU model and memory (or "
+        "'no GPU'), CuPy version, CUDA-aware mode and whether the kernels compile, per rank. "
+        "Run it the way you run training: `mpiexec -n P easgd check`.",
+    )
+    check.add_argument("--json", action="store_true", help="print JSON instead of text")
+    check.set_defaults(func=_cmd_check)
     return parser
 
 
@@ -78,6 +87,23 @@ def _cmd_train(args) -> int:
             if world.Get_size() < 2:
                 raise AgreedError(str(exc)) from None
             raise
+        return 0
+
+    return run_or_abort(run)
+
+
+def _cmd_check(args) -> int:
+    def run() -> int:
+        import json  # noqa: PLC0415
+
+        from mpi4py import MPI  # noqa: PLC0415
+
+        from .diagnostics import describe_rank, format_report  # noqa: PLC0415
+
+        world = MPI.COMM_WORLD
+        infos = world.gather(describe_rank(world), root=0)
+        if world.Get_rank() == 0:
+            print(json.dumps(infos, indent=2) if args.json else format_report(infos), flush=True)
         return 0
 
     return run_or_abort(run)
