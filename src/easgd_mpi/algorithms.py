@@ -2,8 +2,13 @@
 
 An algorithm owns a worker's state (x, gradient, momentum...) on its backend and performs one
 local step at a time. It knows the equations, not MPI: the center is reached only through
-:meth:`CenterWindow.exchange`, which hands it one chunk of the center at a time and takes back
-the elastic difference for that chunk.
+:class:`CenterWindow` (``exchange`` hands it one chunk of the center at a time and takes back
+the difference to add to that chunk; ``add`` and ``read``), and the synchronous rules average
+over the workers only through :class:`WorkerAllreduce`.
+
+The synchronous rules (sync EASGD, all-reduce SGD) keep the master's window up to date so that
+evaluation, metrics and checkpoints work as in the asynchronous case: after each round, the first
+worker adds (replica − window) to the window, so the window equals the workers' common center.
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-__all__ = ["WorkerAlgorithm", "AsyncEASGD", "EAMSGD", "make_algorithm"]
+from .collective import WorkerAllreduce
+
+__all__ = ["WorkerAlgorithm", "AsyncEASGD", "EAMSGD", "SyncEASGD", "Downpour", "AllreduceSGD",
+           "make_algorithm"]
 
 
 class _ChunkStaging:
@@ -52,6 +60,8 @@ class WorkerAlgorithm(ABC):
 
     name = ""
     uses_momentum = False
+    #: Whether the rule needs the workers' all-reduce (every worker steps in lockstep).
+    collective = False
 
     def __init__(self, cfg, problem, backend, center, alpha: float, rng, direct_mpi=False):
         self.cfg = cfg
@@ -66,34 +76,64 @@ class WorkerAlgorithm(ABC):
         self.v = backend.zeros(n) if self.uses_momentum else None
         self.exchanges = 0
         self.bytes = 0
+        #: Times this worker went non-finite and was reset to the center.
+        self.resets = 0
         #: ‖x − x̃‖ at the last exchange (before the elastic pull).
         self.distance = 0.0
         self._staging = _ChunkStaging(backend, center.chunk, direct_mpi)
 
     def pull_center(self) -> None:
         """x ← x̃ (start of a run: every worker starts from the center)."""
-        host = np.empty(self.problem.layout.size, dtype=np.float32)
-        self.center.read(host)
-        self.backend.from_host(host, self.x)
+        self._read_center(self.x)
         if self.v is not None:
             self.v[...] = 0
         self.backend.synchronize()
+
+    def _read_center(self, out) -> None:
+        """out ← x̃ (an atomic snapshot of the window, copied to the backend)."""
+        host = np.empty(self.problem.layout.size, dtype=np.float32)
+        self.center.read(host)
+        self.backend.from_host(host, out)
 
     @abstractmethod
     def step(self, t: int) -> float:
         """Local step number ``t`` (exchanging first when t mod τ = 0); returns the loss."""
 
     def _exchange(self, chunk_kernel) -> None:
-        """One elastic exchange; chunk_kernel(lo, hi, c, e) updates x[lo:hi] and writes e."""
+        """One elastic exchange; chunk_kernel(lo, hi, c, e) updates x[lo:hi] and writes e.
+
+        A non-finite elastic difference never reaches the center: that chunk adds zero, and
+        afterwards the worker starts again from the center (x ← x̃, v ← 0).
+        """
         total_sq = 0.0
+        poisoned = False
 
         def compute(lo, hi, c, e):
-            nonlocal total_sq
-            total_sq += self._staging.run(c, e, lambda cd, ed: chunk_kernel(lo, hi, cd, ed))
+            nonlocal total_sq, poisoned
+            sq = self._staging.run(c, e, lambda cd, ed: chunk_kernel(lo, hi, cd, ed))
+            if math.isfinite(sq):
+                total_sq += sq
+            else:
+                e[...] = 0
+                poisoned = True
 
         self.bytes += self.center.exchange(compute)
         self.exchanges += 1
-        self.distance = math.sqrt(total_sq) / self.alpha if self.alpha > 0 else 0.0
+        if poisoned:
+            self.resets += 1
+            self.pull_center()
+            self.distance = float("nan")
+        else:
+            self.distance = math.sqrt(total_sq) / self.alpha if self.alpha > 0 else 0.0
+
+    def restore(self, x_host, v_host, exchanges: int, resets: int) -> None:
+        """Continue from a checkpoint: local state and counters."""
+        if x_host is not None:
+            self.backend.from_host(np.ascontiguousarray(x_host, np.float32), self.x)
+        if v_host is not None and self.v is not None:
+            self.backend.from_host(np.ascontiguousarray(v_host, np.float32), self.v)
+        self.exchanges, self.resets = int(exchanges), int(resets)
+        self.backend.synchronize()
 
 
 class AsyncEASGD(WorkerAlgorithm):
@@ -140,9 +180,191 @@ class EAMSGD(WorkerAlgorithm):
         return loss
 
 
-_RULES = {cls.name: cls for cls in (AsyncEASGD, EAMSGD)}
+class _Synchronous(WorkerAlgorithm):
+    """Shared by the rules whose workers move in lockstep through an all-reduce.
+
+    The momentum is optional (Nesterov, as in EAMSGD, when cfg.momentum > 0). The first worker
+    keeps the master's window equal to the workers' common center (:meth:`_mirror_center`).
+    """
+
+    collective = True
+
+    def __init__(self, cfg, *args, allreduce: WorkerAllreduce, **kwargs):
+        self.uses_momentum = cfg.momentum > 0  # before the base class allocates v
+        super().__init__(cfg, *args, **kwargs)
+        n = self.problem.layout.size
+        self.allreduce = allreduce
+        self.y = self.backend.zeros(n) if self.uses_momentum else None
+        self._writes_center = allreduce.rank == 0
+        self._mirror_tmp = self.backend.zeros(self.center.chunk) if self._writes_center else None
+
+    def _gradient(self) -> float:
+        """g ← ∇f at x (plain) or at x + δv (Nesterov); returns the minibatch loss."""
+        b = self.backend
+        point = self.x
+        if self.v is not None:
+            b.nesterov_lookahead(self.x, self.v, self.cfg.momentum, self.y)
+            point = self.y
+        batch = self.problem.sample_batch(self.rng)
+        return self.problem.loss_and_grad(point, batch, self.g)
+
+    def _local_step(self) -> None:
+        cfg, b = self.cfg, self.backend
+        if self.v is not None:
+            b.nesterov_step(self.x, self.v, self.g, cfg.lr, cfg.momentum, cfg.weight_decay)
+        else:
+            b.sgd_step(self.x, self.g, cfg.lr, cfg.weight_decay)
+
+    def _mirror_center(self, source) -> float:
+        """Window ← ``source`` (first worker only); returns ‖source − old window‖.
+
+        This is an elastic exchange with α = 1 seen from ``source``: e = source − x̃ is
+        accumulated, so the window lands on ``source`` to rounding and any earlier rounding is
+        corrected, not compounded. The master's snapshot, an element-wise atomic read, sees each
+        element either before or after the round, as with the asynchronous rules.
+        """
+        if not self._writes_center:
+            return 0.0
+        b, tmp = self.backend, self._mirror_tmp
+        total_sq = 0.0
+
+        def compute(lo, hi, c, e):
+            nonlocal total_sq
+
+            def kernel(c_chunk, e_chunk):
+                s = tmp[: hi - lo]
+                s[...] = source[lo:hi]  # a scratch copy: exchange() also moves its x
+                b.exchange(s, c_chunk, e_chunk, 1.0)
+
+            total_sq += self._staging.run(c, e, kernel)
+
+        self.bytes += self.center.exchange(compute)
+        return math.sqrt(total_sq)
 
 
-def make_algorithm(cfg, problem, backend, center, alpha, rng, direct_mpi=False):
-    """The worker-side rule named by ``cfg.algorithm``."""
-    return _RULES[cfg.algorithm](cfg, problem, backend, center, alpha, rng, direct_mpi)
+class SyncEASGD(_Synchronous):
+    """Synchronous EASGD: every τ steps all workers and the center move at once.
+
+    Each worker keeps a replica x̃ of the center; one all-reduce of the old x^i gives their mean,
+    then x^i ← x^i − α(x^i − x̃) − η g(x^i) (the fused async exchange step, against the replica)
+    and x̃ ← (1 − β)x̃ + β·mean(x^i), both from the old values. Every replica computes the same
+    x̃ from the same mean, so they stay equal without further messages.
+    """
+
+    name = "sync-easgd"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        n = self.problem.layout.size
+        self.beta = self.alpha * self.allreduce.size
+        self.c = self.backend.zeros(n)  # this worker's replica of the center
+        self.xmean = self.backend.zeros(n)
+        self.e = self.backend.zeros(n)
+
+    def pull_center(self) -> None:
+        super().pull_center()
+        self._read_center(self.c)  # the replica starts as (and stays equal to) the window
+        self.backend.synchronize()
+
+    def step(self, t: int) -> float:
+        cfg, b = self.cfg, self.backend
+        loss = self._gradient()  # at the old x (or x + δv)
+        if t % cfg.tau != 0:
+            self._local_step()
+            return loss
+        self.bytes += self.allreduce.mean(self.x, self.xmean)  # mean of the old x^i
+        x, v, c, g, e = self.x, self.v, self.c, self.g, self.e
+        if v is not None:
+            b.exchange_nesterov_step(x, v, c, g, e, self.alpha, cfg.lr, cfg.momentum,
+                                     cfg.weight_decay)
+        else:
+            b.exchange_sgd_step(x, c, g, e, self.alpha, cfg.lr, cfg.weight_decay)
+        self.distance = math.sqrt(b.sum_squares(e)) / self.alpha
+        # The center half of the fused sync update (α = 0 leaves its x, here the spent e, as is).
+        b.sync_easgd_update(e, c, self.xmean, 0.0, self.beta)
+        self._mirror_center(c)
+        self.exchanges += 1
+        return loss
+
+
+class AllreduceSGD(_Synchronous):
+    """Synchronous data-parallel SGD: the gradient is averaged over the workers every step.
+
+    What Horovod and DDP do: the workers stay identical, so the center is simply their common
+    x; the first worker copies it into the window every τ steps and after the last step
+    (``exchanges`` counts those rounds; the all-reduce bytes of every step count in ``bytes``).
+    """
+
+    name = "allreduce-sgd"
+
+    def step(self, t: int) -> float:
+        loss = self._gradient()
+        self.bytes += self.allreduce.mean(self.g, self.g)
+        self._local_step()
+        if (t + 1) % self.cfg.tau == 0 or t + 1 == self.cfg.steps:
+            self._mirror_center(self.x)
+            self.exchanges += 1
+        return loss
+
+
+class Downpour(WorkerAlgorithm):
+    """DOWNPOUR: each worker sums its SGD updates Δ = −η Σ (g + λx) over τ steps, adds Δ to the
+    center, then copies the center (the paper's baseline; no momentum).
+
+    The push and the copy come after the τ-th local step (and after the last one, so the
+    center holds every update of the budget); the next gradient is taken at the copy.
+    """
+
+    name = "downpour"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        n = self.problem.layout.size
+        self.acc = self.backend.zeros(n)
+        self._host = self.backend.host_empty(n) if self.backend.is_gpu else None
+
+    def step(self, t: int) -> float:
+        cfg, b = self.cfg, self.backend
+        batch = self.problem.sample_batch(self.rng)
+        loss = self.problem.loss_and_grad(self.x, batch, self.g)
+        b.downpour_step(self.x, self.acc, self.g, cfg.lr, cfg.weight_decay)
+        if (t + 1) % cfg.tau == 0 or t + 1 == cfg.steps:
+            self._push_and_copy()
+        return loss
+
+    def _push_and_copy(self) -> None:
+        b = self.backend
+        # ‖Δ‖: how far this worker moved away from the center it last copied.
+        self.distance = math.sqrt(b.sum_squares(self.acc))
+        if self._host is None:  # host memory: MPI reads and writes the worker's own arrays
+            self.center.add(self.acc)  # x̃ ← x̃ + Δ (atomic accumulate)
+            self.center.read(self.x)  # x ← x̃, with every worker's updates so far
+        else:
+            b.to_host(self.acc, self._host)
+            self.center.add(self._host)
+            self.center.read(self._host)
+            b.from_host(self._host, self.x)
+        self.acc[...] = 0
+        b.synchronize()
+        self.bytes += 8 * self.problem.layout.size
+        self.exchanges += 1
+
+
+_RULES = {cls.name: cls for cls in (AsyncEASGD, EAMSGD, SyncEASGD, Downpour, AllreduceSGD)}
+
+
+def make_algorithm(cfg, problem, backend, center, alpha, rng, direct_mpi=False,
+                   workers_comm=None):
+    """The worker-side rule named by ``cfg.algorithm``.
+
+    ``workers_comm`` (the workers-only communicator, :attr:`Roles.workers`) is required by the
+    synchronous rules, which average over the workers with one all-reduce.
+    """
+    rule = _RULES[cfg.algorithm]
+    extra = {}
+    if rule.collective:
+        if workers_comm is None:
+            raise ValueError(f"algorithm {cfg.algorithm!r} needs workers_comm (Roles.workers)")
+        extra["allreduce"] = WorkerAllreduce(workers_comm, problem.layout.size, backend,
+                                             direct=direct_mpi)
+    return rule(cfg, problem, backend, center, alpha, rng, direct_mpi, **extra)

@@ -33,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override one config key (dotted for tables: data.name=synthetic); repeatable",
     )
+    train.add_argument(
+        "--resume", metavar="PATH|auto",
+        help="continue from a checkpoint file, the newest valid checkpoint of a run folder, "
+        "or 'auto' (the newest valid one in run_dir; a fresh start if there is none). The "
+        "checkpoint's config is the base; --config and --set override it",
+    )
     train.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
     train.set_defaults(func=_cmd_train)
 
@@ -44,6 +50,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--json", action="store_true", help="print JSON instead of text")
     check.set_defaults(func=_cmd_check)
+
+    inspect = sub.add_parser(
+        "inspect", help="summarize a checkpoint file",
+        description="Print a checkpoint's format version, config, algorithm and p, counters, "
+        "each tensor (shape, norm, min/max), worker-to-center distances and the last metrics.",
+    )
+    inspect.add_argument("file", metavar="FILE.h5")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
+    inspect.set_defaults(func=_cmd_inspect)
+
+    plot = sub.add_parser(
+        "plot", help="plot runs' center error and loss against time and steps",
+        description="Overlay runs (run folders or their metrics.jsonl): center test error and "
+        "loss against wall time and against worker steps, labelled by algorithm and tau from "
+        "each run's config.toml. One process, no MPI; needs matplotlib (the plot extra).",
+    )
+    plot.add_argument("runs", nargs="+", metavar="RUN_OR_METRICS")
+    plot.add_argument("-o", "--output", default="easgd-plot.png", metavar="FIG.png",
+                      help="image to write (default: easgd-plot.png)")
+    plot.add_argument("--title", help="figure title")
+    plot.set_defaults(func=_cmd_plot)
     return parser
 
 
@@ -69,20 +96,31 @@ def _cmd_train(args) -> int:
 
         from .comm import agree_or_fail  # noqa: PLC0415
         from .config import Config  # noqa: PLC0415
-        from .training import train  # noqa: PLC0415
+        from .training import resolve_resume, train  # noqa: PLC0415
 
         world = MPI.COMM_WORLD
+        say = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
+        overrides = _parse_overrides(args.overrides)
 
-        def load():
-            return Config.from_toml(args.config, overrides=_parse_overrides(args.overrides))
+        def find_checkpoint():
+            # Rank 0 alone reads checkpoints; the others get the config text.
+            if args.resume is None or world.Get_rank() != 0:
+                return None
+            run_dir = Config.from_toml(args.config, overrides=overrides).run_dir
+            return resolve_resume(args.resume, run_dir, say)[1]
+
+        def load(base_toml):
+            return Config.from_toml(args.config, overrides=overrides, base_toml=base_toml)
 
         if world.Get_size() < 2:
-            cfg = load()  # a config error is the more useful message, so it goes first
+            cfg = load(None)  # a config error is the more useful message, so it goes first
+            checkpoint = None
         else:
-            cfg = agree_or_fail(world, load)
-        out = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
+            checkpoint = agree_or_fail(world, find_checkpoint)
+            base = world.bcast(checkpoint.config_toml if checkpoint else None)
+            cfg = agree_or_fail(world, lambda: load(base))
         try:
-            train(cfg, comm=world, out=out)
+            train(cfg, comm=world, out=say, resume=checkpoint)
         except EasgdError as exc:
             if world.Get_size() < 2:
                 raise AgreedError(str(exc)) from None
@@ -90,6 +128,32 @@ def _cmd_train(args) -> int:
         return 0
 
     return run_or_abort(run)
+
+
+def _cmd_inspect(args) -> int:
+    import json  # noqa: PLC0415
+
+    from .checkpoint import format_summary, load_checkpoint, summarize  # noqa: PLC0415
+
+    try:
+        summary = summarize(load_checkpoint(args.file), args.file)
+    except EasgdError as exc:
+        sys.stderr.write(f"easgd: error: {exc}\n")
+        return exc.exit_code
+    _print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    from .plot import plot_runs  # noqa: PLC0415  (matplotlib only when plotting)
+
+    try:
+        path = plot_runs(args.runs, args.output, title=args.title)
+    except EasgdError as exc:
+        sys.stderr.write(f"easgd: error: {exc}\n")
+        return exc.exit_code
+    print(f"wrote {path}")
+    return 0
 
 
 def _cmd_check(args) -> int:
@@ -111,3 +175,11 @@ def _cmd_check(args) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _print(text: str) -> None:
+    """Print, tolerating a closed pipe (``easgd inspect FILE | head``)."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        sys.stdout = None  # nothing more can be written; avoid a second error at exit

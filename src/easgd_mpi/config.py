@@ -22,14 +22,19 @@ from typing import Any, Mapping
 from .errors import ConfigError
 
 __all__ = ["Config", "DataConfig", "ModelConfig", "QuadraticConfig", "CheckpointConfig",
-           "ALGORITHMS", "ASYNC_ALGORITHMS", "MOMENTUM_ALGORITHMS"]
+           "ALGORITHMS", "ASYNC_ALGORITHMS", "SYNC_ALGORITHMS", "ELASTIC_ALGORITHMS",
+           "MOMENTUM_ALGORITHMS"]
 
 #: Algorithms the worker loop knows (DESIGN.md §2).
-ALGORITHMS = ("easgd", "eamsgd")
+ALGORITHMS = ("easgd", "eamsgd", "sync-easgd", "downpour", "allreduce-sgd")
 #: Algorithms that exchange through the RMA window without a collective.
-ASYNC_ALGORITHMS = ("easgd", "eamsgd")
-#: Algorithms that keep a velocity v per worker.
-MOMENTUM_ALGORITHMS = ("eamsgd",)
+ASYNC_ALGORITHMS = ("easgd", "eamsgd", "downpour")
+#: Algorithms whose workers move in lockstep through an all-reduce among the workers.
+SYNC_ALGORITHMS = ("sync-easgd", "allreduce-sgd")
+#: Algorithms with an elastic force, i.e. that use rho / alpha / beta.
+ELASTIC_ALGORITHMS = ("easgd", "eamsgd", "sync-easgd")
+#: Algorithms that accept a momentum δ > 0 (Nesterov; optional for the synchronous ones).
+MOMENTUM_ALGORITHMS = ("eamsgd", "sync-easgd", "allreduce-sgd")
 
 DATASETS = ("digits", "synthetic")
 MODELS = ("mlp", "softmax", "quadratic")
@@ -82,6 +87,9 @@ class CheckpointConfig:
     interval: float = 60.0
     #: How many checkpoints to keep in the run folder.
     keep: int = 3
+    #: Store every worker's x (and v): resume continues each worker exactly. Off: only the
+    #: center and counters are stored, and resumed workers start from the center.
+    worker_states: bool = True
 
 
 @dataclass
@@ -131,14 +139,21 @@ class Config:
         path: str | os.PathLike | None = None,
         overrides: Mapping[str, Any] | None = None,
         environ: Mapping[str, str] | None = None,
+        base_toml: str | None = None,
     ) -> "Config":
-        """Defaults, then ``EASGD_*`` environment, then the TOML file, then ``overrides``.
+        """Defaults, then ``EASGD_*`` environment, then ``base_toml`` (a resumed checkpoint's
+        config), then the TOML file, then ``overrides``.
 
         ``overrides`` maps dotted keys (``"data.name"``) to values, or to strings as they come
         from ``--set key=value`` (parsed as TOML values, falling back to plain strings).
         """
         cfg = cls()
         _apply_environment(cfg, os.environ if environ is None else environ)
+        if base_toml is not None:
+            try:
+                _apply_mapping(cfg, tomllib.loads(base_toml), "checkpoint config", prefix="")
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"the checkpoint's config is not valid TOML: {exc}") from None
         if path is not None:
             _apply_mapping(cfg, _read_toml(Path(path)), str(path), prefix="")
         for key, value in (overrides or {}).items():
@@ -197,11 +212,19 @@ class Config:
         _check_int("tau", self.tau, low=1)
         if not (0.0 <= self.momentum < 1.0):
             raise ConfigError(f"config: momentum = {self.momentum} must be in [0, 1)")
+        if self.algorithm == "downpour" and self.momentum != 0.0:
+            raise ConfigError(
+                f"config: momentum = {self.momentum} is not supported by algorithm 'downpour' "
+                f"(it sums plain SGD updates; the paper's momentum variant keeps the velocity "
+                f"on the master, which is not implemented): set momentum = 0"
+            )
         if self.algorithm not in MOMENTUM_ALGORITHMS and self.momentum != 0.0:
             raise ConfigError(
                 f"config: momentum = {self.momentum} is not used by algorithm "
-                f"'{self.algorithm}' (use eamsgd for momentum, or set momentum = 0)"
+                f"'{self.algorithm}' (use {', '.join(MOMENTUM_ALGORITHMS)} for momentum, "
+                f"or set momentum = 0)"
             )
+        self._validate_algorithm_keys(given)
         _check_int("batch_size", self.batch_size, low=1)
         _check_int("steps", self.steps, low=1)
         if self.weight_decay < 0:
@@ -256,8 +279,27 @@ class Config:
             self._validate_stability(workers)
         return self
 
+    def _validate_algorithm_keys(self, elastic_given: list[str]) -> None:
+        """Keys that the chosen algorithm cannot use are errors, not silently ignored."""
+        if self.algorithm not in ELASTIC_ALGORITHMS and elastic_given:
+            raise ConfigError(
+                f"config: {elastic_given[0]} is not used by algorithm '{self.algorithm}' "
+                f"(no elastic force; rho/alpha/beta apply to {', '.join(ELASTIC_ALGORITHMS)}): "
+                f"remove it"
+            )
+        if self.algorithm in SYNC_ALGORITHMS and self.lock_mode == "exclusive":
+            raise ConfigError(
+                f"config: lock_mode = 'exclusive' cannot be used with algorithm = "
+                f"'{self.algorithm}' (the workers move together through an all-reduce and one "
+                f"of them mirrors the center into the window; there is no read-modify-write to "
+                f"lock): set lock_mode = 'shared'"
+            )
+
     def _validate_stability(self, workers: int) -> None:
         """The paper's stability region (DESIGN.md §2), as far as it can be known here."""
+        if self.algorithm not in ELASTIC_ALGORITHMS:
+            self._validate_sgd_stability()
+            return
         alpha = self.resolve_alpha(workers)
         how = {
             "rho": f"alpha = lr*rho = {self.lr}*{self.rho}",
@@ -268,25 +310,40 @@ class Config:
             beta = self.resolve_beta(workers)
             if not (0.0 < beta < 2.0):
                 raise ConfigError(f"config: beta = {beta:g} is outside the stable range 0 < beta < 2")
+        elif self.algorithm == "sync-easgd":
+            # The sync center update x̃ ← (1 − β)x̃ + β·mean(x^i) needs |1 − β| < 1.
+            beta = self.resolve_beta(workers)
+            if not (0.0 < beta < 2.0):
+                raise ConfigError(
+                    f"config: beta = p*alpha = {workers}*{alpha:g} = {beta:g} (from {how}) is "
+                    f"outside the stable range 0 < beta < 2 of sync-easgd's center update"
+                )
         # Without knowing the curvature, ηh → 0 gives the loosest bound: 0 < α ≤ 1.
         if not (0.0 < alpha <= 1.0):
             raise ConfigError(
                 f"config: {how} = {alpha:g} is outside the stability region 0 < alpha <= 1"
             )
-        if self.model.name == "quadratic":
-            h_max = max(_as_list(self.quadratic.curvature, self.quadratic.dim))
-            eta_h = self.lr * h_max
-            if eta_h > 2.0:
-                raise ConfigError(
-                    f"config: lr*h = {self.lr}*{h_max:g} = {eta_h:g} is outside the stability "
-                    f"region lr*h <= 2 (h = largest quadratic.curvature)"
-                )
+        eta_h = self._validate_sgd_stability()
+        if eta_h is not None:
             bound = (4.0 - 2.0 * eta_h) / (4.0 - eta_h)
             if alpha > bound + 1e-12:
                 raise ConfigError(
                     f"config: {how} = {alpha:g} is outside the stability region "
                     f"alpha <= (4 - 2*lr*h)/(4 - lr*h) = {bound:.4g} for lr*h = {eta_h:g}"
                 )
+
+    def _validate_sgd_stability(self) -> float | None:
+        """Plain gradient descent on the quadratic needs ηh ≤ 2; returns ηh (None: no h)."""
+        if self.model.name != "quadratic":
+            return None
+        h_max = max(_as_list(self.quadratic.curvature, self.quadratic.dim))
+        eta_h = self.lr * h_max
+        if eta_h > 2.0:
+            raise ConfigError(
+                f"config: lr*h = {self.lr}*{h_max:g} = {eta_h:g} is outside the stability "
+                f"region lr*h <= 2 (h = largest quadratic.curvature)"
+            )
+        return eta_h
 
     # ---- output -------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -381,6 +438,10 @@ def _coerce(full: str, f: dataclasses.Field, value: Any, source: str) -> Any:
     if kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("an integer")
+        return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise bad("true or false")
         return value
     if kind == "str":
         if not isinstance(value, str):

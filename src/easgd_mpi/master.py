@@ -1,63 +1,116 @@
-"""The master loop: serve the center, evaluate snapshots, report progress, end the run.
+"""The master loop: serve the center, evaluate snapshots, report, checkpoint, end the run.
 
-The master never blocks the workers: between evaluations it only tests the end-of-run barrier
-(which also drives MPI progress) and sleeps briefly, so on an oversubscribed node it leaves the
-cores to the workers.
+The master never blocks the workers: between its own jobs it only reads the workers' rows in
+the RMA windows and sleeps briefly, so on an oversubscribed node it leaves the cores to them.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import CheckpointData, checkpoint_path, prune_checkpoints, save_checkpoint
 from .metrics import format_progress
 
-__all__ = ["run_master"]
+__all__ = ["run_master", "MasterResult"]
 
 #: Seconds the idle master sleeps between polls.
 _POLL = 0.002
 
 
-class _Evaluator:
-    def __init__(self, problem, center, start_time):
-        self.problem = problem
-        self.center = center
-        self.start_time = start_time
+class MasterResult(dict):
+    """The last metrics record plus ``stopped`` (ended by a signal before the budget)."""
+
+
+class _Run:
+    def __init__(self, cfg, roles, problem, center, channel, metrics, run_dir, out, resume):
+        self.cfg, self.problem, self.center, self.channel = cfg, problem, center, channel
+        self.metrics, self.run_dir, self.out = metrics, Path(run_dir), out
+        self.p = roles.n_workers
+        self.start = time.monotonic()
+        self.time_offset = resume.wall_time if resume else 0.0
+        self.records = list(resume.metrics) if resume else []
+        self.sequence = resume.sequence if resume else 0
         self.snapshot = np.empty(center.n, dtype=np.float32)
 
-    def record(self) -> dict:
+    def elapsed(self) -> float:
+        return self.time_offset + time.monotonic() - self.start
+
+    def evaluate(self) -> dict:
         self.center.read(self.snapshot)  # atomic snapshot; workers keep going meanwhile
         status = self.center.read_status()
         result = self.problem.evaluate(self.snapshot)
-        return {
-            "time": round(time.monotonic() - self.start_time, 4),
+        record = {
+            "time": round(self.elapsed(), 4),
             "steps": int(status["steps"].sum()),
             "exchanges": int(status["exchanges"].sum()),
             "center_loss": float(result["loss"]),
             "center_error": float(result["error"]),
-            "distance": float(status["distance"].mean()) if status["distance"].size else 0.0,
-            "worker_loss": float(np.nanmean(status["loss"])) if status["loss"].size else 0.0,
+            "distance": float(np.nanmean(status["distance"])) if self.p else 0.0,
+            "worker_loss": float(np.nanmean(status["loss"])) if self.p else 0.0,
             "bytes": int(status["bytes"].sum()),
+            "resets": int(status["resets"].sum()),
         }
+        self.records.append(record)
+        self.metrics.write(record)
+        self.out(format_progress(record))
+        return record
+
+    def checkpoint(self, table) -> Path:
+        self.center.read(self.snapshot)
+        x, v = self.channel.states()
+        self.sequence += 1
+        data = CheckpointData(
+            config_toml=self.cfg.to_toml(), algorithm=self.cfg.algorithm,
+            layout=self.problem.layout, center=self.snapshot.copy(),
+            worker_counters={k: np.asarray(table[k], np.int64) for k in
+                             ("steps", "exchanges", "resets")},
+            worker_x=x, worker_v=v, worker_rng=list(table["rng"]),
+            wall_time=self.elapsed(), sequence=self.sequence, metrics=self.records,
+        )
+        path = save_checkpoint(checkpoint_path(self.run_dir, self.sequence), data)
+        prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep)
+        return path
 
 
-def run_master(cfg, roles, problem, center, metrics, out=print) -> dict:
-    """Serve until every worker has finished; returns the last metrics record."""
-    start = time.monotonic()
-    evaluator = _Evaluator(problem, center, start)
-    done = roles.world.Ibarrier()  # completes once every worker has joined it
-    next_eval = start
-    record = None
-    while not done.Test():
+def run_master(cfg, roles, problem, center, channel, metrics, run_dir, out=print,
+               resume: CheckpointData | None = None, stop_flag=None) -> MasterResult:
+    """Serve until every worker has finished (or a stop); returns the last metrics record."""
+    run = _Run(cfg, roles, problem, center, channel, metrics, run_dir, out, resume)
+    stop_flag = stop_flag or (lambda: False)
+    interval = cfg.checkpoint.interval
+    next_eval = time.monotonic()
+    next_checkpoint = time.monotonic() + interval if interval > 0 else float("inf")
+    epoch, pending, final, stopping = 0, None, False, False
+    while True:
         now = time.monotonic()
+        table = channel.table()
+        if not stopping and (stop_flag() or table["wants_stop"].any()):
+            stopping = True
+            channel.stop()
+            out("easgd: stop requested (signal): writing a final checkpoint")
+        if pending is not None and np.all(table["ack"] == pending):
+            if final:
+                record = run.evaluate()  # the final center, after every worker's last exchange
+                path = run.checkpoint(table)
+                channel.release()
+                out(f"easgd: checkpoint {path}")
+                break
+            run.checkpoint(table)
+            pending = None
+        if pending is None:
+            if table["finished"].all():
+                epoch, pending, final = epoch + 1, epoch + 1, True
+                channel.request(epoch)
+            elif now >= next_checkpoint:
+                epoch, pending = epoch + 1, epoch + 1
+                channel.request(epoch)
+                next_checkpoint = now + interval
         if now >= next_eval:
-            record = evaluator.record()
-            metrics.write(record)
-            out(format_progress(record))
+            run.evaluate()
             next_eval = now + cfg.eval_interval
         time.sleep(_POLL)
-    record = evaluator.record()  # the final center, after every worker's last exchange
-    metrics.write(record)
-    out(format_progress(record))
-    return record
+    reached = bool(np.all(table["steps"] >= cfg.steps))
+    return MasterResult(record, stopped=stopping and not reached, checkpoint=str(path))

@@ -13,8 +13,18 @@ __all__ = ["MetricsLog", "format_progress", "read_metrics"]
 class MetricsLog:
     """Appends one JSON object per line and flushes it, so a crash loses at most one line."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, history: list[dict] | None = None):
+        """``history``: records of a resumed run; the file is rewritten to hold exactly those
+        (lines written after the checkpoint that is resumed are dropped), atomically."""
         self.path = Path(path)
+        if history is not None:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            with open(tmp, "w", encoding="utf-8") as fh:
+                for record in history:
+                    fh.write(json.dumps(_jsonable(record)) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
         self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - lives for the run
 
     def write(self, record: dict) -> None:

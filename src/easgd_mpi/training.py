@@ -1,43 +1,52 @@
 """``train()``: one run of distributed training, the call behind ``easgd train``.
 
-Every rank calls it. Start-up steps that depend on input (config, data, model) run on every
-rank and agree collectively, so bad input becomes the same clean error everywhere; after that,
-rank 0 serves the center and ranks 1..p train.
+Every rank calls it. Start-up steps that depend on input (config, data, model, checkpoint) run
+on every rank and agree collectively, so bad input becomes the same clean error everywhere;
+after that, rank 0 serves the center and ranks 1..p train.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from .backend import NumpyBackend, select_backend
 from .center import CenterWindow
+from .checkpoint import CheckpointData, check_matches, load_checkpoint, newest_valid_checkpoint
 from .comm import agree_or_fail, limit_blas_threads, make_roles
-from .config import Config
-from .errors import ConfigError
+from .config import MOMENTUM_ALGORITHMS, Config
+from .errors import CheckpointError, ConfigError
 from .master import run_master
 from .metrics import MetricsLog
 from .models import make_problem
+from .snapshots import StateChannel
 from .worker import run_worker, wait_for_all
 
-__all__ = ["train"]
+__all__ = ["train", "resolve_resume", "STOP_SIGNALS"]
+
+#: Signals that end a run early with a final checkpoint (Slurm sends them before a time limit).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-def train(cfg: Config, problem=None, comm=None, out=None) -> dict:
+def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
     """Train with the master/worker layout on ``comm`` (default COMM_WORLD).
 
     ``problem`` is a problem object, a factory ``f(cfg, xp) -> problem`` or None for the
-    built-in problem of ``cfg.model.name``. Returns a summary dict (the same on every rank).
-    ``out`` prints the master's progress lines (default: stdout).
+    built-in problem of ``cfg.model.name``. ``resume`` (read on rank 0): a checkpoint file, a
+    run folder (its newest valid checkpoint), ``"auto"`` (the same for ``cfg.run_dir``, or a
+    fresh start when it has none) or a loaded :class:`CheckpointData`. ``out`` prints the
+    master's progress lines (default: stdout). Returns a summary dict, the same on every rank.
     """
     roles = make_roles(comm)
     say = out or (lambda line: print(line, flush=True))
     p = roles.n_workers
-
     limit_blas_threads(roles.world, cfg.threads)
 
     def setup():
@@ -50,45 +59,75 @@ def train(cfg: Config, problem=None, comm=None, out=None) -> dict:
     alpha = cfg.resolve_alpha(p)
     direct_mpi = backend.is_gpu and os.environ.get("EASGD_CUDA_MPI", "0") == "1"
 
-    run_dir = agree_or_fail(roles.world, lambda: _make_run_dir(cfg) if roles.is_master else None)
+    def open_checkpoint():
+        if not roles.is_master or resume is None:
+            return None
+        data = resume if isinstance(resume, CheckpointData) else resolve_resume(
+            resume, cfg.run_dir, say)[1]
+        if data is not None:
+            _check_resumable(data, cfg, prob, p)
+        return data
+
+    checkpoint = agree_or_fail(roles.world, open_checkpoint)
+    resuming = roles.world.bcast(checkpoint is not None)
+    run_dir = agree_or_fail(roles.world, lambda: _make_run_dir(cfg, checkpoint)
+                            if roles.is_master else None)
     run_dir = roles.world.bcast(run_dir)
     devices = roles.world.gather((backend.name, why_cpu, device_id))
 
     initial = None
     if roles.is_master:
         initial = np.zeros(prob.layout.size, dtype=np.float32)
-        prob.init_params(initial, cfg.seed)
-        _announce(say, cfg, p, alpha, devices[1:], run_dir, prob)
+        if checkpoint is not None:
+            initial[:] = checkpoint.center
+        else:
+            prob.init_params(initial, cfg.seed)
+        _announce(say, cfg, p, alpha, devices[1:], run_dir, prob, checkpoint)
 
     center = CenterWindow(
         roles.world, prob.layout.size, p, initial=initial, lock_mode=cfg.lock_mode,
         chunk=cfg.chunk, alloc_chunk=_chunk_allocator(backend, direct_mpi),
         before_mpi=backend.synchronize,
     )
+    channel = StateChannel(roles.world, prob.layout.size, p,
+                           keep_states=cfg.checkpoint.worker_states,
+                           with_v=cfg.algorithm in MOMENTUM_ALGORITHMS)
+    worker_resume = _scatter_worker_states(roles, checkpoint if resuming else None, resuming)
+
     start = time.monotonic()
-    if roles.is_master:
-        metrics = MetricsLog(Path(run_dir) / "metrics.jsonl")
-        try:
-            final = run_master(cfg, roles, prob, center, metrics, out=say)
-        finally:
-            metrics.close()
-    else:
-        run_worker(cfg, roles, prob, backend, center, alpha, direct_mpi=direct_mpi)
+    with _stop_signals() as stop_flag:
+        if roles.is_master:
+            metrics = MetricsLog(Path(run_dir) / "metrics.jsonl",
+                                 history=checkpoint.metrics if checkpoint else None)
+            try:
+                final = run_master(cfg, roles, prob, center, channel, metrics, run_dir,
+                                   out=say, resume=checkpoint, stop_flag=stop_flag)
+            finally:
+                metrics.close()
+        else:
+            run_worker(cfg, roles, prob, backend, center, channel, alpha,
+                       direct_mpi=direct_mpi, resume=worker_resume, stop_flag=stop_flag)
+            final = None
         wait_for_all(roles.world)
-        final = None
+    channel.close()
     center.close()
     summary = None
     if roles.is_master:
+        stopped = final.pop("stopped")
+        _write_marker(Path(run_dir), "PREEMPTED" if stopped else "COMPLETED")
         summary = {
             "run_dir": str(run_dir),
             "algorithm": cfg.algorithm,
             "workers": p,
             "alpha": alpha,
             "wall_time": round(time.monotonic() - start, 3),
+            "stopped": stopped,
+            "resumed": resuming,
             **final,
         }
+        verb = "stopped early" if stopped else "done"
         say(
-            f"done: {cfg.algorithm} with {p} workers, {summary['steps']:,d} worker steps, "
+            f"{verb}: {cfg.algorithm} with {p} workers, {summary['steps']:,d} worker steps, "
             f"{summary['exchanges']:,d} exchanges in {summary['wall_time']:.1f}s; "
             f"center test error {_pct(summary['center_error'], cfg)}, "
             f"loss {summary['center_loss']:.4f}; run folder {run_dir}"
@@ -98,6 +137,87 @@ def train(cfg: Config, problem=None, comm=None, out=None) -> dict:
         roles.workers.Free()
     roles.world.Free()
     return summary
+
+
+def resolve_resume(spec, run_dir: str, report=print) -> tuple[Path | None, CheckpointData | None]:
+    """Find and load the checkpoint that ``--resume spec`` means (rank 0 only).
+
+    ``auto``: the newest valid checkpoint of ``run_dir`` or (None, None) when it has none;
+    a folder: its newest valid checkpoint (an error when it has none); a file: that file.
+    """
+    if str(spec) == "auto":
+        if not run_dir:
+            raise ConfigError("--resume auto needs the run folder: set run_dir "
+                              "(e.g. --set run_dir=runs/myjob)")
+        found = newest_valid_checkpoint(run_dir, report)
+        if found is None:
+            report(f"easgd: no valid checkpoint in {run_dir}: starting a new run")
+            return None, None
+        return found
+    path = Path(spec)
+    if path.is_dir():
+        found = newest_valid_checkpoint(path, report)
+        if found is None:
+            raise CheckpointError(f"no valid checkpoint in {path}")
+        return found
+    return path, load_checkpoint(path)
+
+
+def _check_resumable(data: CheckpointData, cfg, prob, p: int) -> None:
+    check_matches(data, prob.layout, f"#{data.sequence}")
+    if data.workers != p:
+        raise CheckpointError(
+            f"checkpoint #{data.sequence} was written by {data.workers} workers, this launch "
+            f"has {p}: launch with {data.workers + 1} ranks to resume it"
+        )
+    if data.algorithm != cfg.algorithm:
+        raise CheckpointError(f"checkpoint #{data.sequence} is from algorithm "
+                              f"'{data.algorithm}', the config says '{cfg.algorithm}'")
+
+
+def _scatter_worker_states(roles, data, resuming: bool) -> dict | None:
+    """Rank 0 sends each worker its counters, RNG state and (if stored) x and v."""
+    if not resuming:
+        return None
+    if roles.is_master:
+        for i in range(roles.n_workers):
+            roles.world.send({
+                "steps": int(data.worker_counters["steps"][i]),
+                "exchanges": int(data.worker_counters["exchanges"][i]),
+                "resets": int(data.worker_counters["resets"][i]),
+                "rng": json.loads(data.worker_rng[i]),
+                "x": None if data.worker_x is None else data.worker_x[i],
+                "v": None if data.worker_v is None else data.worker_v[i],
+            }, dest=i + 1, tag=7)
+        return None
+    return roles.world.recv(source=0, tag=7)
+
+
+@contextmanager
+def _stop_signals():
+    """SIGTERM / SIGUSR1 set a flag the loops look at; the previous handlers come back after."""
+    state = {"stop": False}
+
+    def handler(signum, frame):
+        state["stop"] = True
+
+    previous = {}
+    try:
+        for sig in STOP_SIGNALS:
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: signals stay with whoever owns them
+        previous.clear()
+    try:
+        yield lambda: state["stop"]
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _write_marker(run_dir: Path, name: str) -> None:
+    for old in ("PREEMPTED", "COMPLETED"):
+        (run_dir / old).unlink(missing_ok=True)
+    (run_dir / name).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
 
 
 def _pct(error: float, cfg) -> str:
@@ -146,7 +266,7 @@ def _chunk_allocator(backend, direct_mpi):
     return backend.host_empty
 
 
-def _make_run_dir(cfg) -> str:
+def _make_run_dir(cfg, checkpoint) -> str:
     if cfg.run_dir:
         path = Path(cfg.run_dir)
     else:
@@ -157,14 +277,16 @@ def _make_run_dir(cfg) -> str:
     try:
         path.mkdir(parents=True, exist_ok=True)
         (path / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
+        if checkpoint is None:  # a fresh run in a reused folder starts a fresh metrics file
+            (path / "metrics.jsonl").unlink(missing_ok=True)
     except OSError as exc:
         raise ConfigError(f"run folder {path} cannot be created: {exc.strerror}") from None
     return str(path)
 
 
-def _announce(say, cfg, p, alpha, devices, run_dir, prob) -> None:
+def _announce(say, cfg, p, alpha, devices, run_dir, prob, checkpoint) -> None:
     kinds = {}
-    for name, why, dev in devices:
+    for name, why, _dev in devices:
         label = name if name != "numpy" else f"numpy ({why})" if why else "numpy"
         kinds[label] = kinds.get(label, 0) + 1
     where = ", ".join(f"{n} on {k}" for k, n in kinds.items())
@@ -174,5 +296,7 @@ def _announce(say, cfg, p, alpha, devices, run_dir, prob) -> None:
         f"{prob.layout.size:,d} parameters, {cfg.steps:,d} steps per worker; "
         f"run folder {run_dir}"
     )
+    if checkpoint is not None:
+        say(f"easgd: resuming from checkpoint #{checkpoint.sequence}: "
+            f"{checkpoint.total_steps:,d} worker steps, {checkpoint.wall_time:.1f}s done")
     sys.stdout.flush()
-

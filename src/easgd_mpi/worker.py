@@ -1,4 +1,4 @@
-"""The worker loop: local steps, exchanges every τ steps, status for the master, termination."""
+"""The worker loop: local steps, exchanges every τ steps, status, checkpoints, stopping."""
 
 from __future__ import annotations
 
@@ -11,33 +11,62 @@ __all__ = ["run_worker"]
 
 #: Seconds between status updates when exchanges are rare (large τ).
 _STATUS_PERIOD = 0.5
+#: Seconds a finished worker sleeps between looks at the master's requests.
+_IDLE_POLL = 0.002
 
 
-def run_worker(cfg, roles, problem, backend, center, alpha: float, direct_mpi: bool = False):
-    """Train this worker's copy for ``cfg.steps`` local steps. Returns the algorithm object."""
+def run_worker(cfg, roles, problem, backend, center, channel, alpha: float,
+               direct_mpi: bool = False, resume: dict | None = None, stop_flag=None) -> dict:
+    """Train this worker's copy up to ``cfg.steps`` local steps (or until told to stop).
+
+    ``resume`` (from a checkpoint): ``steps``, ``exchanges``, ``resets``, ``rng`` (a numpy
+    bit-generator state), ``x`` and ``v`` (host arrays or None). ``stop_flag()`` is true once
+    this process got a stop signal. Returns this worker's final counters.
+    """
     slot = roles.worker_index
     rng = worker_rng(cfg.seed, slot)
-    algo = make_algorithm(cfg, problem, backend, center, alpha, rng, direct_mpi=direct_mpi)
+    algo = make_algorithm(cfg, problem, backend, center, alpha, rng, direct_mpi=direct_mpi,
+                          workers_comm=roles.workers)
     algo.pull_center()
+    first = 0
+    if resume is not None:
+        first = int(resume["steps"])
+        rng.bit_generator.state = resume["rng"]
+        algo.restore(resume.get("x"), resume.get("v"), resume["exchanges"], resume["resets"])
 
+    stop_flag = stop_flag or (lambda: False)
     loss = float("nan")
     last_status = time.monotonic()
-    for t in range(cfg.steps):
+    steps = first
+    stopped = False
+    for t in range(first, cfg.steps):
         before = algo.exchanges
         loss = algo.step(t)
+        steps = t + 1
         now = time.monotonic()
         if algo.exchanges != before or now - last_status >= _STATUS_PERIOD:
-            _publish(center, slot, algo, t + 1, loss, done=False)
+            _publish(center, slot, algo, steps, loss, done=False)
+            wants_stop = stop_flag()
+            stop, _ = channel.serve(slot, algo, rng, steps, wants_stop=wants_stop)
+            if stop or wants_stop:
+                stopped = True
+                break
             last_status = now
-    _publish(center, slot, algo, cfg.steps, loss, done=True)
     backend.synchronize()
-    return algo
+    _publish(center, slot, algo, steps, loss, done=True)
+    # Finished: keep answering the master (its final checkpoint needs this worker's state)
+    # until it has asked for the final epoch and got it.
+    while not channel.serve(slot, algo, rng, steps, finished=True,
+                            wants_stop=stopped and stop_flag())[1]:
+        time.sleep(_IDLE_POLL)
+    return {"steps": steps, "exchanges": algo.exchanges, "resets": algo.resets,
+            "stopped": stopped}
 
 
 def _publish(center, slot, algo, steps, loss, done):
     center.publish_status(
         slot, steps=steps, exchanges=algo.exchanges, loss=loss, distance=algo.distance,
-        bytes=algo.bytes, done=1.0 if done else 0.0,
+        resets=algo.resets, bytes=algo.bytes, done=1.0 if done else 0.0,
     )
 
 

@@ -1,0 +1,405 @@
+"""HDF5 checkpoints: the format (docs/CHECKPOINT.md), atomic save, validated load, inspect.
+
+A checkpoint is plain HDF5 (h5dump and HDFView open it; no pickles anywhere). It holds the
+center, the flat layout, the resolved config as TOML text, global and per-worker counters, each
+worker's local state (x, and v for momentum methods) with its random-number state, and the
+metrics so far. A SHA-256 over every stored array and the config is checked on load.
+
+Files are written to a temporary name in the same folder, flushed, fsynced and renamed over the
+target, then the folder is fsynced: a crash at any point leaves either the old set of
+checkpoints or the new one, never a half-written file under a checkpoint name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CheckpointError
+from .flat import Layout
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "CheckpointData",
+    "save_checkpoint",
+    "load_checkpoint",
+    "list_checkpoints",
+    "newest_valid_checkpoint",
+    "prune_checkpoints",
+    "summarize",
+    "format_summary",
+]
+
+FORMAT_NAME = "easgd-mpi checkpoint"
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^checkpoint-(\d+)\.h5$")
+#: Per-worker integer counters, stored as /workers/<name> int64[p].
+WORKER_COUNTERS = ("steps", "exchanges", "resets")
+
+
+@dataclass
+class CheckpointData:
+    """Everything a run needs to continue, as host arrays and plain values."""
+
+    config_toml: str
+    algorithm: str
+    layout: Layout
+    center: np.ndarray  # float32 [n]
+    #: Per-worker counters: name → int64 [p]
+    worker_counters: dict[str, np.ndarray]
+    #: Worker states: x float32 [p, n]; v float32 [p, n] for momentum methods; absent if not kept.
+    worker_x: np.ndarray | None = None
+    worker_v: np.ndarray | None = None
+    #: Per-worker random-number generator state (JSON text of numpy's bit_generator.state).
+    worker_rng: list[str] = field(default_factory=list)
+    #: Run-wide counters: wall_time (s of training so far), sequence (checkpoint number).
+    wall_time: float = 0.0
+    sequence: int = 0
+    #: Metrics records so far (each a dict of numbers).
+    metrics: list[dict] = field(default_factory=list)
+    created: str = ""
+
+    @property
+    def workers(self) -> int:
+        return int(self.worker_counters["steps"].shape[0])
+
+    @property
+    def total_steps(self) -> int:
+        return int(self.worker_counters["steps"].sum())
+
+    @property
+    def total_exchanges(self) -> int:
+        return int(self.worker_counters["exchanges"].sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# Save
+
+
+def save_checkpoint(path: str | os.PathLike, data: CheckpointData) -> Path:
+    """Write ``data`` atomically to ``path``; returns the path."""
+    import h5py  # noqa: PLC0415
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w", libver="latest") as f:
+            _write(f, data)
+            f.flush()
+        with open(tmp, "rb+") as fh:  # h5py has no fsync: make the bytes durable ourselves
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"checkpoint {path} could not be written: {exc}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _write(f, d: CheckpointData) -> None:
+    import h5py  # noqa: PLC0415
+
+    text = h5py.string_dtype("utf-8")
+    f.attrs["format"] = FORMAT_NAME
+    f.attrs["format_version"] = FORMAT_VERSION
+    f.attrs["created"] = d.created or time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    f.attrs["algorithm"] = d.algorithm
+    f.attrs["workers"] = d.workers
+    f.attrs["sequence"] = d.sequence
+    f.attrs["wall_time"] = d.wall_time
+    f.attrs["total_steps"] = d.total_steps
+    f.attrs["total_exchanges"] = d.total_exchanges
+    f.create_dataset("config", data=d.config_toml, dtype=text)
+
+    lay = f.create_group("layout")
+    lay.attrs["size"] = d.layout.size
+    lay.create_dataset("names", data=np.array(d.layout.names, dtype=object), dtype=text)
+    lay.create_dataset("offsets", data=np.array([s.offset for s in d.layout.specs], np.int64))
+    lay.create_dataset("ndims", data=np.array([len(s.shape) for s in d.layout.specs], np.int64))
+    lay.create_dataset("dims", data=np.array([x for s in d.layout.specs for x in s.shape],
+                                             np.int64))
+
+    f.create_dataset("center", data=d.center.astype(np.float32, copy=False))
+    workers = f.create_group("workers")
+    for name in WORKER_COUNTERS:
+        workers.create_dataset(name, data=d.worker_counters[name].astype(np.int64))
+    if d.worker_x is not None:
+        workers.create_dataset("x", data=d.worker_x, chunks=(1, d.layout.size or 1))
+    if d.worker_v is not None:
+        workers.create_dataset("v", data=d.worker_v, chunks=(1, d.layout.size or 1))
+    workers.create_dataset("rng_state", data=np.array(d.worker_rng, dtype=object), dtype=text)
+
+    met = f.create_group("metrics")
+    # HDF5 lists members alphabetically; the column order is kept so records read back equal.
+    met.attrs["columns"] = json.dumps(_metric_keys(d.metrics))
+    for key in _metric_keys(d.metrics):
+        met.create_dataset(key, data=np.array([_num(r.get(key)) for r in d.metrics],
+                                              np.float64))
+    f.attrs["checksum_sha256"] = _checksum(d)
+
+
+def _metric_keys(records: list[dict]) -> list[str]:
+    keys: list[str] = []
+    for r in records:
+        keys.extend(k for k, v in r.items() if k not in keys and isinstance(v, (int, float,
+                                                                                 type(None))))
+    return keys
+
+
+def _num(v) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def _checksum(d: CheckpointData) -> str:
+    h = hashlib.sha256()
+    h.update(d.config_toml.encode())
+    h.update(json.dumps(d.layout.to_records()).encode())
+    h.update(np.ascontiguousarray(d.center, np.float32).tobytes())
+    for name in WORKER_COUNTERS:
+        h.update(np.ascontiguousarray(d.worker_counters[name], np.int64).tobytes())
+    for arr in (d.worker_x, d.worker_v):
+        h.update(b"-" if arr is None else np.ascontiguousarray(arr, np.float32).tobytes())
+    h.update("\n".join(d.worker_rng).encode())
+    for key in _metric_keys(d.metrics):
+        h.update(key.encode())
+        h.update(np.array([_num(r.get(key)) for r in d.metrics], np.float64).tobytes())
+    return h.hexdigest()
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Load
+
+
+def load_checkpoint(path: str | os.PathLike) -> CheckpointData:
+    """Read and validate a checkpoint; every problem is a :class:`CheckpointError` naming it."""
+    import h5py  # noqa: PLC0415
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as fh:
+        magic = fh.read(8)
+    if magic != b"\x89HDF\r\n\x1a\n":
+        raise CheckpointError(f"checkpoint {path} is not an HDF5 file")
+    try:
+        with h5py.File(path, "r") as f:
+            return _read(f, path)
+    except CheckpointError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or damaged ({exc.__class__.__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'})"
+        ) from None
+
+
+def _read(f, path: Path) -> CheckpointData:
+    if f.attrs.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"checkpoint {path} is HDF5 but not an easgd-mpi checkpoint")
+    version = int(f.attrs.get("format_version", -1))
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {version}; this easgd-mpi reads version "
+            f"{FORMAT_VERSION}"
+        )
+    lay = f["layout"]
+    names = [n.decode() if isinstance(n, bytes) else n for n in lay["names"][()]]
+    ndims, dims = lay["ndims"][()], list(lay["dims"][()])
+    shapes, pos = [], 0
+    for k in ndims:
+        shapes.append(tuple(int(x) for x in dims[pos : pos + k]))
+        pos += k
+    layout = Layout(zip(names, shapes))
+    if layout.size != int(lay.attrs["size"]) or [s.offset for s in layout.specs] != list(
+            lay["offsets"][()]):
+        raise CheckpointError(f"checkpoint {path}: the stored layout is inconsistent")
+    workers = f["workers"]
+    counters = {name: workers[name][()].astype(np.int64) for name in WORKER_COUNTERS}
+    rng = [s.decode() if isinstance(s, bytes) else s for s in workers["rng_state"][()]]
+    config = f["config"][()]
+    metrics_group = f["metrics"]
+    columns = {k: metrics_group[k][()] for k in json.loads(metrics_group.attrs["columns"])}
+    n_records = len(next(iter(columns.values()))) if columns else 0
+    metrics = [{k: (None if np.isnan(v[i]) else _int_if_whole(k, v[i]))
+                for k, v in columns.items()} for i in range(n_records)]
+    data = CheckpointData(
+        config_toml=config.decode() if isinstance(config, bytes) else config,
+        algorithm=str(f.attrs["algorithm"]),
+        layout=layout,
+        center=f["center"][()],
+        worker_counters=counters,
+        worker_x=workers["x"][()] if "x" in workers else None,
+        worker_v=workers["v"][()] if "v" in workers else None,
+        worker_rng=rng,
+        wall_time=float(f.attrs["wall_time"]),
+        sequence=int(f.attrs["sequence"]),
+        metrics=metrics,
+        created=str(f.attrs.get("created", "")),
+    )
+    if _checksum(data) != f.attrs["checksum_sha256"]:
+        raise CheckpointError(f"checkpoint {path} failed its checksum: the data is damaged")
+    if data.center.shape != (layout.size,):
+        raise CheckpointError(f"checkpoint {path}: center has {data.center.shape[0]} elements, "
+                              f"layout needs {layout.size}")
+    return data
+
+
+_INT_METRICS = {"steps", "exchanges", "bytes", "resets"}
+
+
+def _int_if_whole(key: str, value) -> float | int:
+    return int(value) if key in _INT_METRICS else float(value)
+
+
+def check_matches(data: CheckpointData, layout: Layout, path) -> None:
+    """The checkpoint must fit the model the config builds: same tensors, shapes, order."""
+    if data.layout == layout:
+        return
+    stored = {s.name: s.shape for s in data.layout.specs}
+    wanted = {s.name: s.shape for s in layout.specs}
+    for name, shape in wanted.items():
+        if name not in stored:
+            raise CheckpointError(f"checkpoint {path} has no tensor '{name}' that the model "
+                                  f"needs (it has {', '.join(stored)})")
+        if stored[name] != shape:
+            raise CheckpointError(f"checkpoint {path}: tensor '{name}' has shape "
+                                  f"{list(stored[name])}, the model needs {list(shape)}")
+    extra = [n for n in stored if n not in wanted]
+    raise CheckpointError(f"checkpoint {path} does not match the model: extra tensors "
+                          f"{', '.join(extra) or '(order differs)'}")
+
+
+# ---------------------------------------------------------------------------------------------
+# A run folder's checkpoints
+
+
+def checkpoint_path(run_dir: str | os.PathLike, sequence: int) -> Path:
+    return Path(run_dir) / f"checkpoint-{sequence:06d}.h5"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Checkpoint files of a run folder, oldest first (by sequence number)."""
+    folder = Path(run_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def newest_valid_checkpoint(run_dir, report=print) -> tuple[Path, CheckpointData] | None:
+    """The newest checkpoint that loads and validates; bad ones are reported and skipped."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as exc:
+            report(f"easgd: skipping bad checkpoint: {exc}")
+    return None
+
+
+def prune_checkpoints(run_dir, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints; returns what was removed."""
+    paths = list_checkpoints(run_dir)
+    doomed = paths[: max(0, len(paths) - keep)]
+    for p in doomed:
+        p.unlink(missing_ok=True)
+    return doomed
+
+
+# ---------------------------------------------------------------------------------------------
+# Inspect
+
+
+def summarize(data: CheckpointData, path=None) -> dict:
+    """What ``easgd inspect`` shows, as plain JSON-able values."""
+    tensors = []
+    for spec in data.layout.specs:
+        part = data.center[spec.offset : spec.offset + spec.size].astype(np.float64)
+        tensors.append({
+            "name": spec.name, "shape": list(spec.shape), "offset": spec.offset,
+            "norm": float(np.linalg.norm(part)) if part.size else 0.0,
+            "min": float(part.min()) if part.size else None,
+            "max": float(part.max()) if part.size else None,
+        })
+    distances = None
+    if data.worker_x is not None:
+        distances = [float(np.linalg.norm(data.worker_x[i].astype(np.float64) - data.center))
+                     for i in range(data.workers)]
+    return {
+        "file": str(path) if path else None,
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "created": data.created,
+        "algorithm": data.algorithm,
+        "workers": data.workers,
+        "sequence": data.sequence,
+        "counters": {
+            "steps": data.total_steps,
+            "exchanges": data.total_exchanges,
+            "resets": int(data.worker_counters["resets"].sum()),
+            "wall_time": data.wall_time,
+            "per_worker": {k: [int(v) for v in data.worker_counters[k]]
+                           for k in WORKER_COUNTERS},
+        },
+        "parameters": data.layout.size,
+        "center_norm": float(np.linalg.norm(data.center.astype(np.float64))),
+        "tensors": tensors,
+        "worker_state": {"x": data.worker_x is not None, "v": data.worker_v is not None},
+        "worker_center_distance": distances,
+        "last_metrics": data.metrics[-1] if data.metrics else None,
+        "metrics_records": len(data.metrics),
+        "config": data.config_toml,
+    }
+
+
+def format_summary(s: dict) -> str:
+    c = s["counters"]
+    lines = [
+        f"{s['file']}: {s['format']} version {s['format_version']}, written {s['created']}",
+        f"algorithm {s['algorithm']}, {s['workers']} workers, checkpoint #{s['sequence']}",
+        f"counters: {c['steps']:,d} worker steps, {c['exchanges']:,d} exchanges, "
+        f"{c['resets']} non-finite resets, {c['wall_time']:.1f}s of training",
+        "  per worker steps: " + ", ".join(f"{v:,d}" for v in c["per_worker"]["steps"]),
+        f"center: {s['parameters']:,d} parameters, norm {s['center_norm']:.6g}",
+        f"  {'tensor':<16} {'shape':<14} {'norm':>12} {'min':>12} {'max':>12}",
+    ]
+    for t in s["tensors"]:
+        lo = "-" if t["min"] is None else f"{t['min']:.5g}"
+        hi = "-" if t["max"] is None else f"{t['max']:.5g}"
+        lines.append(f"  {t['name']:<16} {str(t['shape']):<14} {t['norm']:>12.6g} {lo:>12} "
+                     f"{hi:>12}")
+    if s["worker_center_distance"] is not None:
+        lines.append("worker-to-center distance: " + ", ".join(
+            f"{d:.5g}" for d in s["worker_center_distance"]))
+    else:
+        lines.append("worker states: not stored")
+    last = s["last_metrics"]
+    if last:
+        lines.append(f"last metrics ({s['metrics_records']} records): " + ", ".join(
+            f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in last.items()))
+    lines.append("config:")
+    lines.extend("  " + ln for ln in s["config"].rstrip().splitlines())
+    return "\n".join(lines)

@@ -1,0 +1,77 @@
+"""The workers' all-reduce: the one collective of the synchronous rules (DESIGN.md §2).
+
+Sync EASGD averages the workers' parameters and all-reduce SGD their gradients; both need the
+element-wise mean of one flat float32 vector over the workers-only communicator
+(:attr:`Roles.workers`; the master never joins). Like :mod:`easgd_mpi.center`, this module knows
+MPI and flat buffers, not models or update rules.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["WorkerAllreduce", "allreduce_bytes"]
+
+#: Polls of a pending all-reduce before this rank starts to give up its core between polls.
+_SPIN_POLLS = 50
+
+
+def allreduce_bytes(n: int, p: int) -> int:
+    """Bytes one worker sends plus receives in a ring all-reduce of n float32 values.
+
+    The bandwidth-optimal algorithm moves 2(p − 1)/p · n values out and as many in; MPI
+    libraries pick other algorithms for small vectors, so this is the nominal volume that makes
+    the runs' ``bytes`` comparable with the 8n bytes of an elastic exchange.
+    """
+    return 0 if p <= 1 else int(round(16 * n * (p - 1) / p))
+
+
+class WorkerAllreduce:
+    """Mean of a flat vector over the workers, staged through host memory when needed.
+
+    ``comm`` is the workers-only communicator. With ``direct`` (CUDA-aware MPI) device arrays go
+    to MPI as they are; otherwise a GPU vector is copied into a pinned host buffer first.
+    """
+
+    def __init__(self, comm, n: int, backend, direct: bool = False):
+        from mpi4py import MPI  # noqa: PLC0415
+
+        self._MPI = MPI
+        self.comm = comm
+        self.size = comm.Get_size()
+        self.backend = backend
+        self.direct = direct or not backend.is_gpu
+        self._host = None if self.direct else backend.host_empty(n)
+        #: This rank among the workers (0 on world rank 1).
+        self.rank = comm.Get_rank()
+        self._step_bytes = allreduce_bytes(n, self.size)
+
+    def mean(self, src, out) -> int:
+        """out ← mean over workers of ``src`` (every worker calls it; src may be out).
+
+        Returns the bytes this worker moved (the nominal ring volume).
+        """
+        b = self.backend
+        if self.direct:
+            if out is not src:
+                out[...] = src
+            b.synchronize()  # MPI reads the device buffer: the stream must be done with it
+            self._wait(self.comm.Iallreduce(self._MPI.IN_PLACE, out, op=self._MPI.SUM))
+        else:
+            host = self._host
+            b.to_host(src, host)
+            self._wait(self.comm.Iallreduce(self._MPI.IN_PLACE, host, op=self._MPI.SUM))
+            b.from_host(host, out)
+        b.scale(out, 1.0 / self.size)
+        return self._step_bytes
+
+    def _wait(self, request) -> None:
+        # A blocking Allreduce spins in MPI's progress loop; on an oversubscribed node (more
+        # ranks than cores, as in the tests and the benchmarks) the spinning ranks steal the
+        # core from the rank whose data they wait for. Spin briefly, then yield between polls.
+        for _ in range(_SPIN_POLLS):
+            if request.Test():
+                return
+        while not request.Test():
+            os.sched_yield()
+
