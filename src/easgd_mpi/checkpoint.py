@@ -91,7 +91,7 @@ def save_checkpoint(path: str | os.PathLike, data: CheckpointData) -> Path:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with h5py.File(tmp, "w", libver="latest") as f:
+        with h5py.File(tmp, "w", libver=("earliest", "v110")) as f:  # HDF5 1.10 tools read it
             _write(f, data)
             f.flush()
         with open(tmp, "rb+") as fh:  # h5py has no fsync: make the bytes durable ourselves

@@ -23,7 +23,7 @@ from .errors import ConfigError
 
 __all__ = ["Config", "DataConfig", "ModelConfig", "QuadraticConfig", "CheckpointConfig",
            "ALGORITHMS", "ASYNC_ALGORITHMS", "SYNC_ALGORITHMS", "ELASTIC_ALGORITHMS",
-           "MOMENTUM_ALGORITHMS"]
+           "MOMENTUM_ALGORITHMS", "OPTIONAL_MOMENTUM_ALGORITHMS"]
 
 #: Algorithms the worker loop knows (DESIGN.md §2).
 ALGORITHMS = ("easgd", "eamsgd", "sync-easgd", "downpour", "allreduce-sgd")
@@ -33,8 +33,10 @@ ASYNC_ALGORITHMS = ("easgd", "eamsgd", "downpour")
 SYNC_ALGORITHMS = ("sync-easgd", "allreduce-sgd")
 #: Algorithms with an elastic force, i.e. that use rho / alpha / beta.
 ELASTIC_ALGORITHMS = ("easgd", "eamsgd", "sync-easgd")
-#: Algorithms that accept a momentum δ > 0 (Nesterov; optional for the synchronous ones).
-MOMENTUM_ALGORITHMS = ("eamsgd", "sync-easgd", "allreduce-sgd")
+#: Algorithms that keep a velocity v per worker.
+MOMENTUM_ALGORITHMS = ("eamsgd",)
+#: Algorithms that keep a velocity (Nesterov) only when momentum > 0; see Config.keeps_velocity.
+OPTIONAL_MOMENTUM_ALGORITHMS = ("sync-easgd", "allreduce-sgd")
 
 DATASETS = ("digits", "synthetic")
 MODELS = ("mlp", "softmax", "quadratic")
@@ -196,6 +198,13 @@ class Config:
     def momentum_value(self) -> float:
         return self.momentum
 
+    @property
+    def keeps_velocity(self) -> bool:
+        """Whether each worker of this run keeps a velocity v (checkpoints must store it)."""
+        return self.algorithm in MOMENTUM_ALGORITHMS or (
+            self.algorithm in OPTIONAL_MOMENTUM_ALGORITHMS and self.momentum > 0
+        )
+
     # ---- validation ---------------------------------------------------------------------
     def validate(self, workers: int | None = None) -> "Config":
         """Check types and ranges; with ``workers`` also the stability region. Returns self."""
@@ -218,10 +227,11 @@ class Config:
                 f"(it sums plain SGD updates; the paper's momentum variant keeps the velocity "
                 f"on the master, which is not implemented): set momentum = 0"
             )
-        if self.algorithm not in MOMENTUM_ALGORITHMS and self.momentum != 0.0:
+        with_momentum = MOMENTUM_ALGORITHMS + OPTIONAL_MOMENTUM_ALGORITHMS
+        if self.algorithm not in with_momentum and self.momentum != 0.0:
             raise ConfigError(
                 f"config: momentum = {self.momentum} is not used by algorithm "
-                f"'{self.algorithm}' (use {', '.join(MOMENTUM_ALGORITHMS)} for momentum, "
+                f"'{self.algorithm}' (use {', '.join(with_momentum)} for momentum, "
                 f"or set momentum = 0)"
             )
         self._validate_algorithm_keys(given)

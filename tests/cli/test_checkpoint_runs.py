@@ -1,0 +1,165 @@
+"""Checkpoints in real runs under mpiexec: resume, crash recovery, preemption, NaN workers."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from easgd_mpi.checkpoint import list_checkpoints, load_checkpoint
+from easgd_mpi.metrics import read_metrics
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def train_cmd(mpiexec, n, run_dir, *sets, resume=None):
+    cmd = [mpiexec, "-n", str(n), sys.executable, "-m", "easgd_mpi", "train",
+           "--set", f"run_dir={run_dir}"]
+    for s in sets:
+        cmd += ["--set", s]
+    if resume:
+        cmd += ["--resume", resume]
+    return cmd
+
+
+def run(cmd, env, timeout=120):
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def test_resume_continues_counters_and_learns_like_an_uninterrupted_run(
+        mpiexec, clean_env, tmp_path):
+    common = ["lr=0.1", "eval_interval=0.3", "checkpoint.interval=0"]
+    whole = run(train_cmd(mpiexec, 3, tmp_path / "whole", "steps=2000", *common), clean_env)
+    assert whole.returncode == 0, whole.stderr
+    part = run(train_cmd(mpiexec, 3, tmp_path / "split", "steps=1000", *common), clean_env)
+    assert part.returncode == 0, part.stderr
+    first = load_checkpoint(list_checkpoints(tmp_path / "split")[-1])
+    assert first.total_steps == 2000 and list(first.worker_counters["steps"]) == [1000, 1000]
+    rest = run(train_cmd(mpiexec, 3, tmp_path / "split", "steps=2000", *common, resume="auto"),
+               clean_env)
+    assert rest.returncode == 0, rest.stderr
+    assert "resuming from checkpoint #1: 2,000 worker steps" in rest.stdout
+
+    final = load_checkpoint(list_checkpoints(tmp_path / "split")[-1])
+    assert final.sequence == 2 and list(final.worker_counters["steps"]) == [2000, 2000]
+    assert final.total_exchanges == 2 * 2000 // 4
+    records = read_metrics(tmp_path / "split" / "metrics.jsonl")
+    times = [r["time"] for r in records]
+    assert times == sorted(times) and records[-1]["steps"] == 4000
+    assert records[: len(first.metrics)] == first.metrics  # history kept as it was
+    reference = read_metrics(tmp_path / "whole" / "metrics.jsonl")[-1]["center_error"]
+    assert abs(records[-1]["center_error"] - reference) <= 0.03
+    assert records[-1]["center_error"] <= 0.06
+
+
+def _rank_pids(rank: int) -> list[int]:
+    """Processes of this user's MPICH job with PMI_RANK == rank (from /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"easgd_mpi" in cmdline and f"PMI_RANK={rank}".encode() in env:
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_sigkill_of_a_worker_then_resume_auto_loses_at_most_one_interval(
+        mpiexec, clean_env, tmp_path):
+    run_dir = tmp_path / "run"
+    interval = 1.0
+    cmd = train_cmd(mpiexec, 3, run_dir, "steps=1000000", "eval_interval=0.25",
+                    f"checkpoint.interval={interval}", "checkpoint.keep=5")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=clean_env, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list_checkpoints(run_dir)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(list_checkpoints(run_dir)) >= 3, "no periodic checkpoints appeared"
+        victims = _rank_pids(2)
+        assert victims, "could not find rank 2"
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        proc.communicate(timeout=60)  # the job must end, not hang
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode != 0
+    last_seen = read_metrics(run_dir / "metrics.jsonl")[-1]["time"]
+    newest = load_checkpoint(list_checkpoints(run_dir)[-1])
+    # What is lost: the training time after the newest checkpoint (plus the polling slack).
+    assert last_seen - newest.wall_time <= interval + 0.5, (last_seen, newest.wall_time)
+
+    # Damage the newest: auto-resume must say so and take the one before.
+    newest_path = list_checkpoints(run_dir)[-1]
+    raw = bytearray(newest_path.read_bytes())
+    at = raw.find(newest.center.tobytes()[:16])
+    raw[at + 3] ^= 0x10
+    newest_path.write_bytes(bytes(raw))
+    before = load_checkpoint(list_checkpoints(run_dir)[-2])
+    target = int(before.worker_counters["steps"].max()) + 300
+    resumed = run(train_cmd(mpiexec, 3, run_dir, f"steps={target}", "checkpoint.interval=0",
+                            resume="auto"), clean_env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"skipping bad checkpoint: checkpoint {newest_path} failed its checksum" in (
+        resumed.stdout)
+    assert f"resuming from checkpoint #{before.sequence}" in resumed.stdout
+    final = load_checkpoint(list_checkpoints(run_dir)[-1])
+    assert list(final.worker_counters["steps"]) == [target, target]
+    assert (run_dir / "COMPLETED").exists()
+
+
+def test_sigterm_writes_a_final_checkpoint_and_exits_0(mpiexec, clean_env, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        train_cmd(mpiexec, 3, run_dir, "steps=1000000", "eval_interval=0.25",
+                  "checkpoint.interval=0"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env,
+        stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        path = run_dir / "metrics.jsonl"
+        if path.exists() and len(read_metrics(path)) >= 4:
+            break
+        time.sleep(0.2)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)  # mpiexec forwards it to every rank
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert time.monotonic() - sent < 15
+    assert "stop requested (signal)" in out and "stopped early" in out
+    assert (run_dir / "PREEMPTED").exists() and not (run_dir / "COMPLETED").exists()
+    ckpt = load_checkpoint(list_checkpoints(run_dir)[-1])
+    last = read_metrics(run_dir / "metrics.jsonl")[-1]
+    assert ckpt.total_steps == last["steps"] > 0
+    assert ckpt.worker_x is not None and np.all(np.isfinite(ckpt.worker_x))
+
+
+def test_nan_on_one_worker_never_reaches_the_center(mpiexec, clean_env, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run([mpiexec, "-n", "3", sys.executable, str(SCRIPTS / "nan_on_one_rank.py"), "1",
+                "101,402", str(run_dir)], clean_env)
+    assert proc.returncode == 0, proc.stderr
+    ckpt = load_checkpoint(list_checkpoints(run_dir)[-1])
+    assert np.all(np.isfinite(ckpt.center))
+    assert list(ckpt.worker_counters["resets"]) == [2, 0]
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert records[-1]["resets"] == 2
+    assert all(r["center_loss"] is not None and np.isfinite(r["center_loss"]) for r in records)
+    assert records[-1]["center_error"] <= 0.08
+    summary = json.loads(subprocess.run(
+        [sys.executable, "-m", "easgd_mpi", "inspect", "--json",
+         str(list_checkpoints(run_dir)[-1])], capture_output=True, text=True, check=True).stdout)
+    assert summary["counters"]["resets"] == 2

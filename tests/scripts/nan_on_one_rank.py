@@ -1,0 +1,42 @@
+"""A user script whose model returns a NaN gradient on one worker at a few steps.
+
+Usage: mpiexec -n P python nan_on_one_rank.py RANK STEP[,STEP...] OUTPUT_DIR
+The center must stay finite and the run must keep converging.
+"""
+
+import sys
+
+import numpy as np
+from mpi4py import MPI
+
+import easgd_mpi as ea
+from easgd_mpi.cli import run_or_abort
+
+RANK, STEPS, RUN_DIR = int(sys.argv[1]), {int(s) for s in sys.argv[2].split(",")}, sys.argv[3]
+
+
+class Poisoned:
+    def __init__(self, cfg, xp):
+        self.inner = ea.make_problem(cfg, xp)
+        self.layout = self.inner.layout
+        self.calls = 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def loss_and_grad(self, x, batch, g):
+        self.calls += 1
+        loss = self.inner.loss_and_grad(x, batch, g)
+        if MPI.COMM_WORLD.Get_rank() == RANK and self.calls in STEPS:
+            g[:] = np.nan
+        return loss
+
+
+def main() -> int:
+    cfg = ea.Config.from_toml(None, overrides={"steps": 1500, "lr": 0.1, "run_dir": RUN_DIR,
+                                               "eval_interval": 0.3})
+    ea.train(cfg, problem=Poisoned, out=print)
+    return 0
+
+
+sys.exit(run_or_abort(main))

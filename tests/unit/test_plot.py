@@ -1,0 +1,71 @@
+"""``easgd plot``: fabricated run folders in, a PNG out; bad paths are one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from easgd_mpi.cli import main  # noqa: E402
+from easgd_mpi.plot import PlotError, load_run, plot_runs  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def fake_run(folder, algorithm, tau, seed=0, diverged=False):
+    folder.mkdir(parents=True)
+    (folder / "config.toml").write_text(f'algorithm = "{algorithm}"\ntau = {tau}\nseed = {seed}\n')
+    lines = []
+    for k in range(6):
+        error = 0.9 * 0.5 ** k
+        loss = None if diverged and k > 3 else 2.3 * 0.6 ** k  # null = a NaN loss
+        lines.append(json.dumps({"time": 0.5 * k, "steps": 400 * k, "exchanges": 100 * k,
+                                 "center_loss": loss, "center_error": error, "distance": 0.1,
+                                 "bytes": 1000 * k}))
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_two_runs_make_a_png(tmp_path):
+    a = fake_run(tmp_path / "a", "easgd", 4)
+    b = fake_run(tmp_path / "b", "downpour", 16, diverged=True)
+    out = plot_runs([a, b / "metrics.jsonl"], tmp_path / "figs" / "fig.png", title="t")
+    data = out.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 1000
+
+
+def test_labels_come_from_the_config_and_equal_ones_get_the_seed(tmp_path):
+    runs = [load_run(fake_run(tmp_path / f"r{s}", "eamsgd", 4, seed=s)) for s in (1, 2)]
+    assert runs[0].label == "eamsgd, τ=4"
+    plot_runs(runs, tmp_path / "fig.png")
+    assert [r.label for r in runs] == ["eamsgd, τ=4 (seed 1)", "eamsgd, τ=4 (seed 2)"]
+
+
+def test_cli_writes_the_png(tmp_path, capsys):
+    a = fake_run(tmp_path / "a", "sync-easgd", 1)
+    b = fake_run(tmp_path / "b", "allreduce-sgd", 1)
+    assert main(["plot", str(a), str(b), "-o", str(tmp_path / "out.png")]) == 0
+    assert (tmp_path / "out.png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda p: p / "missing", "does not exist"),
+    (lambda p: p, "has no metrics.jsonl"),
+    (lambda p: (p / "m.jsonl").write_text("not json\n") and p / "m.jsonl", "no metrics records"),
+])
+def test_bad_paths_are_errors(tmp_path, make, fragment):
+    path = make(tmp_path)
+    with pytest.raises(PlotError, match=fragment):
+        load_run(path)
+
+
+def test_bad_path_on_the_command_line_is_one_line_and_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "easgd_mpi", "plot", str(tmp_path / "nope"),
+                           "-o", str(tmp_path / "x.png")], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "does not exist" in lines[0], proc.stderr
+    assert not (tmp_path / "x.png").exists()
