@@ -10,7 +10,7 @@ NP      ?= 5
 MPI_TEST_TIMEOUT ?= 300
 ARGS    ?=
 
-.PHONY: venv demo test test-unit test-mpi bench clean
+.PHONY: venv demo test test-unit test-mpi test-tools bench clean
 
 $(VENV)/.installed: setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,10 @@ demo: venv
 ## test: unit tests, CLI tests, then the MPI tests at 2, 3 and 5 ranks
 test: test-unit test-mpi
 
-test-unit: venv
+test-tools:
+	bash tools/install-test-tools.sh
+
+test-unit: venv test-tools
 	timeout 900 $(PY) -m pytest -q tests/unit tests/cli tests/gpu
 
 test-mpi: venv
