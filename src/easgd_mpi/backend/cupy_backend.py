@@ -310,7 +310,10 @@ class CupyBackend:
         if not ok:
             raise BackendError(f"the CuPy backend needs a GPU: {why}")
         if device_id is not None:
-            cupy.cuda.Device(int(device_id)).use()  # this rank's GPU from now on
+            # More workers than visible GPUs on a node share them round-robin; with one GPU
+            # per task (Slurm --gpus-per-task) every worker sees exactly its own as device 0.
+            count = cupy.cuda.runtime.getDeviceCount()
+            cupy.cuda.Device(int(device_id) % count).use()  # this rank's GPU from now on
         self.device_id = cupy.cuda.runtime.getDevice()
         props = cupy.cuda.runtime.getDeviceProperties(self.device_id)
         self._max_blocks = max(1, int(props["multiProcessorCount"]) * _BLOCKS_PER_SM)
