@@ -100,17 +100,17 @@ def _cmd_train(args) -> int:
 
         world = MPI.COMM_WORLD
         say = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
-        overrides = _parse_overrides(args.overrides)
-
         def find_checkpoint():
             # Rank 0 alone reads checkpoints; the others get the config text.
             if args.resume is None or world.Get_rank() != 0:
                 return None
-            run_dir = Config.from_toml(args.config, overrides=overrides).run_dir
+            run_dir = Config.from_toml(args.config,
+                                       overrides=_parse_overrides(args.overrides)).run_dir
             return resolve_resume(args.resume, run_dir, say)[1]
 
         def load(base_toml):
-            return Config.from_toml(args.config, overrides=overrides, base_toml=base_toml)
+            return Config.from_toml(args.config, overrides=_parse_overrides(args.overrides),
+                                    base_toml=base_toml)
 
         if world.Get_size() < 2:
             cfg = load(None)  # a config error is the more useful message, so it goes first

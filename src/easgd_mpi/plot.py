@@ -122,7 +122,7 @@ def plot_runs(runs, output: str | os.PathLike, title: str | None = None) -> Path
         for j, (xkey, xlabel) in enumerate(_COLUMNS):
             ax = axes[i][j]
             values = []
-            for k, run in enumerate(runs):
+            for run in runs:
                 algorithm = run.config.get("algorithm", run.label)
                 color = by_algorithm.setdefault(algorithm, colors[len(by_algorithm) % len(colors)])
                 style = styles[_tau_rank(runs, run) % len(styles)]

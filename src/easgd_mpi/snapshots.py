@@ -98,24 +98,35 @@ class StateChannel:
               wants_stop: bool = False) -> tuple[bool, bool]:
         """Answer a new checkpoint epoch if there is one. Returns (stop, release): stop training
         now; the master has everything, a finished worker may leave."""
+        epoch, stop, release = self.peek()
+        self.answer(slot, algo, rng, steps, epoch, finished=finished, wants_stop=wants_stop)
+        return stop, release
+
+    def peek(self) -> tuple[int, bool, bool]:
+        """The master's control word: (epoch asked for, stop, release)."""
         MPI = self._MPI
         ctl = self._ctl_buf
         self._control.Get_accumulate([np.zeros_like(ctl), MPI.INT64_T], [ctl, MPI.INT64_T],
                                      MASTER, op=MPI.NO_OP)
         self._control.Flush(MASTER)
-        epoch = int(ctl[_EPOCH])
-        if epoch != self._acked or wants_stop or finished:
-            if epoch != self._acked and self.rows:
-                self._write_state(slot, algo)
-            self._acked = epoch
-            row = self._row
-            row[_ACK], row[_STEPS], row[_EXCH] = epoch, steps, algo.exchanges
-            row[_RESETS], row[_FINISHED], row[_WANTS_STOP] = algo.resets, finished, wants_stop
-            row[_RNG0 : _RNG0 + _RNG_WORDS] = encode_rng(rng)
-            self._meta.Accumulate([row, MPI.INT64_T], MASTER,
-                                  target=(slot * _META, _META, MPI.INT64_T), op=MPI.REPLACE)
-            self._meta.Flush(MASTER)
-        return bool(ctl[_STOP]), bool(ctl[_RELEASE])
+        return int(ctl[_EPOCH]), bool(ctl[_STOP]), bool(ctl[_RELEASE])
+
+    def answer(self, slot: int, algo, rng, steps: int, epoch: int, finished: bool = False,
+               wants_stop: bool = False) -> None:
+        """Copy the state for ``epoch`` if not done yet, then report counters and flags."""
+        if epoch == self._acked and not (wants_stop or finished):
+            return
+        MPI = self._MPI
+        if epoch != self._acked and self.rows:
+            self._write_state(slot, algo)
+        self._acked = epoch
+        row = self._row
+        row[_ACK], row[_STEPS], row[_EXCH] = epoch, steps, algo.exchanges
+        row[_RESETS], row[_FINISHED], row[_WANTS_STOP] = algo.resets, finished, wants_stop
+        row[_RNG0 : _RNG0 + _RNG_WORDS] = encode_rng(rng)
+        self._meta.Accumulate([row, MPI.INT64_T], MASTER,
+                              target=(slot * _META, _META, MPI.INT64_T), op=MPI.REPLACE)
+        self._meta.Flush(MASTER)
 
     def _write_state(self, slot: int, algo) -> None:
         MPI = self._MPI

@@ -21,7 +21,7 @@ from .backend import NumpyBackend, select_backend
 from .center import CenterWindow
 from .checkpoint import CheckpointData, check_matches, load_checkpoint, newest_valid_checkpoint
 from .comm import agree_or_fail, limit_blas_threads, make_roles
-from .config import MOMENTUM_ALGORITHMS, Config
+from .config import Config
 from .errors import CheckpointError, ConfigError
 from .master import run_master
 from .metrics import MetricsLog
@@ -91,7 +91,7 @@ def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
     )
     channel = StateChannel(roles.world, prob.layout.size, p,
                            keep_states=cfg.checkpoint.worker_states,
-                           with_v=cfg.algorithm in MOMENTUM_ALGORITHMS)
+                           with_v=cfg.keeps_velocity)
     worker_resume = _scatter_worker_states(roles, checkpoint if resuming else None, resuming)
 
     start = time.monotonic()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+
 from .algorithms import make_algorithm
 from .data.sampling import worker_rng
 
@@ -35,6 +37,10 @@ def run_worker(cfg, roles, problem, backend, center, channel, alpha: float,
         algo.restore(resume.get("x"), resume.get("v"), resume["exchanges"], resume["resets"])
 
     stop_flag = stop_flag or (lambda: False)
+    # Workers of a collective rule must leave the loop, and copy their states, at the same
+    # step, or the others would wait in the next all-reduce forever: they decide together at
+    # round boundaries (which fall on the same step everywhere).
+    collective = getattr(algo, "collective", False)
     loss = float("nan")
     last_status = time.monotonic()
     steps = first
@@ -44,14 +50,20 @@ def run_worker(cfg, roles, problem, backend, center, channel, alpha: float,
         loss = algo.step(t)
         steps = t + 1
         now = time.monotonic()
-        if algo.exchanges != before or now - last_status >= _STATUS_PERIOD:
+        round_done = algo.exchanges != before
+        if round_done or now - last_status >= _STATUS_PERIOD:
             _publish(center, slot, algo, steps, loss, done=False)
+            last_status = now
+            if collective and not round_done:
+                continue
             wants_stop = stop_flag()
-            stop, _ = channel.serve(slot, algo, rng, steps, wants_stop=wants_stop)
+            epoch, stop, _ = channel.peek()
+            if collective:
+                epoch, stop = _agree(roles.workers, epoch, stop or wants_stop)
+            channel.answer(slot, algo, rng, steps, epoch, wants_stop=wants_stop)
             if stop or wants_stop:
                 stopped = True
                 break
-            last_status = now
     backend.synchronize()
     _publish(center, slot, algo, steps, loss, done=True)
     # Finished: keep answering the master (its final checkpoint needs this worker's state)
@@ -61,6 +73,15 @@ def run_worker(cfg, roles, problem, backend, center, channel, alpha: float,
         time.sleep(_IDLE_POLL)
     return {"steps": steps, "exchanges": algo.exchanges, "resets": algo.resets,
             "stopped": stopped}
+
+
+def _agree(workers, epoch: int, stop: bool) -> tuple[int, bool]:
+    """The epoch every worker has seen (the smallest) and whether any worker must stop."""
+    from mpi4py import MPI  # noqa: PLC0415
+
+    votes = np.array([epoch, -int(stop)], dtype=np.int64)
+    workers.Allreduce(MPI.IN_PLACE, votes, op=MPI.MIN)
+    return int(votes[0]), bool(votes[1] < 0)
 
 
 def _publish(center, slot, algo, steps, loss, done):

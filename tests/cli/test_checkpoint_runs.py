@@ -121,11 +121,20 @@ def test_sigkill_of_a_worker_then_resume_auto_loses_at_most_one_interval(
     assert (run_dir / "COMPLETED").exists()
 
 
-def test_sigterm_writes_a_final_checkpoint_and_exits_0(mpiexec, clean_env, tmp_path):
+@pytest.mark.parametrize("algorithm, extra", [
+    ("easgd", []),
+    ("eamsgd", ["momentum=0.5"]),
+    # The collective rules must stop on the same step everywhere, or an all-reduce hangs.
+    ("sync-easgd", ["momentum=0.5"]),
+    ("allreduce-sgd", []),
+    ("downpour", []),
+])
+def test_sigterm_writes_a_final_checkpoint_and_exits_0(
+        algorithm, extra, mpiexec, clean_env, tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
-        train_cmd(mpiexec, 3, run_dir, "steps=1000000", "eval_interval=0.25",
-                  "checkpoint.interval=0"),
+        train_cmd(mpiexec, 3, run_dir, f"algorithm={algorithm}", *extra, "steps=1000000",
+                  "eval_interval=0.25", "checkpoint.interval=0.5"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env,
         stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
@@ -145,6 +154,15 @@ def test_sigterm_writes_a_final_checkpoint_and_exits_0(mpiexec, clean_env, tmp_p
     last = read_metrics(run_dir / "metrics.jsonl")[-1]
     assert ckpt.total_steps == last["steps"] > 0
     assert ckpt.worker_x is not None and np.all(np.isfinite(ckpt.worker_x))
+    assert (ckpt.worker_v is not None) == bool(extra)
+    if algorithm in ("sync-easgd", "allreduce-sgd"):  # states copied on one common step
+        assert len(set(ckpt.worker_counters["steps"])) == 1
+        target = int(ckpt.worker_counters["steps"][0]) + 40
+        resumed = run(train_cmd(mpiexec, 3, run_dir, f"steps={target}", resume="auto"),
+                      clean_env)
+        assert resumed.returncode == 0, resumed.stderr
+        again = load_checkpoint(list_checkpoints(run_dir)[-1])
+        assert set(again.worker_counters["steps"]) == {target}
 
 
 def test_nan_on_one_worker_never_reaches_the_center(mpiexec, clean_env, tmp_path):

@@ -1,4 +1,4 @@
-"""Config validation of the synchronous rules and the baselines: bad combinations are clear errors."""
+"""Config validation of the sync rules and the baselines: bad combinations are clear errors."""
 
 import pytest
 
