@@ -55,16 +55,31 @@ def parse_args(argv=None):
     ap.add_argument("--algorithms", default=",".join(ALGORITHMS))
     ap.add_argument("--seeds", type=int, default=2, help="seeds per configuration (0, 1, ...)")
     ap.add_argument("--steps", type=int, default=3000, help="local steps per worker")
-    ap.add_argument("--set", dest="overrides", action="append", default=[],
-                    metavar="[ALGORITHM:]KEY=VALUE", help="passed to the runs; repeatable")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="[ALGORITHM:]KEY=VALUE",
+        help="passed to the runs; repeatable",
+    )
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "convergence.json"))
-    ap.add_argument("--figures", default=None,
-                    help="folder for the PNGs (default: next to --out; 'none' for no figures)")
-    ap.add_argument("--runs-dir", default=None,
-                    help="keep the run folders here (default: a temporary folder, removed)")
+    ap.add_argument(
+        "--figures",
+        default=None,
+        help="folder for the PNGs (default: next to --out; 'none' for no figures)",
+    )
+    ap.add_argument(
+        "--runs-dir",
+        default=None,
+        help="keep the run folders here (default: a temporary folder, removed)",
+    )
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per run")
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke configuration: p = 2, τ ∈ {1, 8}, 1 seed, 150 steps")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke configuration: p = 2, τ ∈ {1, 8}, 1 seed, 150 steps",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.workers, args.taus, args.seeds, args.steps = 2, "1,8", 1, 150
@@ -106,29 +121,60 @@ def run_one(args, algorithm, tau, seed, settings, runs_dir) -> dict:
     run_dir = runs_dir / f"{algorithm}-tau{tau}-seed{seed}"
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    values = {**SHARED, **DEFAULTS[algorithm], **settings["shared"], **settings[algorithm],
-              "algorithm": algorithm, "tau": str(tau), "seed": str(seed),
-              "steps": str(args.steps), "run_dir": str(run_dir)}
-    cmd = [launcher(), "-n", str(args.workers + 1), sys.executable, "-m", "easgd_mpi",
-           "train", "--quiet"]
+    values = {
+        **SHARED,
+        **DEFAULTS[algorithm],
+        **settings["shared"],
+        **settings[algorithm],
+        "algorithm": algorithm,
+        "tau": str(tau),
+        "seed": str(seed),
+        "steps": str(args.steps),
+        "run_dir": str(run_dir),
+    }
+    cmd = [
+        launcher(),
+        "-n",
+        str(args.workers + 1),
+        sys.executable,
+        "-m",
+        "easgd_mpi",
+        "train",
+        "--quiet",
+    ]
     for key, value in values.items():
         cmd += ["--set", f"{key}={value}"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("EASGD_")}
     env["PYTHONUNBUFFERED"] = "1"
     start = time.monotonic()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO,
-                              timeout=args.timeout, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=REPO,
+            timeout=args.timeout,
+            stdin=subprocess.DEVNULL,
+        )
         code, stderr = proc.returncode, proc.stderr
     except subprocess.TimeoutExpired:
         code, stderr = 124, f"timed out after {args.timeout:.0f}s"
     launch_time = time.monotonic() - start
     records = read_records(run_dir / "metrics.jsonl")
-    result = {"algorithm": algorithm, "tau": tau, "seed": seed, "returncode": code,
-              "launch_time": round(launch_time, 2), "run_dir": str(run_dir),
-              "settings": {k: v for k, v in values.items() if k != "run_dir"},
-              "curve": [[r.get("time"), r.get("steps"), r.get("center_error"),
-                         r.get("center_loss")] for r in records]}
+    result = {
+        "algorithm": algorithm,
+        "tau": tau,
+        "seed": seed,
+        "returncode": code,
+        "launch_time": round(launch_time, 2),
+        "run_dir": str(run_dir),
+        "settings": {k: v for k, v in values.items() if k != "run_dir"},
+        "curve": [
+            [r.get("time"), r.get("steps"), r.get("center_error"), r.get("center_loss")]
+            for r in records
+        ],
+    }
     result.update(summarize(records, args.steps * args.workers))
     if code != 0:
         result["error"] = (stderr.strip().splitlines() or ["?"])[-1][:300]
@@ -154,8 +200,14 @@ def _finite(value) -> bool:
 def summarize(records: list[dict], budget: int) -> dict:
     """Final and best center error, wall time and bytes of one run; diverged if not finite."""
     if not records:
-        return {"final_error": None, "best_error": None, "time": None, "bytes": None,
-                "steps": 0, "diverged": True}
+        return {
+            "final_error": None,
+            "best_error": None,
+            "time": None,
+            "bytes": None,
+            "steps": 0,
+            "diverged": True,
+        }
     last = records[-1]
     errors = [r["center_error"] for r in records if _finite(r.get("center_error"))]
     diverged = not (_finite(last.get("center_loss")) and _finite(last.get("center_error")))
@@ -174,14 +226,23 @@ def summarize(records: list[dict], budget: int) -> dict:
 def aggregate(results: list[dict]) -> list[dict]:
     """Mean ± sd over seeds per (algorithm, τ); diverged runs count as error 1 in the mean."""
     rows = []
-    keys = sorted({(r["algorithm"], r["tau"]) for r in results},
-                  key=lambda k: (ALGORITHMS.index(k[0]), k[1]))
+    keys = sorted(
+        {(r["algorithm"], r["tau"]) for r in results}, key=lambda k: (ALGORITHMS.index(k[0]), k[1])
+    )
     for algorithm, tau in keys:
         group = [r for r in results if r["algorithm"] == algorithm and r["tau"] == tau]
-        row = {"algorithm": algorithm, "tau": tau, "runs": len(group),
-               "diverged": sum(1 for r in group if r["diverged"] or r["returncode"] != 0)}
-        for key, missing in (("final_error", 1.0), ("best_error", 1.0), ("time", None),
-                             ("bytes", None)):
+        row = {
+            "algorithm": algorithm,
+            "tau": tau,
+            "runs": len(group),
+            "diverged": sum(1 for r in group if r["diverged"] or r["returncode"] != 0),
+        }
+        for key, missing in (
+            ("final_error", 1.0),
+            ("best_error", 1.0),
+            ("time", None),
+            ("bytes", None),
+        ):
             values = [r[key] if _finite(r.get(key)) else missing for r in group]
             values = [v for v in values if v is not None]
             row[key] = statistics.fmean(values) if values else None
@@ -198,8 +259,10 @@ def format_table(rows: list[dict]) -> str:
     pct = lambda v: f"{100 * v:5.2f}%"  # noqa: E731
     sec = lambda v: f"{v:5.1f}s"  # noqa: E731
     mb = lambda v: f"{v / 1e6:7.1f}"  # noqa: E731
-    header = (f"| {'algorithm':<13} | {'τ':>3} | {'final error':>17} | {'best error':>17} | "
-              f"{'time':>15} | {'MB sent+received':>18} | diverged |")
+    header = (
+        f"| {'algorithm':<13} | {'τ':>3} | {'final error':>17} | {'best error':>17} | "
+        f"{'time':>15} | {'MB sent+received':>18} | diverged |"
+    )
     lines = [header, "|" + "|".join("-" * (len(c) + 0) for c in header.split("|")[1:-1]) + "|"]
     for r in rows:
         lines.append(
@@ -231,8 +294,11 @@ def make_figures(results, folder: Path, stem: str) -> list[str]:
                     continue
         if runs:
             try:
-                path = plot_runs(runs, folder / f"{stem}-tau{tau}.png",
-                                 title=f"center on held-out data, τ = {tau}, seed {first_seed}")
+                path = plot_runs(
+                    runs,
+                    folder / f"{stem}-tau{tau}.png",
+                    title=f"center on held-out data, τ = {tau}, seed {first_seed}",
+                )
                 written.append(str(path))
             except PlotError as exc:
                 print(f"figure for τ = {tau} skipped: {exc}", file=sys.stderr)
@@ -253,9 +319,14 @@ def _error_vs_tau(results, path: Path) -> list[str]:
     for algorithm in ALGORITHMS:
         mine = [r for r in rows if r["algorithm"] == algorithm]
         if mine:
-            ax.errorbar([r["tau"] for r in mine], [100 * r["final_error"] for r in mine],
-                        yerr=[100 * r["final_error_sd"] for r in mine], marker="o",
-                        capsize=3, label=algorithm)
+            ax.errorbar(
+                [r["tau"] for r in mine],
+                [100 * r["final_error"] for r in mine],
+                yerr=[100 * r["final_error_sd"] for r in mine],
+                marker="o",
+                capsize=3,
+                label=algorithm,
+            )
     ax.set_xscale("log", base=2)
     taus = sorted({r["tau"] for r in rows})
     ax.set_xticks(taus, [str(t) for t in taus])
@@ -291,8 +362,11 @@ def main(argv=None) -> int:
                     status = "diverged" if r["diverged"] else f"{100 * r['final_error']:.2f}%"
                     if r["returncode"] != 0:
                         status += f" (exit {r['returncode']}: {r.get('error', '')})"
-                    print(f"[{len(results):>3}/{total}] {algorithm:<13} τ={tau:<3} seed {seed}: "
-                          f"{status}, {r['time'] or 0:.1f}s", flush=True)
+                    print(
+                        f"[{len(results):>3}/{total}] {algorithm:<13} τ={tau:<3} seed {seed}: "
+                        f"{status}, {r['time'] or 0:.1f}s",
+                        flush=True,
+                    )
         rows = aggregate(results)
         figures = []
         if args.figures is None or args.figures.lower() != "none":
@@ -303,19 +377,30 @@ def main(argv=None) -> int:
             shutil.rmtree(runs_dir, ignore_errors=True)
     table = format_table(rows)
     print()
-    print(f"p = {args.workers} workers, {args.steps} steps per worker, {args.seeds} seed(s); "
-          f"mean ± sd over seeds (a diverged run counts as error 100%)")
+    print(
+        f"p = {args.workers} workers, {args.steps} steps per worker, {args.seeds} seed(s); "
+        f"mean ± sd over seeds (a diverged run counts as error 100%)"
+    )
     print(table)
     report = {
         "benchmark": "convergence",
-        "workers": args.workers, "taus": args.taus, "algorithms": args.algorithms,
-        "seeds": args.seeds, "steps_per_worker": args.steps,
+        "workers": args.workers,
+        "taus": args.taus,
+        "algorithms": args.algorithms,
+        "seeds": args.seeds,
+        "steps_per_worker": args.steps,
         "shared_settings": {**SHARED, **shared},
         "algorithm_settings": {a: {**DEFAULTS[a], **per[a]} for a in args.algorithms},
-        "host": {"machine": platform.machine(), "cpus": os.cpu_count(),
-                 "python": platform.python_version()},
+        "host": {
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+        },
         "total_time": round(time.monotonic() - started, 1),
-        "summary": rows, "runs": results, "figures": figures, "table": table,
+        "summary": rows,
+        "runs": results,
+        "figures": figures,
+        "table": table,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")

@@ -52,14 +52,23 @@ def child(args) -> None:
         for method in METHODS:
             comm.Barrier()
             if method in ("easgd", "rma-floor"):
-                window = CenterWindow(comm, n, p, initial=np.zeros(n, np.float32)
-                                      if rank == 0 else None, chunk=args.chunk)
+                window = CenterWindow(
+                    comm,
+                    n,
+                    p,
+                    initial=np.zeros(n, np.float32) if rank == 0 else None,
+                    chunk=args.chunk,
+                )
                 if rank == 0:
                     _idle_master(comm)
                     rate = None
                 elif method == "easgd":
-                    rate = _timed(lambda: window.exchange(
-                        lambda lo, hi, c, e: backend.exchange(x[lo:hi], c, e, 0.01)), args)
+                    rate = _timed(
+                        lambda: window.exchange(
+                            lambda lo, hi, c, e: backend.exchange(x[lo:hi], c, e, 0.01)
+                        ),
+                        args,
+                    )
                     comm.Ibarrier().Wait()
                 else:
                     rate = _timed(lambda: _floor_exchange(window, MPI), args)
@@ -79,10 +88,21 @@ def child(args) -> None:
             if rank == 0:
                 per_worker = [r for r in rates[1:]]
                 mean = float(np.mean(per_worker))
-                results.append({"method": method, "n": n, "workers": p,
-                                "exchanges_per_s": mean, "gb_per_s": mean * 8 * n / 1e9})
-                print(f"# p={p} n={n:.0e} {method:10s} {mean:10.1f} exch/s "
-                      f"{mean * 8 * n / 1e9:7.2f} GB/s", file=sys.stderr, flush=True)
+                results.append(
+                    {
+                        "method": method,
+                        "n": n,
+                        "workers": p,
+                        "exchanges_per_s": mean,
+                        "gb_per_s": mean * 8 * n / 1e9,
+                    }
+                )
+                print(
+                    f"# p={p} n={n:.0e} {method:10s} {mean:10.1f} exch/s "
+                    f"{mean * 8 * n / 1e9:7.2f} GB/s",
+                    file=sys.stderr,
+                    flush=True,
+                )
     if rank == 0:
         print(json.dumps(results), flush=True)
 
@@ -158,25 +178,50 @@ def driver(args) -> int:
         mpiexec = Path("mpiexec")
     rows = []
     for p in args.workers:
-        cmd = [str(mpiexec), "-n", str(p + 1), sys.executable, __file__, "--child",
-               "--sizes", ",".join(str(n) for n in args.sizes), "--seconds", str(args.seconds),
-               "--min-reps", str(args.min_reps), "--chunk", str(args.chunk)]
+        cmd = [
+            str(mpiexec),
+            "-n",
+            str(p + 1),
+            sys.executable,
+            __file__,
+            "--child",
+            "--sizes",
+            ",".join(str(n) for n in args.sizes),
+            "--seconds",
+            str(args.seconds),
+            "--min-reps",
+            str(args.min_reps),
+            "--chunk",
+            str(args.chunk),
+        ]
         print(f"running {p} worker(s)...", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=args.timeout)
         if proc.returncode != 0:
-            print(f"bench_exchange: the MPI run with {p} workers failed "
-                  f"(exit {proc.returncode})", file=sys.stderr)
+            print(
+                f"bench_exchange: the MPI run with {p} workers failed (exit {proc.returncode})",
+                file=sys.stderr,
+            )
             return 1
         rows += json.loads(proc.stdout.strip().splitlines()[-1])
     table = _ratios(rows)
     _print_table(table)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "benchmark": "exchange", "unit": "per worker; 8n bytes per exchange",
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
-        "mpi": _mpi_version(), "chunk": args.chunk, "seconds": args.seconds,
-        "rows": table}, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "exchange",
+                "unit": "per worker; 8n bytes per exchange",
+                "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
+                "mpi": _mpi_version(),
+                "chunk": args.chunk,
+                "seconds": args.seconds,
+                "rows": table,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {out}")
     return 0
 
@@ -189,35 +234,49 @@ def _ratios(rows):
             continue
         key = (r["n"], r["workers"])
         floor = by_key[("rma-floor", *key)]["gb_per_s"]
-        table.append({
-            "n": r["n"], "workers": r["workers"],
-            **{f"{m}_gb_per_s": by_key[(m, *key)]["gb_per_s"] for m in METHODS},
-            "easgd_exchanges_per_s": r["exchanges_per_s"],
-            "vs_floor": r["gb_per_s"] / floor,
-            "vs_sendrecv": r["gb_per_s"] / by_key[("sendrecv", *key)]["gb_per_s"],
-            "vs_pickle": r["gb_per_s"] / by_key[("pickle", *key)]["gb_per_s"],
-        })
+        table.append(
+            {
+                "n": r["n"],
+                "workers": r["workers"],
+                **{f"{m}_gb_per_s": by_key[(m, *key)]["gb_per_s"] for m in METHODS},
+                "easgd_exchanges_per_s": r["exchanges_per_s"],
+                "vs_floor": r["gb_per_s"] / floor,
+                "vs_sendrecv": r["gb_per_s"] / by_key[("sendrecv", *key)]["gb_per_s"],
+                "vs_pickle": r["gb_per_s"] / by_key[("pickle", *key)]["gb_per_s"],
+            }
+        )
     return table
 
 
 def _print_table(table) -> None:
-    head = (f"{'n':>9} {'p':>2} {'exch/s':>9} {'easgd':>7} {'floor':>7} {'sendrecv':>8} "
-            f"{'pickle':>7} {'vs floor':>8} {'vs s/r':>7} {'vs pickle':>9}")
+    head = (
+        f"{'n':>9} {'p':>2} {'exch/s':>9} {'easgd':>7} {'floor':>7} {'sendrecv':>8} "
+        f"{'pickle':>7} {'vs floor':>8} {'vs s/r':>7} {'vs pickle':>9}"
+    )
     print("per-worker GB/s (8n bytes per exchange)")
     print(head)
     print("-" * len(head))
     for r in table:
-        print(f"{r['n']:>9.1e} {r['workers']:>2} {r['easgd_exchanges_per_s']:>9.1f} "
-              f"{r['easgd_gb_per_s']:>7.2f} {r['rma-floor_gb_per_s']:>7.2f} "
-              f"{r['sendrecv_gb_per_s']:>8.2f} {r['pickle_gb_per_s']:>7.2f} "
-              f"{r['vs_floor']:>8.2f} {r['vs_sendrecv']:>7.2f} {r['vs_pickle']:>9.2f}")
+        print(
+            f"{r['n']:>9.1e} {r['workers']:>2} {r['easgd_exchanges_per_s']:>9.1f} "
+            f"{r['easgd_gb_per_s']:>7.2f} {r['rma-floor_gb_per_s']:>7.2f} "
+            f"{r['sendrecv_gb_per_s']:>8.2f} {r['pickle_gb_per_s']:>7.2f} "
+            f"{r['vs_floor']:>8.2f} {r['vs_sendrecv']:>7.2f} {r['vs_pickle']:>9.2f}"
+        )
 
 
 def _mpi_version() -> str:
     try:
-        out = subprocess.run([sys.executable, "-c", "from mpi4py import MPI; "
-                              "print(MPI.Get_library_version().splitlines()[0])"],
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "from mpi4py import MPI; print(MPI.Get_library_version().splitlines()[0])",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -225,8 +284,9 @@ def _mpi_version() -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="1e5,1e6,5e6,2.5e7",
-                        help="comma-separated element counts")
+    parser.add_argument(
+        "--sizes", default="1e5,1e6,5e6,2.5e7", help="comma-separated element counts"
+    )
     parser.add_argument("--workers", default="1,2,4", help="comma-separated worker counts")
     parser.add_argument("--seconds", type=float, default=1.0, help="time per measurement")
     parser.add_argument("--min-reps", type=int, default=3)

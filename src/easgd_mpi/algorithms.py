@@ -20,8 +20,15 @@ import numpy as np
 
 from .collective import WorkerAllreduce
 
-__all__ = ["WorkerAlgorithm", "AsyncEASGD", "EAMSGD", "SyncEASGD", "Downpour", "AllreduceSGD",
-           "make_algorithm"]
+__all__ = [
+    "WorkerAlgorithm",
+    "AsyncEASGD",
+    "EAMSGD",
+    "SyncEASGD",
+    "Downpour",
+    "AllreduceSGD",
+    "make_algorithm",
+]
 
 
 class _ChunkStaging:
@@ -147,8 +154,11 @@ class AsyncEASGD(WorkerAlgorithm):
         loss = self.problem.loss_and_grad(self.x, batch, self.g)  # at x, before the exchange
         if t % cfg.tau == 0:
             x, g = self.x, self.g
-            self._exchange(lambda lo, hi, c, e: b.exchange_sgd_step(
-                x[lo:hi], c, g[lo:hi], e, self.alpha, cfg.lr, cfg.weight_decay))
+            self._exchange(
+                lambda lo, hi, c, e: b.exchange_sgd_step(
+                    x[lo:hi], c, g[lo:hi], e, self.alpha, cfg.lr, cfg.weight_decay
+                )
+            )
         else:
             b.sgd_step(self.x, self.g, cfg.lr, cfg.weight_decay)
         return loss
@@ -172,9 +182,11 @@ class EAMSGD(WorkerAlgorithm):
         loss = self.problem.loss_and_grad(self.y, batch, self.g)  # at x + δv
         if t % cfg.tau == 0:
             x, v, g = self.x, self.v, self.g
-            self._exchange(lambda lo, hi, c, e: b.exchange_nesterov_step(
-                x[lo:hi], v[lo:hi], c, g[lo:hi], e, self.alpha, cfg.lr, delta,
-                cfg.weight_decay))
+            self._exchange(
+                lambda lo, hi, c, e: b.exchange_nesterov_step(
+                    x[lo:hi], v[lo:hi], c, g[lo:hi], e, self.alpha, cfg.lr, delta, cfg.weight_decay
+                )
+            )
         else:
             b.nesterov_step(self.x, self.v, self.g, cfg.lr, delta, cfg.weight_decay)
         return loss
@@ -275,8 +287,9 @@ class SyncEASGD(_Synchronous):
         self.bytes += self.allreduce.mean(self.x, self.xmean)  # mean of the old x^i
         x, v, c, g, e = self.x, self.v, self.c, self.g, self.e
         if v is not None:
-            b.exchange_nesterov_step(x, v, c, g, e, self.alpha, cfg.lr, cfg.momentum,
-                                     cfg.weight_decay)
+            b.exchange_nesterov_step(
+                x, v, c, g, e, self.alpha, cfg.lr, cfg.momentum, cfg.weight_decay
+            )
         else:
             b.exchange_sgd_step(x, c, g, e, self.alpha, cfg.lr, cfg.weight_decay)
         self.distance = math.sqrt(b.sum_squares(e)) / self.alpha
@@ -353,8 +366,7 @@ class Downpour(WorkerAlgorithm):
 _RULES = {cls.name: cls for cls in (AsyncEASGD, EAMSGD, SyncEASGD, Downpour, AllreduceSGD)}
 
 
-def make_algorithm(cfg, problem, backend, center, alpha, rng, direct_mpi=False,
-                   workers_comm=None):
+def make_algorithm(cfg, problem, backend, center, alpha, rng, direct_mpi=False, workers_comm=None):
     """The worker-side rule named by ``cfg.algorithm``.
 
     ``workers_comm`` (the workers-only communicator, :attr:`Roles.workers`) is required by the
@@ -365,6 +377,7 @@ def make_algorithm(cfg, problem, backend, center, alpha, rng, direct_mpi=False,
     if rule.collective:
         if workers_comm is None:
             raise ValueError(f"algorithm {cfg.algorithm!r} needs workers_comm (Roles.workers)")
-        extra["allreduce"] = WorkerAllreduce(workers_comm, problem.layout.size, backend,
-                                             direct=direct_mpi)
+        extra["allreduce"] = WorkerAllreduce(
+            workers_comm, problem.layout.size, backend, direct=direct_mpi
+        )
     return rule(cfg, problem, backend, center, alpha, rng, direct_mpi, **extra)

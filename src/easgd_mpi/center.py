@@ -17,7 +17,7 @@ checkpoints read them without ever messaging the workers.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -157,8 +157,11 @@ class CenterWindow:
         try:
             for lo, hi in self._bounds():
                 self._win.Get_accumulate(
-                    self._noop_origin[: hi - lo], out[lo:hi], MASTER,
-                    target=(lo, hi - lo, self._MPI.FLOAT), op=self._MPI.NO_OP,
+                    self._noop_origin[: hi - lo],
+                    out[lo:hi],
+                    MASTER,
+                    target=(lo, hi - lo, self._MPI.FLOAT),
+                    op=self._MPI.NO_OP,
                 )
             self._win.Flush(MASTER)
         finally:
@@ -169,8 +172,9 @@ class CenterWindow:
         self._lock()
         try:
             for lo, hi in self._bounds():
-                self._win.Accumulate(delta[lo:hi], MASTER, target=(lo, hi - lo, self._MPI.FLOAT),
-                                     op=self._MPI.SUM)
+                self._win.Accumulate(
+                    delta[lo:hi], MASTER, target=(lo, hi - lo, self._MPI.FLOAT), op=self._MPI.SUM
+                )
             self._win.Flush(MASTER)
         finally:
             self._unlock()
@@ -189,7 +193,9 @@ class CenterWindow:
         for name, value in values.items():
             buf[STATUS_FIELDS.index(name)] = value
         self._status_win.Accumulate(
-            buf, MASTER, target=(worker_slot * _SLOTS, _SLOTS, self._MPI.DOUBLE),
+            buf,
+            MASTER,
+            target=(worker_slot * _SLOTS, _SLOTS, self._MPI.DOUBLE),
             op=self._MPI.REPLACE,
         )
         self._status_win.Flush(MASTER)
@@ -200,7 +206,10 @@ class CenterWindow:
             return {f: np.zeros(0) for f in STATUS_FIELDS}
         out = self._status_all
         self._status_win.Get_accumulate(
-            np.zeros_like(out), out, MASTER, target=(0, out.size, self._MPI.DOUBLE),
+            np.zeros_like(out),
+            out,
+            MASTER,
+            target=(0, out.size, self._MPI.DOUBLE),
             op=self._MPI.NO_OP,
         )
         self._status_win.Flush(MASTER)
@@ -213,8 +222,11 @@ class CenterWindow:
 
     def _rget(self, buf: int, lo: int, hi: int):
         return self._win.Rget_accumulate(
-            self._noop_origin[: hi - lo], self._c[buf][: hi - lo], MASTER,
-            target=(lo, hi - lo, self._MPI.FLOAT), op=self._MPI.NO_OP,
+            self._noop_origin[: hi - lo],
+            self._c[buf][: hi - lo],
+            MASTER,
+            target=(lo, hi - lo, self._MPI.FLOAT),
+            op=self._MPI.NO_OP,
         )
 
     def _lock(self, shared_ok: bool = False) -> None:

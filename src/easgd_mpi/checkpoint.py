@@ -127,8 +127,9 @@ def _write(f, d: CheckpointData) -> None:
     lay.create_dataset("names", data=np.array(d.layout.names, dtype=object), dtype=text)
     lay.create_dataset("offsets", data=np.array([s.offset for s in d.layout.specs], np.int64))
     lay.create_dataset("ndims", data=np.array([len(s.shape) for s in d.layout.specs], np.int64))
-    lay.create_dataset("dims", data=np.array([x for s in d.layout.specs for x in s.shape],
-                                             np.int64))
+    lay.create_dataset(
+        "dims", data=np.array([x for s in d.layout.specs for x in s.shape], np.int64)
+    )
 
     f.create_dataset("center", data=d.center.astype(np.float32, copy=False))
     workers = f.create_group("workers")
@@ -144,16 +145,16 @@ def _write(f, d: CheckpointData) -> None:
     # HDF5 lists members alphabetically; the column order is kept so records read back equal.
     met.attrs["columns"] = json.dumps(_metric_keys(d.metrics))
     for key in _metric_keys(d.metrics):
-        met.create_dataset(key, data=np.array([_num(r.get(key)) for r in d.metrics],
-                                              np.float64))
+        met.create_dataset(key, data=np.array([_num(r.get(key)) for r in d.metrics], np.float64))
     f.attrs["checksum_sha256"] = _checksum(d)
 
 
 def _metric_keys(records: list[dict]) -> list[str]:
     keys: list[str] = []
     for r in records:
-        keys.extend(k for k, v in r.items() if k not in keys and isinstance(v, (int, float,
-                                                                                 type(None))))
+        keys.extend(
+            k for k, v in r.items() if k not in keys and isinstance(v, (int, float, type(None)))
+        )
     return keys
 
 
@@ -233,9 +234,10 @@ def _read(f, path: Path) -> CheckpointData:
     for k in ndims:
         shapes.append(tuple(int(x) for x in dims[pos : pos + k]))
         pos += k
-    layout = Layout(zip(names, shapes))
+    layout = Layout(zip(names, shapes, strict=True))
     if layout.size != int(lay.attrs["size"]) or [s.offset for s in layout.specs] != list(
-            lay["offsets"][()]):
+        lay["offsets"][()]
+    ):
         raise CheckpointError(f"checkpoint {path}: the stored layout is inconsistent")
     workers = f["workers"]
     counters = {name: workers[name][()].astype(np.int64) for name in WORKER_COUNTERS}
@@ -244,8 +246,10 @@ def _read(f, path: Path) -> CheckpointData:
     metrics_group = f["metrics"]
     columns = {k: metrics_group[k][()] for k in json.loads(metrics_group.attrs["columns"])}
     n_records = len(next(iter(columns.values()))) if columns else 0
-    metrics = [{k: (None if np.isnan(v[i]) else _int_if_whole(k, v[i]))
-                for k, v in columns.items()} for i in range(n_records)]
+    metrics = [
+        {k: (None if np.isnan(v[i]) else _int_if_whole(k, v[i])) for k, v in columns.items()}
+        for i in range(n_records)
+    ]
     data = CheckpointData(
         config_toml=config.decode() if isinstance(config, bytes) else config,
         algorithm=str(f.attrs["algorithm"]),
@@ -263,8 +267,10 @@ def _read(f, path: Path) -> CheckpointData:
     if _checksum(data) != f.attrs["checksum_sha256"]:
         raise CheckpointError(f"checkpoint {path} failed its checksum: the data is damaged")
     if data.center.shape != (layout.size,):
-        raise CheckpointError(f"checkpoint {path}: center has {data.center.shape[0]} elements, "
-                              f"layout needs {layout.size}")
+        raise CheckpointError(
+            f"checkpoint {path}: center has {data.center.shape[0]} elements, "
+            f"layout needs {layout.size}"
+        )
     return data
 
 
@@ -283,14 +289,20 @@ def check_matches(data: CheckpointData, layout: Layout, path) -> None:
     wanted = {s.name: s.shape for s in layout.specs}
     for name, shape in wanted.items():
         if name not in stored:
-            raise CheckpointError(f"checkpoint {path} has no tensor '{name}' that the model "
-                                  f"needs (it has {', '.join(stored)})")
+            raise CheckpointError(
+                f"checkpoint {path} has no tensor '{name}' that the model "
+                f"needs (it has {', '.join(stored)})"
+            )
         if stored[name] != shape:
-            raise CheckpointError(f"checkpoint {path}: tensor '{name}' has shape "
-                                  f"{list(stored[name])}, the model needs {list(shape)}")
+            raise CheckpointError(
+                f"checkpoint {path}: tensor '{name}' has shape "
+                f"{list(stored[name])}, the model needs {list(shape)}"
+            )
     extra = [n for n in stored if n not in wanted]
-    raise CheckpointError(f"checkpoint {path} does not match the model: extra tensors "
-                          f"{', '.join(extra) or '(order differs)'}")
+    raise CheckpointError(
+        f"checkpoint {path} does not match the model: extra tensors "
+        f"{', '.join(extra) or '(order differs)'}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,16 +350,22 @@ def summarize(data: CheckpointData, path=None) -> dict:
     tensors = []
     for spec in data.layout.specs:
         part = data.center[spec.offset : spec.offset + spec.size].astype(np.float64)
-        tensors.append({
-            "name": spec.name, "shape": list(spec.shape), "offset": spec.offset,
-            "norm": float(np.linalg.norm(part)) if part.size else 0.0,
-            "min": float(part.min()) if part.size else None,
-            "max": float(part.max()) if part.size else None,
-        })
+        tensors.append(
+            {
+                "name": spec.name,
+                "shape": list(spec.shape),
+                "offset": spec.offset,
+                "norm": float(np.linalg.norm(part)) if part.size else 0.0,
+                "min": float(part.min()) if part.size else None,
+                "max": float(part.max()) if part.size else None,
+            }
+        )
     distances = None
     if data.worker_x is not None:
-        distances = [float(np.linalg.norm(data.worker_x[i].astype(np.float64) - data.center))
-                     for i in range(data.workers)]
+        distances = [
+            float(np.linalg.norm(data.worker_x[i].astype(np.float64) - data.center))
+            for i in range(data.workers)
+        ]
     return {
         "file": str(path) if path else None,
         "format": FORMAT_NAME,
@@ -361,8 +379,7 @@ def summarize(data: CheckpointData, path=None) -> dict:
             "exchanges": data.total_exchanges,
             "resets": int(data.worker_counters["resets"].sum()),
             "wall_time": data.wall_time,
-            "per_worker": {k: [int(v) for v in data.worker_counters[k]]
-                           for k in WORKER_COUNTERS},
+            "per_worker": {k: [int(v) for v in data.worker_counters[k]] for k in WORKER_COUNTERS},
         },
         "parameters": data.layout.size,
         "center_norm": float(np.linalg.norm(data.center.astype(np.float64))),
@@ -389,17 +406,24 @@ def format_summary(s: dict) -> str:
     for t in s["tensors"]:
         lo = "-" if t["min"] is None else f"{t['min']:.5g}"
         hi = "-" if t["max"] is None else f"{t['max']:.5g}"
-        lines.append(f"  {t['name']:<16} {str(t['shape']):<14} {t['norm']:>12.6g} {lo:>12} "
-                     f"{hi:>12}")
+        lines.append(
+            f"  {t['name']:<16} {str(t['shape']):<14} {t['norm']:>12.6g} {lo:>12} {hi:>12}"
+        )
     if s["worker_center_distance"] is not None:
-        lines.append("worker-to-center distance: " + ", ".join(
-            f"{d:.5g}" for d in s["worker_center_distance"]))
+        lines.append(
+            "worker-to-center distance: "
+            + ", ".join(f"{d:.5g}" for d in s["worker_center_distance"])
+        )
     else:
         lines.append("worker states: not stored")
     last = s["last_metrics"]
     if last:
-        lines.append(f"last metrics ({s['metrics_records']} records): " + ", ".join(
-            f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in last.items()))
+        lines.append(
+            f"last metrics ({s['metrics_records']} records): "
+            + ", ".join(
+                f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in last.items()
+            )
+        )
     lines.append("config:")
     lines.extend("  " + ln for ln in s["config"].rstrip().splitlines())
     return "\n".join(lines)

@@ -24,17 +24,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     train = sub.add_parser(
-        "train", help="train (launch with mpiexec -n P, P >= 2)",
+        "train",
+        help="train (launch with mpiexec -n P, P >= 2)",
         description="Train with the master/worker layout. Launch with `mpiexec -n P easgd "
         "train` or `srun`; P-1 ranks become workers.",
     )
     train.add_argument("--config", "-c", metavar="FILE.toml", help="TOML config file")
     train.add_argument(
-        "--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        "-s",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override one config key (dotted for tables: data.name=synthetic); repeatable",
     )
     train.add_argument(
-        "--resume", metavar="PATH|auto",
+        "--resume",
+        metavar="PATH|auto",
         help="continue from a checkpoint file, the newest valid checkpoint of a run folder, "
         "or 'auto' (the newest valid one in run_dir; a fresh start if there is none). The "
         "checkpoint's config is the base; --config and --set override it",
@@ -43,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_cmd_train)
 
     check = sub.add_parser(
-        "check", help="print what each rank would use (MPI, GPU, CuPy, kernels)",
+        "check",
+        help="print what each rank would use (MPI, GPU, CuPy, kernels)",
         description="Report MPI library and version, world size, GPU model and memory (or "
         "'no GPU'), CuPy version, CUDA-aware mode and whether the kernels compile, per rank. "
         "Run it the way you run training: `mpiexec -n P easgd check`.",
@@ -52,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_cmd_check)
 
     inspect = sub.add_parser(
-        "inspect", help="summarize a checkpoint file",
+        "inspect",
+        help="summarize a checkpoint file",
         description="Print a checkpoint's format version, config, algorithm and p, counters, "
         "each tensor (shape, norm, min/max), worker-to-center distances and the last metrics.",
     )
@@ -61,14 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(func=_cmd_inspect)
 
     plot = sub.add_parser(
-        "plot", help="plot runs' center error and loss against time and steps",
+        "plot",
+        help="plot runs' center error and loss against time and steps",
         description="Overlay runs (run folders or their metrics.jsonl): center test error and "
         "loss against wall time and against worker steps, labelled by algorithm and tau from "
         "each run's config.toml. One process, no MPI; needs matplotlib (the plot extra).",
     )
     plot.add_argument("runs", nargs="+", metavar="RUN_OR_METRICS")
-    plot.add_argument("-o", "--output", default="easgd-plot.png", metavar="FIG.png",
-                      help="image to write (default: easgd-plot.png)")
+    plot.add_argument(
+        "-o",
+        "--output",
+        default="easgd-plot.png",
+        metavar="FIG.png",
+        help="image to write (default: easgd-plot.png)",
+    )
     plot.add_argument("--title", help="figure title")
     plot.set_defaults(func=_cmd_plot)
     return parser
@@ -100,17 +115,20 @@ def _cmd_train(args) -> int:
 
         world = MPI.COMM_WORLD
         say = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
+
         def find_checkpoint():
             # Rank 0 alone reads checkpoints; the others get the config text.
             if args.resume is None or world.Get_rank() != 0:
                 return None
-            run_dir = Config.from_toml(args.config,
-                                       overrides=_parse_overrides(args.overrides)).run_dir
+            run_dir = Config.from_toml(
+                args.config, overrides=_parse_overrides(args.overrides)
+            ).run_dir
             return resolve_resume(args.resume, run_dir, say)[1]
 
         def load(base_toml):
-            return Config.from_toml(args.config, overrides=_parse_overrides(args.overrides),
-                                    base_toml=base_toml)
+            return Config.from_toml(
+                args.config, overrides=_parse_overrides(args.overrides), base_toml=base_toml
+            )
 
         if world.Get_size() < 2:
             cfg = load(None)  # a config error is the more useful message, so it goes first

@@ -74,4 +74,3 @@ class WorkerAllreduce:
                 return
         while not request.Test():
             os.sched_yield()
-

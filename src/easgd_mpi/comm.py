@@ -9,14 +9,24 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from .errors import EasgdError, LaunchError
 
-__all__ = ["MASTER", "Roles", "AgreedError", "make_roles", "agree_or_fail", "local_rank",
-           "ranks_on_node", "limit_blas_threads",
-           "run_or_abort", "report_error"]
+__all__ = [
+    "MASTER",
+    "Roles",
+    "AgreedError",
+    "make_roles",
+    "agree_or_fail",
+    "local_rank",
+    "ranks_on_node",
+    "limit_blas_threads",
+    "run_or_abort",
+    "report_error",
+]
 
 MASTER = 0
 T = TypeVar("T")
@@ -69,8 +79,13 @@ def make_roles(comm=None) -> Roles:
 
 def local_rank(comm=None) -> int:
     """This rank's index on its node: Slurm's, the launcher's, or a shared-memory split."""
-    for var in ("SLURM_LOCALID", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK",
-                "PMI_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK"):
+    for var in (
+        "SLURM_LOCALID",
+        "MPI_LOCALRANKID",
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "PMI_LOCAL_RANK",
+        "MV2_COMM_WORLD_LOCAL_RANK",
+    ):
         value = os.environ.get(var)
         if value is not None and value.strip().isdigit():
             return int(value)
@@ -104,8 +119,11 @@ def limit_blas_threads(comm, threads: int = 0) -> int:
     many times over: measured here, a 64-64-10 MLP step took 14 ms instead of 0.3 ms.
     """
     if threads <= 0:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-            os.cpu_count() or 1)
+        cores = (
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else (os.cpu_count() or 1)
+        )
         threads = max(1, cores // ranks_on_node(comm))
     try:
         from threadpoolctl import threadpool_limits  # noqa: PLC0415

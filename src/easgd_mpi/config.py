@@ -15,15 +15,26 @@ import difflib
 import math
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["Config", "DataConfig", "ModelConfig", "QuadraticConfig", "CheckpointConfig",
-           "ALGORITHMS", "ASYNC_ALGORITHMS", "SYNC_ALGORITHMS", "ELASTIC_ALGORITHMS",
-           "MOMENTUM_ALGORITHMS", "OPTIONAL_MOMENTUM_ALGORITHMS"]
+__all__ = [
+    "Config",
+    "DataConfig",
+    "ModelConfig",
+    "QuadraticConfig",
+    "CheckpointConfig",
+    "ALGORITHMS",
+    "ASYNC_ALGORITHMS",
+    "SYNC_ALGORITHMS",
+    "ELASTIC_ALGORITHMS",
+    "MOMENTUM_ALGORITHMS",
+    "OPTIONAL_MOMENTUM_ALGORITHMS",
+]
 
 #: Algorithms the worker loop knows (DESIGN.md §2).
 ALGORITHMS = ("easgd", "eamsgd", "sync-easgd", "downpour", "allreduce-sgd")
@@ -129,7 +140,7 @@ class Config:
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> "Config":
+    def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> Config:
         """Build from a nested mapping (as TOML gives it); unknown keys are errors."""
         cfg = cls()
         _apply_mapping(cfg, values, source, prefix="")
@@ -142,7 +153,7 @@ class Config:
         overrides: Mapping[str, Any] | None = None,
         environ: Mapping[str, str] | None = None,
         base_toml: str | None = None,
-    ) -> "Config":
+    ) -> Config:
         """Defaults, then ``EASGD_*`` environment, then ``base_toml`` (a resumed checkpoint's
         config), then the TOML file, then ``overrides``.
 
@@ -206,7 +217,7 @@ class Config:
         )
 
     # ---- validation ---------------------------------------------------------------------
-    def validate(self, workers: int | None = None) -> "Config":
+    def validate(self, workers: int | None = None) -> Config:
         """Check types and ranges; with ``workers`` also the stability region. Returns self."""
         _check_choice("algorithm", self.algorithm, ALGORITHMS)
         _check_positive("lr", self.lr)
@@ -319,7 +330,9 @@ class Config:
         if self.elastic_key == "beta":
             beta = self.resolve_beta(workers)
             if not (0.0 < beta < 2.0):
-                raise ConfigError(f"config: beta = {beta:g} is outside the stable range 0 < beta < 2")
+                raise ConfigError(
+                    f"config: beta = {beta:g} is outside the stable range 0 < beta < 2"
+                )
         elif self.algorithm == "sync-easgd":
             # The sync center update x̃ ← (1 − β)x̃ + β·mean(x^i) needs |1 − β| < 1.
             beta = self.resolve_beta(workers)
@@ -397,7 +410,7 @@ def _apply_environment(cfg: Config, environ: Mapping[str, str]) -> None:
     for name, value in sorted(environ.items()):
         if not name.startswith("EASGD_"):
             continue
-        key = name[len("EASGD_"):].lower().replace("__", ".")
+        key = name[len("EASGD_") :].lower().replace("__", ".")
         if key in known:
             cfg.set(key, value, source=f"environment variable {name}")
 
@@ -434,6 +447,7 @@ def _apply_mapping(obj, values: Mapping[str, Any], source: str, prefix: str) -> 
 def _coerce(full: str, f: dataclasses.Field, value: Any, source: str) -> Any:
     """Check a value against the field's declared type; ints are accepted for floats."""
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+
     def bad(expected: str):
         return ConfigError(f"{source}: '{full}' must be {expected}, got {value!r}")
 
@@ -490,9 +504,7 @@ def _check_int(key: str, value: int, low: int) -> None:
 
 def _check_vector(key: str, value: Any, dim: int) -> None:
     if isinstance(value, list) and len(value) != dim:
-        raise ConfigError(
-            f"config: {key} has {len(value)} entries but quadratic.dim = {dim}"
-        )
+        raise ConfigError(f"config: {key} has {len(value)} entries but quadratic.dim = {dim}")
 
 
 def _as_list(value: Any, dim: int) -> list[float]:

@@ -10,8 +10,8 @@ __all__ = ["describe_rank", "format_report"]
 
 def describe_rank(comm) -> dict:
     """Facts about this rank; collective only in the node split used for the local rank."""
-    from mpi4py import MPI  # noqa: PLC0415
     import mpi4py  # noqa: PLC0415
+    from mpi4py import MPI  # noqa: PLC0415
 
     from .backend import select_backend  # noqa: PLC0415
     from .comm import local_rank  # noqa: PLC0415
@@ -25,7 +25,7 @@ def describe_rank(comm) -> dict:
         "host": socket.gethostname(),
         "local_rank": node_local,
         "mpi_library": MPI.Get_library_version().strip().splitlines()[0],
-        "mpi_standard": "%d.%d" % MPI.Get_version(),
+        "mpi_standard": "{}.{}".format(*MPI.Get_version()),
         "mpi4py": mpi4py.__version__,
         "cuda_aware_mpi": os.environ.get("EASGD_CUDA_MPI", "0") == "1",
     }
@@ -34,9 +34,15 @@ def describe_rank(comm) -> dict:
 
         gpu = cupy_backend.describe()
     except ImportError as exc:
-        gpu = {"cupy_version": None, "gpu_available": False,
-               "reason": f"CuPy not importable ({exc.__class__.__name__})", "devices": [],
-               "kernels_compile": None, "kernel_error": "", "kernel_source_dir": None}
+        gpu = {
+            "cupy_version": None,
+            "gpu_available": False,
+            "reason": f"CuPy not importable ({exc.__class__.__name__})",
+            "devices": [],
+            "kernels_compile": None,
+            "kernel_error": "",
+            "kernel_source_dir": None,
+        }
     info["gpu"] = gpu
     if rank == 0:
         info["backend"] = "numpy (the master evaluates on the host and holds no GPU)"
@@ -49,17 +55,22 @@ def describe_rank(comm) -> dict:
 def format_report(infos: list[dict]) -> str:
     lines = []
     first = infos[0]
-    lines.append(f"MPI: {first['mpi_library']} (MPI {first['mpi_standard']}, mpi4py "
-                 f"{first['mpi4py']}), world size {first['world_size']}")
+    lines.append(
+        f"MPI: {first['mpi_library']} (MPI {first['mpi_standard']}, mpi4py "
+        f"{first['mpi4py']}), world size {first['world_size']}"
+    )
     for info in infos:
         gpu = info["gpu"]
         if gpu.get("devices"):
-            devs = ", ".join(f"GPU {d['id']}: {d['name']} {d['total_memory_bytes'] / 2**30:.0f} "
-                             f"GiB" for d in gpu["devices"])
+            devs = ", ".join(
+                f"GPU {d['id']}: {d['name']} {d['total_memory_bytes'] / 2**30:.0f} GiB"
+                for d in gpu["devices"]
+            )
         else:
             devs = f"no GPU ({gpu.get('reason') or 'none found'})"
         kern = {True: "compile", False: "FAIL to compile", None: "not compiled"}[
-            gpu.get("kernels_compile")]
+            gpu.get("kernels_compile")
+        ]
         lines.append(
             f"rank {info['rank']} ({info['role']}) on {info['host']}, local rank "
             f"{info['local_rank']}: {devs}; CuPy {gpu.get('cupy_version') or 'not installed'}; "

@@ -9,8 +9,8 @@ vector so that the exchange is a single RMA transfer and every update is one fus
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -84,16 +84,14 @@ class Layout:
         """Per-tensor views (no copies) of ``flat``, keyed by name, in layout order."""
         if flat.ndim != 1 or flat.shape[0] != self.size:
             raise ValueError(f"flat buffer has shape {flat.shape}, layout needs ({self.size},)")
-        return {
-            s.name: flat[s.offset : s.offset + s.size].reshape(s.shape) for s in self._specs
-        }
+        return {s.name: flat[s.offset : s.offset + s.size].reshape(s.shape) for s in self._specs}
 
     def to_records(self) -> list[dict]:
         """A JSON/HDF5-friendly description: name, shape, offset per tensor."""
         return [{"name": s.name, "shape": list(s.shape), "offset": s.offset} for s in self._specs]
 
     @classmethod
-    def from_shapes(cls, shapes: Mapping[str, Sequence[int]]) -> "Layout":
+    def from_shapes(cls, shapes: Mapping[str, Sequence[int]]) -> Layout:
         return cls(shapes.items())
 
 

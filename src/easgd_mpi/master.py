@@ -63,20 +63,37 @@ class _Run:
         x, v = self.channel.states()
         self.sequence += 1
         data = CheckpointData(
-            config_toml=self.cfg.to_toml(), algorithm=self.cfg.algorithm,
-            layout=self.problem.layout, center=self.snapshot.copy(),
-            worker_counters={k: np.asarray(table[k], np.int64) for k in
-                             ("steps", "exchanges", "resets")},
-            worker_x=x, worker_v=v, worker_rng=list(table["rng"]),
-            wall_time=self.elapsed(), sequence=self.sequence, metrics=self.records,
+            config_toml=self.cfg.to_toml(),
+            algorithm=self.cfg.algorithm,
+            layout=self.problem.layout,
+            center=self.snapshot.copy(),
+            worker_counters={
+                k: np.asarray(table[k], np.int64) for k in ("steps", "exchanges", "resets")
+            },
+            worker_x=x,
+            worker_v=v,
+            worker_rng=list(table["rng"]),
+            wall_time=self.elapsed(),
+            sequence=self.sequence,
+            metrics=self.records,
         )
         path = save_checkpoint(checkpoint_path(self.run_dir, self.sequence), data)
         prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep)
         return path
 
 
-def run_master(cfg, roles, problem, center, channel, metrics, run_dir, out=print,
-               resume: CheckpointData | None = None, stop_flag=None) -> MasterResult:
+def run_master(
+    cfg,
+    roles,
+    problem,
+    center,
+    channel,
+    metrics,
+    run_dir,
+    out=print,
+    resume: CheckpointData | None = None,
+    stop_flag=None,
+) -> MasterResult:
     """Serve until every worker has finished (or a stop); returns the last metrics record."""
     run = _Run(cfg, roles, problem, center, channel, metrics, run_dir, out, resume)
     stop_flag = stop_flag or (lambda: False)

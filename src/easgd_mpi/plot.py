@@ -61,8 +61,10 @@ def load_run(path: str | os.PathLike) -> Run:
         raise PlotError(f"plot: {metrics} cannot be read: {exc}") from None
     records = [r for r in records if isinstance(r, dict) and "steps" in r and "time" in r]
     if not records:
-        raise PlotError(f"plot: {metrics} holds no metrics records (one JSON object per line "
-                        f"with time, steps, center_error, ...)")
+        raise PlotError(
+            f"plot: {metrics} holds no metrics records (one JSON object per line "
+            f"with time, steps, center_error, ...)"
+        )
     config = {}
     config_path = metrics.parent / "config.toml"
     if config_path.is_file():
@@ -70,8 +72,9 @@ def load_run(path: str | os.PathLike) -> Run:
             config = tomllib.loads(config_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
             config = {}  # a label is all it is for; the folder name will do
-    return Run(path=metrics.parent, records=records, config=config,
-               label=_label(config, metrics.parent))
+    return Run(
+        path=metrics.parent, records=records, config=config, label=_label(config, metrics.parent)
+    )
 
 
 def _label(config: dict, folder: Path) -> str:
@@ -110,8 +113,9 @@ def plot_runs(runs, output: str | os.PathLike, title: str | None = None) -> Path
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt  # noqa: PLC0415
     except ImportError:
-        raise PlotError("plot: matplotlib is not installed (pip install 'easgd-mpi[plot]')") \
-            from None
+        raise PlotError(
+            "plot: matplotlib is not installed (pip install 'easgd-mpi[plot]')"
+        ) from None
 
     output = Path(output)
     fig, axes = plt.subplots(len(_ROWS), len(_COLUMNS), figsize=(12, 8), squeeze=False)
@@ -128,8 +132,15 @@ def plot_runs(runs, output: str | os.PathLike, title: str | None = None) -> Path
                 style = styles[_tau_rank(runs, run) % len(styles)]
                 ys = run.series(ykey)
                 values.extend(y for y in ys if math.isfinite(y))
-                ax.plot(run.series(xkey), ys, style, color=color, label=run.label,
-                        linewidth=1.4, marker="." if len(ys) < 30 else None)
+                ax.plot(
+                    run.series(xkey),
+                    ys,
+                    style,
+                    color=color,
+                    label=run.label,
+                    linewidth=1.4,
+                    marker="." if len(ys) < 30 else None,
+                )
             if values and min(values) > 0 and max(values) / min(values) > 100:
                 ax.set_yscale("log")
             ax.set_xlabel(xlabel)

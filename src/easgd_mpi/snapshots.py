@@ -43,16 +43,21 @@ def encode_rng(rng: np.random.Generator) -> np.ndarray:
         raise ValueError(f"cannot store a {st['bit_generator']} generator (PCG64 expected)")
     mask = (1 << 64) - 1
     s, inc = st["state"]["state"], st["state"]["inc"]
-    words = np.array([s & mask, s >> 64, inc & mask, inc >> 64, st["has_uint32"],
-                      st["uinteger"]], dtype=np.uint64)
+    words = np.array(
+        [s & mask, s >> 64, inc & mask, inc >> 64, st["has_uint32"], st["uinteger"]],
+        dtype=np.uint64,
+    )
     return words.view(np.int64)
 
 
 def decode_rng(words) -> dict:
     w = [int(x) for x in np.asarray(words, dtype=np.int64).view(np.uint64)]
-    return {"bit_generator": "PCG64",
-            "state": {"state": w[0] | (w[1] << 64), "inc": w[2] | (w[3] << 64)},
-            "has_uint32": w[4], "uinteger": w[5]}
+    return {
+        "bit_generator": "PCG64",
+        "state": {"state": w[0] | (w[1] << 64), "inc": w[2] | (w[3] << 64)},
+        "has_uint32": w[4],
+        "uinteger": w[5],
+    }
 
 
 class StateChannel:
@@ -75,8 +80,9 @@ class StateChannel:
         if owner:
             np.frombuffer(self._control.tomemory(), np.int64)[:] = 0
             np.frombuffer(self._meta.tomemory(), np.int64)[:] = 0
-            self._state_mem = np.frombuffer(self._states.tomemory(), np.float32,
-                                            count=self.p * self.rows * self.n)
+            self._state_mem = np.frombuffer(
+                self._states.tomemory(), np.float32, count=self.p * self.rows * self.n
+            )
         self._ctl_buf = np.zeros(_CONTROL, np.int64)
         self._row = np.zeros(_META, np.int64)
         self._acked = 0
@@ -94,8 +100,9 @@ class StateChannel:
             win.Free()
 
     # ---- worker side --------------------------------------------------------------------
-    def serve(self, slot: int, algo, rng, steps: int, finished: bool = False,
-              wants_stop: bool = False) -> tuple[bool, bool]:
+    def serve(
+        self, slot: int, algo, rng, steps: int, finished: bool = False, wants_stop: bool = False
+    ) -> tuple[bool, bool]:
         """Answer a new checkpoint epoch if there is one. Returns (stop, release): stop training
         now; the master has everything, a finished worker may leave."""
         epoch, stop, release = self.peek()
@@ -106,13 +113,22 @@ class StateChannel:
         """The master's control word: (epoch asked for, stop, release)."""
         MPI = self._MPI
         ctl = self._ctl_buf
-        self._control.Get_accumulate([np.zeros_like(ctl), MPI.INT64_T], [ctl, MPI.INT64_T],
-                                     MASTER, op=MPI.NO_OP)
+        self._control.Get_accumulate(
+            [np.zeros_like(ctl), MPI.INT64_T], [ctl, MPI.INT64_T], MASTER, op=MPI.NO_OP
+        )
         self._control.Flush(MASTER)
         return int(ctl[_EPOCH]), bool(ctl[_STOP]), bool(ctl[_RELEASE])
 
-    def answer(self, slot: int, algo, rng, steps: int, epoch: int, finished: bool = False,
-               wants_stop: bool = False) -> None:
+    def answer(
+        self,
+        slot: int,
+        algo,
+        rng,
+        steps: int,
+        epoch: int,
+        finished: bool = False,
+        wants_stop: bool = False,
+    ) -> None:
         """Copy the state for ``epoch`` if not done yet, then report counters and flags."""
         if epoch == self._acked and not (wants_stop or finished):
             return
@@ -124,8 +140,9 @@ class StateChannel:
         row[_ACK], row[_STEPS], row[_EXCH] = epoch, steps, algo.exchanges
         row[_RESETS], row[_FINISHED], row[_WANTS_STOP] = algo.resets, finished, wants_stop
         row[_RNG0 : _RNG0 + _RNG_WORDS] = encode_rng(rng)
-        self._meta.Accumulate([row, MPI.INT64_T], MASTER,
-                              target=(slot * _META, _META, MPI.INT64_T), op=MPI.REPLACE)
+        self._meta.Accumulate(
+            [row, MPI.INT64_T], MASTER, target=(slot * _META, _META, MPI.INT64_T), op=MPI.REPLACE
+        )
         self._meta.Flush(MASTER)
 
     def _write_state(self, slot: int, algo) -> None:
@@ -137,8 +154,12 @@ class StateChannel:
             chunk = 1 << 22  # keeps each MPI message under 2^31 bytes
             for lo in range(0, self.n, chunk):
                 hi = min(lo + chunk, self.n)
-                self._states.Accumulate(self._host[lo:hi], MASTER,
-                                        target=(base + lo, hi - lo, MPI.FLOAT), op=MPI.REPLACE)
+                self._states.Accumulate(
+                    self._host[lo:hi],
+                    MASTER,
+                    target=(base + lo, hi - lo, MPI.FLOAT),
+                    op=MPI.REPLACE,
+                )
         self._states.Flush(MASTER)
 
     # ---- master side --------------------------------------------------------------------
@@ -154,24 +175,30 @@ class StateChannel:
     def _set(self, index: int, value: int) -> None:
         MPI = self._MPI
         buf = np.array([value], np.int64)
-        self._control.Accumulate([buf, MPI.INT64_T], MASTER, target=(index, 1, MPI.INT64_T),
-                                 op=MPI.REPLACE)
+        self._control.Accumulate(
+            [buf, MPI.INT64_T], MASTER, target=(index, 1, MPI.INT64_T), op=MPI.REPLACE
+        )
         self._control.Flush(MASTER)
 
     def table(self) -> dict[str, np.ndarray]:
         """The workers' meta rows (atomic read)."""
         MPI = self._MPI
         out = np.zeros(self.p * _META, np.int64)
-        self._meta.Get_accumulate([np.zeros_like(out), MPI.INT64_T], [out, MPI.INT64_T], MASTER,
-                                  op=MPI.NO_OP)
+        self._meta.Get_accumulate(
+            [np.zeros_like(out), MPI.INT64_T], [out, MPI.INT64_T], MASTER, op=MPI.NO_OP
+        )
         self._meta.Flush(MASTER)
         rows = out.reshape(self.p, _META)
         return {
-            "ack": rows[:, _ACK], "steps": rows[:, _STEPS], "exchanges": rows[:, _EXCH],
-            "resets": rows[:, _RESETS], "finished": rows[:, _FINISHED].astype(bool),
+            "ack": rows[:, _ACK],
+            "steps": rows[:, _STEPS],
+            "exchanges": rows[:, _EXCH],
+            "resets": rows[:, _RESETS],
+            "finished": rows[:, _FINISHED].astype(bool),
             "wants_stop": rows[:, _WANTS_STOP].astype(bool),
-            "rng": [json.dumps(decode_rng(rows[i, _RNG0 : _RNG0 + _RNG_WORDS]))
-                    for i in range(self.p)],
+            "rng": [
+                json.dumps(decode_rng(rows[i, _RNG0 : _RNG0 + _RNG_WORDS])) for i in range(self.p)
+            ],
         }
 
     def states(self) -> tuple[np.ndarray | None, np.ndarray | None]:

@@ -62,16 +62,20 @@ def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
     def open_checkpoint():
         if not roles.is_master or resume is None:
             return None
-        data = resume if isinstance(resume, CheckpointData) else resolve_resume(
-            resume, cfg.run_dir, say)[1]
+        data = (
+            resume
+            if isinstance(resume, CheckpointData)
+            else resolve_resume(resume, cfg.run_dir, say)[1]
+        )
         if data is not None:
             _check_resumable(data, cfg, prob, p)
         return data
 
     checkpoint = agree_or_fail(roles.world, open_checkpoint)
     resuming = roles.world.bcast(checkpoint is not None)
-    run_dir = agree_or_fail(roles.world, lambda: _make_run_dir(cfg, checkpoint)
-                            if roles.is_master else None)
+    run_dir = agree_or_fail(
+        roles.world, lambda: _make_run_dir(cfg, checkpoint) if roles.is_master else None
+    )
     run_dir = roles.world.bcast(run_dir)
     devices = roles.world.gather((backend.name, why_cpu, device_id))
 
@@ -85,28 +89,58 @@ def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
         _announce(say, cfg, p, alpha, devices[1:], run_dir, prob, checkpoint)
 
     center = CenterWindow(
-        roles.world, prob.layout.size, p, initial=initial, lock_mode=cfg.lock_mode,
-        chunk=cfg.chunk, alloc_chunk=_chunk_allocator(backend, direct_mpi),
+        roles.world,
+        prob.layout.size,
+        p,
+        initial=initial,
+        lock_mode=cfg.lock_mode,
+        chunk=cfg.chunk,
+        alloc_chunk=_chunk_allocator(backend, direct_mpi),
         before_mpi=backend.synchronize,
     )
-    channel = StateChannel(roles.world, prob.layout.size, p,
-                           keep_states=cfg.checkpoint.worker_states,
-                           with_v=cfg.keeps_velocity)
+    channel = StateChannel(
+        roles.world,
+        prob.layout.size,
+        p,
+        keep_states=cfg.checkpoint.worker_states,
+        with_v=cfg.keeps_velocity,
+    )
     worker_resume = _scatter_worker_states(roles, checkpoint if resuming else None, resuming)
 
     start = time.monotonic()
     with _stop_signals() as stop_flag:
         if roles.is_master:
-            metrics = MetricsLog(Path(run_dir) / "metrics.jsonl",
-                                 history=checkpoint.metrics if checkpoint else None)
+            metrics = MetricsLog(
+                Path(run_dir) / "metrics.jsonl", history=checkpoint.metrics if checkpoint else None
+            )
             try:
-                final = run_master(cfg, roles, prob, center, channel, metrics, run_dir,
-                                   out=say, resume=checkpoint, stop_flag=stop_flag)
+                final = run_master(
+                    cfg,
+                    roles,
+                    prob,
+                    center,
+                    channel,
+                    metrics,
+                    run_dir,
+                    out=say,
+                    resume=checkpoint,
+                    stop_flag=stop_flag,
+                )
             finally:
                 metrics.close()
         else:
-            run_worker(cfg, roles, prob, backend, center, channel, alpha,
-                       direct_mpi=direct_mpi, resume=worker_resume, stop_flag=stop_flag)
+            run_worker(
+                cfg,
+                roles,
+                prob,
+                backend,
+                center,
+                channel,
+                alpha,
+                direct_mpi=direct_mpi,
+                resume=worker_resume,
+                stop_flag=stop_flag,
+            )
             final = None
         wait_for_all(roles.world)
     channel.close()
@@ -147,8 +181,9 @@ def resolve_resume(spec, run_dir: str, report=print) -> tuple[Path | None, Check
     """
     if str(spec) == "auto":
         if not run_dir:
-            raise ConfigError("--resume auto needs the run folder: set run_dir "
-                              "(e.g. --set run_dir=runs/myjob)")
+            raise ConfigError(
+                "--resume auto needs the run folder: set run_dir (e.g. --set run_dir=runs/myjob)"
+            )
         found = newest_valid_checkpoint(run_dir, report)
         if found is None:
             report(f"easgd: no valid checkpoint in {run_dir}: starting a new run")
@@ -171,8 +206,10 @@ def _check_resumable(data: CheckpointData, cfg, prob, p: int) -> None:
             f"has {p}: launch with {data.workers + 1} ranks to resume it"
         )
     if data.algorithm != cfg.algorithm:
-        raise CheckpointError(f"checkpoint #{data.sequence} is from algorithm "
-                              f"'{data.algorithm}', the config says '{cfg.algorithm}'")
+        raise CheckpointError(
+            f"checkpoint #{data.sequence} is from algorithm "
+            f"'{data.algorithm}', the config says '{cfg.algorithm}'"
+        )
 
 
 def _scatter_worker_states(roles, data, resuming: bool) -> dict | None:
@@ -181,14 +218,18 @@ def _scatter_worker_states(roles, data, resuming: bool) -> dict | None:
         return None
     if roles.is_master:
         for i in range(roles.n_workers):
-            roles.world.send({
-                "steps": int(data.worker_counters["steps"][i]),
-                "exchanges": int(data.worker_counters["exchanges"][i]),
-                "resets": int(data.worker_counters["resets"][i]),
-                "rng": json.loads(data.worker_rng[i]),
-                "x": None if data.worker_x is None else data.worker_x[i],
-                "v": None if data.worker_v is None else data.worker_v[i],
-            }, dest=i + 1, tag=7)
+            roles.world.send(
+                {
+                    "steps": int(data.worker_counters["steps"][i]),
+                    "exchanges": int(data.worker_counters["exchanges"][i]),
+                    "resets": int(data.worker_counters["resets"][i]),
+                    "rng": json.loads(data.worker_rng[i]),
+                    "x": None if data.worker_x is None else data.worker_x[i],
+                    "v": None if data.worker_v is None else data.worker_v[i],
+                },
+                dest=i + 1,
+                tag=7,
+            )
         return None
     return roles.world.recv(source=0, tag=7)
 
@@ -297,6 +338,8 @@ def _announce(say, cfg, p, alpha, devices, run_dir, prob, checkpoint) -> None:
         f"run folder {run_dir}"
     )
     if checkpoint is not None:
-        say(f"easgd: resuming from checkpoint #{checkpoint.sequence}: "
-            f"{checkpoint.total_steps:,d} worker steps, {checkpoint.wall_time:.1f}s done")
+        say(
+            f"easgd: resuming from checkpoint #{checkpoint.sequence}: "
+            f"{checkpoint.total_steps:,d} worker steps, {checkpoint.wall_time:.1f}s done"
+        )
     sys.stdout.flush()

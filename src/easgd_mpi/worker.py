@@ -17,8 +17,18 @@ _STATUS_PERIOD = 0.5
 _IDLE_POLL = 0.002
 
 
-def run_worker(cfg, roles, problem, backend, center, channel, alpha: float,
-               direct_mpi: bool = False, resume: dict | None = None, stop_flag=None) -> dict:
+def run_worker(
+    cfg,
+    roles,
+    problem,
+    backend,
+    center,
+    channel,
+    alpha: float,
+    direct_mpi: bool = False,
+    resume: dict | None = None,
+    stop_flag=None,
+) -> dict:
     """Train this worker's copy up to ``cfg.steps`` local steps (or until told to stop).
 
     ``resume`` (from a checkpoint): ``steps``, ``exchanges``, ``resets``, ``rng`` (a numpy
@@ -27,8 +37,9 @@ def run_worker(cfg, roles, problem, backend, center, channel, alpha: float,
     """
     slot = roles.worker_index
     rng = worker_rng(cfg.seed, slot)
-    algo = make_algorithm(cfg, problem, backend, center, alpha, rng, direct_mpi=direct_mpi,
-                          workers_comm=roles.workers)
+    algo = make_algorithm(
+        cfg, problem, backend, center, alpha, rng, direct_mpi=direct_mpi, workers_comm=roles.workers
+    )
     algo.pull_center()
     first = 0
     if resume is not None:
@@ -68,11 +79,11 @@ def run_worker(cfg, roles, problem, backend, center, channel, alpha: float,
     _publish(center, slot, algo, steps, loss, done=True)
     # Finished: keep answering the master (its final checkpoint needs this worker's state)
     # until it has asked for the final epoch and got it.
-    while not channel.serve(slot, algo, rng, steps, finished=True,
-                            wants_stop=stopped and stop_flag())[1]:
+    while not channel.serve(
+        slot, algo, rng, steps, finished=True, wants_stop=stopped and stop_flag()
+    )[1]:
         time.sleep(_IDLE_POLL)
-    return {"steps": steps, "exchanges": algo.exchanges, "resets": algo.resets,
-            "stopped": stopped}
+    return {"steps": steps, "exchanges": algo.exchanges, "resets": algo.resets, "stopped": stopped}
 
 
 def _agree(workers, epoch: int, stop: bool) -> tuple[int, bool]:
@@ -86,8 +97,14 @@ def _agree(workers, epoch: int, stop: bool) -> tuple[int, bool]:
 
 def _publish(center, slot, algo, steps, loss, done):
     center.publish_status(
-        slot, steps=steps, exchanges=algo.exchanges, loss=loss, distance=algo.distance,
-        resets=algo.resets, bytes=algo.bytes, done=1.0 if done else 0.0,
+        slot,
+        steps=steps,
+        exchanges=algo.exchanges,
+        loss=loss,
+        distance=algo.distance,
+        resets=algo.resets,
+        bytes=algo.bytes,
+        done=1.0 if done else 0.0,
     )
 
 

@@ -15,9 +15,14 @@ ALGORITHMS = {"easgd", "eamsgd", "sync-easgd", "downpour", "allreduce-sgd"}
 
 def test_quick_run_writes_json_and_figures(tmp_path, clean_env):
     out = tmp_path / "conv.json"
-    proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, env=clean_env, timeout=240,
-                          stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=clean_env,
+        timeout=240,
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
     assert set(report["algorithms"]) == ALGORITHMS
@@ -34,10 +39,12 @@ def test_quick_run_writes_json_and_figures(tmp_path, clean_env):
         assert len(run["curve"]) >= 2 and all(len(point) == 4 for point in run["curve"])
     summary = report["summary"]
     assert {(r["algorithm"], r["tau"]) for r in summary} == {
-        (a, t) for a in ALGORITHMS for t in taus}
+        (a, t) for a in ALGORITHMS for t in taus
+    }
     for row in summary:
         for key in ("final_error", "final_error_sd", "best_error", "time", "bytes"):
             assert row[key] is not None, row
     assert "| algorithm" in proc.stdout and "allreduce-sgd" in report["table"]
-    assert report["figures"] and all(Path(f).read_bytes()[:4] == b"\x89PNG"
-                                     for f in report["figures"])
+    assert report["figures"] and all(
+        Path(f).read_bytes()[:4] == b"\x89PNG" for f in report["figures"]
+    )

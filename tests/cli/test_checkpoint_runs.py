@@ -18,8 +18,17 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 def train_cmd(mpiexec, n, run_dir, *sets, resume=None):
-    cmd = [mpiexec, "-n", str(n), sys.executable, "-m", "easgd_mpi", "train",
-           "--set", f"run_dir={run_dir}"]
+    cmd = [
+        mpiexec,
+        "-n",
+        str(n),
+        sys.executable,
+        "-m",
+        "easgd_mpi",
+        "train",
+        "--set",
+        f"run_dir={run_dir}",
+    ]
     for s in sets:
         cmd += ["--set", s]
     if resume:
@@ -28,12 +37,14 @@ def train_cmd(mpiexec, n, run_dir, *sets, resume=None):
 
 
 def run(cmd, env, timeout=120):
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        cmd, capture_output=True, text=True, env=env, timeout=timeout, stdin=subprocess.DEVNULL
+    )
 
 
 def test_resume_continues_counters_and_learns_like_an_uninterrupted_run(
-        mpiexec, clean_env, tmp_path):
+    mpiexec, clean_env, tmp_path
+):
     common = ["lr=0.1", "eval_interval=0.3", "checkpoint.interval=0"]
     whole = run(train_cmd(mpiexec, 3, tmp_path / "whole", "steps=2000", *common), clean_env)
     assert whole.returncode == 0, whole.stderr
@@ -41,8 +52,9 @@ def test_resume_continues_counters_and_learns_like_an_uninterrupted_run(
     assert part.returncode == 0, part.stderr
     first = load_checkpoint(list_checkpoints(tmp_path / "split")[-1])
     assert first.total_steps == 2000 and list(first.worker_counters["steps"]) == [1000, 1000]
-    rest = run(train_cmd(mpiexec, 3, tmp_path / "split", "steps=2000", *common, resume="auto"),
-               clean_env)
+    rest = run(
+        train_cmd(mpiexec, 3, tmp_path / "split", "steps=2000", *common, resume="auto"), clean_env
+    )
     assert rest.returncode == 0, rest.stderr
     assert "resuming from checkpoint #1: 2,000 worker steps" in rest.stdout
 
@@ -75,13 +87,27 @@ def _rank_pids(rank: int) -> list[int]:
 
 
 def test_sigkill_of_a_worker_then_resume_auto_loses_at_most_one_interval(
-        mpiexec, clean_env, tmp_path):
+    mpiexec, clean_env, tmp_path
+):
     run_dir = tmp_path / "run"
     interval = 1.0
-    cmd = train_cmd(mpiexec, 3, run_dir, "steps=1000000", "eval_interval=0.25",
-                    f"checkpoint.interval={interval}", "checkpoint.keep=5")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=clean_env, stdin=subprocess.DEVNULL)
+    cmd = train_cmd(
+        mpiexec,
+        3,
+        run_dir,
+        "steps=1000000",
+        "eval_interval=0.25",
+        f"checkpoint.interval={interval}",
+        "checkpoint.keep=5",
+    )
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean_env,
+        stdin=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 60
         while len(list_checkpoints(run_dir)) < 3 and time.monotonic() < deadline:
@@ -110,33 +136,52 @@ def test_sigkill_of_a_worker_then_resume_auto_loses_at_most_one_interval(
     newest_path.write_bytes(bytes(raw))
     before = load_checkpoint(list_checkpoints(run_dir)[-2])
     target = int(before.worker_counters["steps"].max()) + 300
-    resumed = run(train_cmd(mpiexec, 3, run_dir, f"steps={target}", "checkpoint.interval=0",
-                            resume="auto"), clean_env)
+    resumed = run(
+        train_cmd(mpiexec, 3, run_dir, f"steps={target}", "checkpoint.interval=0", resume="auto"),
+        clean_env,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert f"skipping bad checkpoint: checkpoint {newest_path} failed its checksum" in (
-        resumed.stdout)
+        resumed.stdout
+    )
     assert f"resuming from checkpoint #{before.sequence}" in resumed.stdout
     final = load_checkpoint(list_checkpoints(run_dir)[-1])
     assert list(final.worker_counters["steps"]) == [target, target]
     assert (run_dir / "COMPLETED").exists()
 
 
-@pytest.mark.parametrize("algorithm, extra", [
-    ("easgd", []),
-    ("eamsgd", ["momentum=0.5"]),
-    # The collective rules must stop on the same step everywhere, or an all-reduce hangs.
-    ("sync-easgd", ["momentum=0.5"]),
-    ("allreduce-sgd", []),
-    ("downpour", []),
-])
+@pytest.mark.parametrize(
+    "algorithm, extra",
+    [
+        ("easgd", []),
+        ("eamsgd", ["momentum=0.5"]),
+        # The collective rules must stop on the same step everywhere, or an all-reduce hangs.
+        ("sync-easgd", ["momentum=0.5"]),
+        ("allreduce-sgd", []),
+        ("downpour", []),
+    ],
+)
 def test_sigterm_writes_a_final_checkpoint_and_exits_0(
-        algorithm, extra, mpiexec, clean_env, tmp_path):
+    algorithm, extra, mpiexec, clean_env, tmp_path
+):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
-        train_cmd(mpiexec, 3, run_dir, f"algorithm={algorithm}", *extra, "steps=1000000",
-                  "eval_interval=0.25", "checkpoint.interval=0.5"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env,
-        stdin=subprocess.DEVNULL)
+        train_cmd(
+            mpiexec,
+            3,
+            run_dir,
+            f"algorithm={algorithm}",
+            *extra,
+            "steps=1000000",
+            "eval_interval=0.25",
+            "checkpoint.interval=0.5",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean_env,
+        stdin=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         path = run_dir / "metrics.jsonl"
@@ -158,8 +203,7 @@ def test_sigterm_writes_a_final_checkpoint_and_exits_0(
     if algorithm in ("sync-easgd", "allreduce-sgd"):  # states copied on one common step
         assert len(set(ckpt.worker_counters["steps"])) == 1
         target = int(ckpt.worker_counters["steps"][0]) + 40
-        resumed = run(train_cmd(mpiexec, 3, run_dir, f"steps={target}", resume="auto"),
-                      clean_env)
+        resumed = run(train_cmd(mpiexec, 3, run_dir, f"steps={target}", resume="auto"), clean_env)
         assert resumed.returncode == 0, resumed.stderr
         again = load_checkpoint(list_checkpoints(run_dir)[-1])
         assert set(again.worker_counters["steps"]) == {target}
@@ -167,8 +211,19 @@ def test_sigterm_writes_a_final_checkpoint_and_exits_0(
 
 def test_nan_on_one_worker_never_reaches_the_center(mpiexec, clean_env, tmp_path):
     run_dir = tmp_path / "run"
-    proc = run([mpiexec, "-n", "3", sys.executable, str(SCRIPTS / "nan_on_one_rank.py"), "1",
-                "101,402", str(run_dir)], clean_env)
+    proc = run(
+        [
+            mpiexec,
+            "-n",
+            "3",
+            sys.executable,
+            str(SCRIPTS / "nan_on_one_rank.py"),
+            "1",
+            "101,402",
+            str(run_dir),
+        ],
+        clean_env,
+    )
     assert proc.returncode == 0, proc.stderr
     ckpt = load_checkpoint(list_checkpoints(run_dir)[-1])
     assert np.all(np.isfinite(ckpt.center))
@@ -177,7 +232,19 @@ def test_nan_on_one_worker_never_reaches_the_center(mpiexec, clean_env, tmp_path
     assert records[-1]["resets"] == 2
     assert all(r["center_loss"] is not None and np.isfinite(r["center_loss"]) for r in records)
     assert records[-1]["center_error"] <= 0.08
-    summary = json.loads(subprocess.run(
-        [sys.executable, "-m", "easgd_mpi", "inspect", "--json",
-         str(list_checkpoints(run_dir)[-1])], capture_output=True, text=True, check=True).stdout)
+    summary = json.loads(
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "easgd_mpi",
+                "inspect",
+                "--json",
+                str(list_checkpoints(run_dir)[-1]),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     assert summary["counters"]["resets"] == 2

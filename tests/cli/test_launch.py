@@ -17,19 +17,28 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 def launch(mpiexec, n, args, env, cwd, timeout=90):
     cmd = [mpiexec, "-n", str(n), *args]
     start = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
     return proc, time.monotonic() - start
 
 
 BAD_INPUTS = [
-    ("unknown algorithm", ["--set", "algorithm=easgdd"],
-     "algorithm = 'easgdd' is not one of"),
+    ("unknown algorithm", ["--set", "algorithm=easgdd"], "algorithm = 'easgdd' is not one of"),
     ("misspelt key", ["--set", "taw=4"], "unknown key 'taw'; did you mean 'tau'?"),
     ("lr <= 0", ["--set", "lr=0"], "lr = 0.0 must be > 0"),
     ("tau < 1", ["--set", "tau=0"], "tau = 0 must be >= 1"),
-    ("momentum >= 1", ["--set", "algorithm=eamsgd", "--set", "momentum=1.0"],
-     "momentum = 1.0 must be in [0, 1)"),
+    (
+        "momentum >= 1",
+        ["--set", "algorithm=eamsgd", "--set", "momentum=1.0"],
+        "momentum = 1.0 must be in [0, 1)",
+    ),
     ("alpha unstable", ["--set", "alpha=1.5"], "outside the stability region 0 < alpha <= 1"),
     ("beta unstable", ["--set", "beta=2.5"], "outside the stable range 0 < beta < 2"),
     ("malformed --set", ["--set", "tau"], "--set expects KEY=VALUE"),
@@ -38,29 +47,35 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("label, args, fragment", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
 def test_bad_input_is_one_line_per_rank_and_exit_2(
-        label, args, fragment, mpiexec, easgd_cmd, clean_env, tmp_path):
+    label, args, fragment, mpiexec, easgd_cmd, clean_env, tmp_path
+):
     proc, elapsed = launch(mpiexec, 3, [*easgd_cmd, "train", *args], clean_env, tmp_path)
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 3, proc.stderr  # one per rank, nothing else
     assert {ln.split("]")[0] for ln in lines} == {
-        "easgd: error: [rank 0", "easgd: error: [rank 1", "easgd: error: [rank 2"}
+        "easgd: error: [rank 0",
+        "easgd: error: [rank 1",
+        "easgd: error: [rank 2",
+    }
     assert all(fragment in ln for ln in lines), proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (tmp_path / "runs").exists()  # nothing started
 
 
-@pytest.mark.parametrize("content, fragment", [
-    ("lr = [\n", "is not valid TOML"),
-    (None, "config file not found"),
-    ('algorithm = "easgd"\nlerning_rate = 0.1\n', "unknown key 'lerning_rate'"),
-])
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        ("lr = [\n", "is not valid TOML"),
+        (None, "config file not found"),
+        ('algorithm = "easgd"\nlerning_rate = 0.1\n', "unknown key 'lerning_rate'"),
+    ],
+)
 def test_bad_config_file(content, fragment, mpiexec, easgd_cmd, clean_env, tmp_path):
     path = tmp_path / "run.toml"
     if content is not None:
         path.write_text(content)
-    proc, _ = launch(mpiexec, 2, [*easgd_cmd, "train", "--config", str(path)], clean_env,
-                     tmp_path)
+    proc, _ = launch(mpiexec, 2, [*easgd_cmd, "train", "--config", str(path)], clean_env, tmp_path)
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 2 and all(fragment in ln and str(path) in ln for ln in lines)
@@ -75,14 +90,16 @@ def test_world_size_one_is_a_clear_error(mpiexec, easgd_cmd, clean_env, tmp_path
 
 
 @pytest.mark.parametrize("fail_rank", [0, 2])
-def test_an_exception_on_one_rank_ends_the_whole_job(
-        fail_rank, mpiexec, clean_env, tmp_path):
+def test_an_exception_on_one_rank_ends_the_whole_job(fail_rank, mpiexec, clean_env, tmp_path):
     # Rank 0's problem evaluates the center; the workers' problems train.
     proc, elapsed = launch(
-        mpiexec, 3,
-        [sys.executable, str(SCRIPTS / "fail_on_one_rank.py"), str(fail_rank), "5",
-         str(tmp_path)],
-        clean_env, tmp_path, timeout=120)
+        mpiexec,
+        3,
+        [sys.executable, str(SCRIPTS / "fail_on_one_rank.py"), str(fail_rank), "5", str(tmp_path)],
+        clean_env,
+        tmp_path,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "injected failure at step 5" in proc.stderr
     assert elapsed < 60, f"took {elapsed:.0f}s to end"
@@ -90,9 +107,22 @@ def test_an_exception_on_one_rank_ends_the_whole_job(
 
 def test_demo_command_runs_and_learns(mpiexec, easgd_cmd, clean_env, tmp_path):
     """The README's main job, shortened: real launch, progress lines, summary, run folder."""
-    proc, _ = launch(mpiexec, 3, [*easgd_cmd, "train", "--set", "steps=1500",
-                                  "--set", "lr=0.1", "--set", "eval_interval=0.5"],
-                     clean_env, tmp_path)
+    proc, _ = launch(
+        mpiexec,
+        3,
+        [
+            *easgd_cmd,
+            "train",
+            "--set",
+            "steps=1500",
+            "--set",
+            "lr=0.1",
+            "--set",
+            "eval_interval=0.5",
+        ],
+        clean_env,
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("easgd: easgd, 2 workers")

@@ -20,13 +20,15 @@ def test_center_equals_initial_plus_every_accumulated_difference(lock_mode, chun
     comm = MPI.COMM_WORLD
     rank, workers = comm.Get_rank(), comm.Get_size() - 1
     initial = (np.arange(N) % 13 - 6).astype(np.float32)
-    window = CenterWindow(comm, N, workers, initial=initial if rank == 0 else None,
-                          lock_mode=lock_mode, chunk=chunk)
+    window = CenterWindow(
+        comm, N, workers, initial=initial if rank == 0 else None, lock_mode=lock_mode, chunk=chunk
+    )
     sent = np.zeros(N, np.float64)
     seen_ok = True
     if rank > 0:
         rng = np.random.default_rng(rank)
         for round_ in range(ROUNDS):
+
             def difference(lo, hi, c, e):
                 nonlocal seen_ok
                 # Integer values: every sum is exact in float32, so equality is exact too.

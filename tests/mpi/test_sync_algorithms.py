@@ -21,14 +21,22 @@ TOL = 1e-6
 def config(tmp_path, **overrides):
     out = MPI.COMM_WORLD.bcast(str(tmp_path), root=0)  # only rank 0's folder is written
     overrides.setdefault("output", f'"{out}"')
-    return ea.Config.from_toml(None, environ={}, overrides={k: str(v) for k, v in
-                                                           overrides.items()})
+    return ea.Config.from_toml(
+        None, environ={}, overrides={k: str(v) for k, v in overrides.items()}
+    )
 
 
 def quadratic(**extra):
-    return {"model.name": '"quadratic"', "quadratic.dim": len(H), "quadratic.noise": 0.0,
-            "quadratic.curvature": str(H), "quadratic.optimum": str(M),
-            "quadratic.start": START, "eval_interval": 0.2, **extra}
+    return {
+        "model.name": '"quadratic"',
+        "quadratic.dim": len(H),
+        "quadratic.noise": 0.0,
+        "quadratic.curvature": str(H),
+        "quadratic.optimum": str(M),
+        "quadratic.start": START,
+        "eval_interval": 0.2,
+        **extra,
+    }
 
 
 class Recording(QuadraticProblem):
@@ -107,13 +115,16 @@ def check(summary, problem, points, center):
 
 
 @pytest.mark.mpi(min_size=2)
-@pytest.mark.parametrize("tau, steps, momentum", [(3, 14, 0.0), (1, 9, 0.0), (4, 17, 0.5),
-                                                  (5, 5, 0.0)])
+@pytest.mark.parametrize(
+    "tau, steps, momentum", [(3, 14, 0.0), (1, 9, 0.0), (4, 17, 0.5), (5, 5, 0.0)]
+)
 def test_sync_easgd_follows_the_recurrence_exactly(tmp_path, tau, steps, momentum):
     p = MPI.COMM_WORLD.Get_size() - 1
     lr = 0.1
-    cfg = config(tmp_path, **quadratic(algorithm='"sync-easgd"', lr=lr, tau=tau, steps=steps,
-                                       momentum=momentum))
+    cfg = config(
+        tmp_path,
+        **quadratic(algorithm='"sync-easgd"', lr=lr, tau=tau, steps=steps, momentum=momentum),
+    )
     summary, problem = train_recording(cfg)
     points, center = expected_sync_easgd(p, steps, tau, lr, 0.9 / p, momentum)
     check(summary, problem, points, center)
@@ -125,29 +136,37 @@ def test_sync_easgd_follows_the_recurrence_exactly(tmp_path, tau, steps, momentu
 def test_allreduce_sgd_follows_the_recurrence_exactly(tmp_path, tau, steps, momentum):
     p = MPI.COMM_WORLD.Get_size() - 1
     lr = 0.1
-    cfg = config(tmp_path, **quadratic(algorithm='"allreduce-sgd"', lr=lr, tau=tau,
-                                       steps=steps, momentum=momentum))
+    cfg = config(
+        tmp_path,
+        **quadratic(algorithm='"allreduce-sgd"', lr=lr, tau=tau, steps=steps, momentum=momentum),
+    )
     summary, problem = train_recording(cfg)
     points, center = expected_allreduce_sgd(p, steps, lr, momentum)
     check(summary, problem, points, center)  # the window holds x after the last step
 
 
 QUADRATIC = {
-    "model.name": '"quadratic"', "quadratic.dim": 16,
+    "model.name": '"quadratic"',
+    "quadratic.dim": 16,
     "quadratic.curvature": "[" + ", ".join(str(0.5 + 0.1 * j) for j in range(16)) + "]",
     "quadratic.optimum": "[" + ", ".join(str(j - 8) for j in range(16)) + "]",
-    "quadratic.start": 3.0, "lr": 0.1, "eval_interval": 0.5,
+    "quadratic.start": 3.0,
+    "lr": 0.1,
+    "eval_interval": 0.5,
 }
 
 
 @pytest.mark.mpi(min_size=2)
-@pytest.mark.parametrize("algorithm, extra", [
-    ("sync-easgd", {}),
-    ("sync-easgd", {"momentum": 0.5, "lr": 0.05, "tau": 8}),
-    ("downpour", {"lr": 0.02}),
-    ("allreduce-sgd", {}),
-    ("allreduce-sgd", {"momentum": 0.5, "lr": 0.05}),
-])
+@pytest.mark.parametrize(
+    "algorithm, extra",
+    [
+        ("sync-easgd", {}),
+        ("sync-easgd", {"momentum": 0.5, "lr": 0.05, "tau": 8}),
+        ("downpour", {"lr": 0.02}),
+        ("allreduce-sgd", {}),
+        ("allreduce-sgd", {"momentum": 0.5, "lr": 0.05}),
+    ],
+)
 def test_noiseless_quadratic_converges_to_the_optimum(tmp_path, algorithm, extra):
     params = {**QUADRATIC, "algorithm": f'"{algorithm}"', "steps": 1500, "tau": 4, **extra}
     summary = ea.train(config(tmp_path, **params), comm=MPI.COMM_WORLD, out=lambda line: None)
@@ -157,14 +176,22 @@ def test_noiseless_quadratic_converges_to_the_optimum(tmp_path, algorithm, extra
 
 
 @pytest.mark.mpi(min_size=2)
-@pytest.mark.parametrize("algorithm, extra", [
-    ("sync-easgd", {}),
-    ("downpour", {"lr": 0.05}),
-    ("allreduce-sgd", {"momentum": 0.9, "lr": 0.02}),
-])
+@pytest.mark.parametrize(
+    "algorithm, extra",
+    [
+        ("sync-easgd", {}),
+        ("downpour", {"lr": 0.05}),
+        ("allreduce-sgd", {"momentum": 0.9, "lr": 0.02}),
+    ],
+)
 def test_digits_mlp_learns(tmp_path, algorithm, extra):
-    params = {"algorithm": f'"{algorithm}"', "steps": 1000, "lr": 0.1, "eval_interval": 0.5,
-              **extra}
+    params = {
+        "algorithm": f'"{algorithm}"',
+        "steps": 1000,
+        "lr": 0.1,
+        "eval_interval": 0.5,
+        **extra,
+    }
     summary = ea.train(config(tmp_path, **params), comm=MPI.COMM_WORLD, out=lambda line: None)
     assert summary["center_error"] <= 0.08, summary
     assert summary["bytes"] > 0 or summary["workers"] == 1

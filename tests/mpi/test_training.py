@@ -17,27 +17,33 @@ def run(tmp_path, **overrides):
     comm = MPI.COMM_WORLD
     out = comm.bcast(str(tmp_path), root=0)  # only rank 0's folder is written
     overrides.setdefault("output", f'"{out}"')
-    cfg = ea.Config.from_toml(None, environ={}, overrides={k: str(v) for k, v in
-                                                            overrides.items()})
+    cfg = ea.Config.from_toml(None, environ={}, overrides={k: str(v) for k, v in overrides.items()})
     return ea.train(cfg, comm=comm, out=lambda line: None)
 
 
 QUADRATIC = {
-    "model.name": '"quadratic"', "quadratic.dim": 16,
+    "model.name": '"quadratic"',
+    "quadratic.dim": 16,
     "quadratic.curvature": "[" + ", ".join(str(0.5 + 0.1 * j) for j in range(16)) + "]",
     "quadratic.optimum": "[" + ", ".join(str(j - 8) for j in range(16)) + "]",
-    "quadratic.start": 3.0, "lr": 0.1, "eval_interval": 0.5,
+    "quadratic.start": 3.0,
+    "lr": 0.1,
+    "eval_interval": 0.5,
 }
 
 
 @pytest.mark.mpi(min_size=2)
-@pytest.mark.parametrize("algorithm, extra", [
-    ("easgd", {}),
-    ("eamsgd", {"momentum": 0.5, "lr": 0.05}),
-])
+@pytest.mark.parametrize(
+    "algorithm, extra",
+    [
+        ("easgd", {}),
+        ("eamsgd", {"momentum": 0.5, "lr": 0.05}),
+    ],
+)
 def test_noiseless_quadratic_converges_to_the_optimum(tmp_path, algorithm, extra):
-    summary = run(tmp_path, **{**QUADRATIC, "algorithm": f'"{algorithm}"', "steps": 1500,
-                               "tau": 4, **extra})
+    summary = run(
+        tmp_path, **{**QUADRATIC, "algorithm": f'"{algorithm}"', "steps": 1500, "tau": 4, **extra}
+    )
     assert summary["workers"] == MPI.COMM_WORLD.Get_size() - 1
     assert summary["center_error"] <= 1e-4, summary
     assert summary["steps"] == 1500 * summary["workers"]
@@ -53,8 +59,9 @@ def test_digits_mlp_learns_and_writes_its_run_folder(tmp_path, lock_mode):
         run_dir = Path(summary["run_dir"])
         cfg = ea.Config.from_toml(run_dir / "config.toml", environ={})
         assert cfg.lock_mode == lock_mode and cfg.steps == 1500
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().split("\n")
-                   if line]
+        records = [
+            json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().split("\n") if line
+        ]
         assert len(records) >= 2
         assert records[0]["center_error"] > 0.5  # the random start
         assert records[-1]["center_error"] == summary["center_error"]

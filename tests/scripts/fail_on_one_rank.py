@@ -39,8 +39,9 @@ class Exploding:
 
 
 def main() -> int:
-    cfg = ea.Config.from_toml(None, overrides={"steps": 100000, "output": OUTPUT,
-                                               "eval_interval": 0.2})
+    cfg = ea.Config.from_toml(
+        None, overrides={"steps": 100000, "output": OUTPUT, "eval_interval": 0.2}
+    )
     ea.train(cfg, problem=Exploding, out=lambda line: None)
     return 0
 

@@ -33,8 +33,9 @@ class Poisoned:
 
 
 def main() -> int:
-    cfg = ea.Config.from_toml(None, overrides={"steps": 1500, "lr": 0.1, "run_dir": RUN_DIR,
-                                               "eval_interval": 0.3})
+    cfg = ea.Config.from_toml(
+        None, overrides={"steps": 1500, "lr": 0.1, "run_dir": RUN_DIR, "eval_interval": 0.3}
+    )
     ea.train(cfg, problem=Poisoned, out=print)
     return 0
 

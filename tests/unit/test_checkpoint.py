@@ -31,16 +31,24 @@ def make_data(seed=0, with_v=True, p=3) -> CheckpointData:
     rng = np.random.default_rng(seed)
     n = LAYOUT.size
     return CheckpointData(
-        config_toml=Config().to_toml(), algorithm="eamsgd", layout=LAYOUT,
+        config_toml=Config().to_toml(),
+        algorithm="eamsgd",
+        layout=LAYOUT,
         center=rng.standard_normal(n).astype(np.float32),
-        worker_counters={"steps": np.array([10, 11, 12]), "exchanges": np.array([3, 3, 4]),
-                         "resets": np.array([0, 1, 0])},
+        worker_counters={
+            "steps": np.array([10, 11, 12]),
+            "exchanges": np.array([3, 3, 4]),
+            "resets": np.array([0, 1, 0]),
+        },
         worker_x=rng.standard_normal((p, n)).astype(np.float32),
         worker_v=rng.standard_normal((p, n)).astype(np.float32) if with_v else None,
         worker_rng=[json.dumps(np.random.default_rng(i).bit_generator.state) for i in range(p)],
-        wall_time=12.5, sequence=7,
-        metrics=[{"time": 0.0, "steps": 0, "center_error": 0.9, "distance": None},
-                 {"time": 1.5, "steps": 33, "center_error": 0.1, "distance": 0.25}],
+        wall_time=12.5,
+        sequence=7,
+        metrics=[
+            {"time": 0.0, "steps": 0, "center_error": 0.9, "distance": None},
+            {"time": 1.5, "steps": 33, "center_error": 0.1, "distance": 0.25},
+        ],
     )
 
 
@@ -49,8 +57,11 @@ def test_round_trip_is_bit_exact(tmp_path):
     path = save_checkpoint(tmp_path / "c.h5", data)
     back = load_checkpoint(path)
     assert back.layout == LAYOUT and back.algorithm == "eamsgd"
-    for a, b in [(data.center, back.center), (data.worker_x, back.worker_x),
-                 (data.worker_v, back.worker_v)]:
+    for a, b in [
+        (data.center, back.center),
+        (data.worker_x, back.worker_x),
+        (data.worker_v, back.worker_v),
+    ]:
         assert a.dtype == b.dtype and np.array_equal(a.view(np.uint32), b.view(np.uint32))
     for k, v in data.worker_counters.items():
         assert np.array_equal(v, back.worker_counters[k])
@@ -124,14 +135,19 @@ def test_folder_newest_valid_and_prune(tmp_path):
         d.sequence = seq
         save_checkpoint(checkpoint_path(tmp_path, seq), d)
     assert [p.name for p in list_checkpoints(tmp_path)] == [
-        "checkpoint-000001.h5", "checkpoint-000002.h5", "checkpoint-000003.h5"]
+        "checkpoint-000001.h5",
+        "checkpoint-000002.h5",
+        "checkpoint-000003.h5",
+    ]
     flip_byte_in_center(checkpoint_path(tmp_path, 3))
     skipped = []
     path, data = newest_valid_checkpoint(tmp_path, skipped.append)
     assert path.name == "checkpoint-000002.h5" and data.sequence == 2
     assert len(skipped) == 1 and "checkpoint-000003.h5" in skipped[0]
     assert [p.name for p in prune_checkpoints(tmp_path, keep=1)] == [
-        "checkpoint-000001.h5", "checkpoint-000002.h5"]
+        "checkpoint-000001.h5",
+        "checkpoint-000002.h5",
+    ]
     assert newest_valid_checkpoint(tmp_path, skipped.append) is None
 
 
@@ -144,7 +160,8 @@ def test_summary_text_and_json(tmp_path):
     w = data.center[:15].astype(np.float64)
     assert s["tensors"][0]["norm"] == pytest.approx(np.linalg.norm(w))
     assert s["worker_center_distance"][1] == pytest.approx(
-        np.linalg.norm(data.worker_x[1].astype(np.float64) - data.center))
+        np.linalg.norm(data.worker_x[1].astype(np.float64) - data.center)
+    )
     text = format_summary(s)
     assert "algorithm eamsgd, 3 workers, checkpoint #7" in text
     assert "33 worker steps" in text and "[5, 3]" in text
@@ -155,12 +172,16 @@ def test_easgd_inspect_command(tmp_path):
     cmd = [sys.executable, "-m", "easgd_mpi", "inspect", str(path)]
     text = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     assert "checkpoint version 1" in text.splitlines()[0] and "worker-to-center distance" in text
-    js = json.loads(subprocess.run(cmd + ["--json"], capture_output=True, text=True,
-                                   check=True).stdout)
+    js = json.loads(
+        subprocess.run(cmd + ["--json"], capture_output=True, text=True, check=True).stdout
+    )
     assert js["counters"]["per_worker"]["steps"] == [10, 11, 12]
     assert js["last_metrics"]["center_error"] == 0.1
-    bad = subprocess.run([sys.executable, "-m", "easgd_mpi", "inspect", str(tmp_path / "no.h5")],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "easgd_mpi", "inspect", str(tmp_path / "no.h5")],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "does not exist" in bad.stderr
 
 

@@ -22,8 +22,7 @@ def test_defaults_are_the_papers():
 
 
 def test_precedence_cli_over_file_over_env(tmp_path):
-    cfg = load("tau = 8\nlr = 0.1\n", tmp_path, env={"EASGD_TAU": "2", "EASGD_SEED": "7"},
-               tau="16")
+    cfg = load("tau = 8\nlr = 0.1\n", tmp_path, env={"EASGD_TAU": "2", "EASGD_SEED": "7"}, tau="16")
     assert cfg.tau == 16 and cfg.lr == 0.1 and cfg.seed == 7
 
 
@@ -33,8 +32,14 @@ def test_env_nested_key_and_unrelated_vars_ignored():
 
 
 def test_round_trip_through_toml(tmp_path):
-    cfg = load(**{"model.hidden": "[32, 16]", "rho": "2.0", "quadratic.curvature": "[1, 2]",
-                  "quadratic.dim": "2"})
+    cfg = load(
+        **{
+            "model.hidden": "[32, 16]",
+            "rho": "2.0",
+            "quadratic.curvature": "[1, 2]",
+            "quadratic.dim": "2",
+        }
+    )
     again = load(cfg.to_toml(), tmp_path)
     assert again == cfg
     assert again.resolve_alpha(3) == pytest.approx(cfg.lr * 2.0)
@@ -90,8 +95,11 @@ def test_file_errors(tmp_path):
         ({"alpha": "1.5"}, 4, "0 < alpha <= 1"),
         ({"rho": "30", "lr": "0.05"}, 2, "alpha = lr*rho"),
         ({"model.name": "quadratic", "quadratic.curvature": "30", "lr": "0.1"}, 2, "lr*h <= 2"),
-        ({"model.name": "quadratic", "alpha": "0.8", "lr": "0.5", "quadratic.curvature": "2"},
-         4, "(4 - 2*lr*h)/(4 - lr*h)"),
+        (
+            {"model.name": "quadratic", "alpha": "0.8", "lr": "0.5", "quadratic.curvature": "2"},
+            4,
+            "(4 - 2*lr*h)/(4 - lr*h)",
+        ),
     ],
 )
 def test_stability_region(overrides, workers, fragment):
@@ -102,6 +110,7 @@ def test_stability_region(overrides, workers, fragment):
 
 
 def test_stable_values_pass():
-    load(**{"model.name": "quadratic", "alpha": "0.6", "lr": "0.5",
-            "quadratic.curvature": "1"}).validate(workers=4)
+    load(
+        **{"model.name": "quadratic", "alpha": "0.6", "lr": "0.5", "quadratic.curvature": "1"}
+    ).validate(workers=4)
     load(beta="0.9").validate(workers=1)

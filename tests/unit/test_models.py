@@ -22,21 +22,34 @@ def finite_difference_check(problem, batch, n_checks=25, eps=1e-6, seed=0):
         xp, xm = x.copy(), x.copy()
         xp[j] += eps
         xm[j] -= eps
-        fd = (problem.loss_and_grad(xp, batch, scratch) - problem.loss_and_grad(xm, batch, scratch))
+        fd = problem.loss_and_grad(xp, batch, scratch) - problem.loss_and_grad(xm, batch, scratch)
         fd /= 2 * eps
         assert g[j] == pytest.approx(fd, rel=1e-5, abs=1e-8), f"d/dx[{j}]"
     padding = np.setdiff1d(np.arange(x.size), used)
     assert np.all(g[padding] == 0)
 
 
-@pytest.mark.parametrize("model, hidden, activation", [
-    ("softmax", [], "tanh"), ("mlp", [16], "tanh"), ("mlp", [8, 6], "relu"),
-])
+@pytest.mark.parametrize(
+    "model, hidden, activation",
+    [
+        ("softmax", [], "tanh"),
+        ("mlp", [16], "tanh"),
+        ("mlp", [8, 6], "relu"),
+    ],
+)
 @pytest.mark.parametrize("data", ["digits", "synthetic"])
 def test_classifier_gradients(model, hidden, activation, data):
-    cfg = Config.from_toml(None, environ={}, overrides={
-        "model.name": model, "model.hidden": str(hidden), "model.activation": activation,
-        "data.name": data, "batch_size": "17"})
+    cfg = Config.from_toml(
+        None,
+        environ={},
+        overrides={
+            "model.name": model,
+            "model.hidden": str(hidden),
+            "model.activation": activation,
+            "data.name": data,
+            "batch_size": "17",
+        },
+    )
     problem = make_problem(cfg)
     batch = problem.sample_batch(np.random.default_rng(3))
     assert batch.shape == (17,)
@@ -44,9 +57,16 @@ def test_classifier_gradients(model, hidden, activation, data):
 
 
 def test_quadratic_gradient_optimum_and_noise():
-    cfg = Config.from_toml(None, environ={}, overrides={
-        "model.name": "quadratic", "quadratic.dim": "5",
-        "quadratic.curvature": "[1, 2, 3, 4, 5]", "quadratic.optimum": "2.0"})
+    cfg = Config.from_toml(
+        None,
+        environ={},
+        overrides={
+            "model.name": "quadratic",
+            "quadratic.dim": "5",
+            "quadratic.curvature": "[1, 2, 3, 4, 5]",
+            "quadratic.optimum": "2.0",
+        },
+    )
     problem = make_problem(cfg)
     assert problem.sample_batch(np.random.default_rng(0)) is None
     finite_difference_check(problem, None)

@@ -19,11 +19,21 @@ def fake_run(folder, algorithm, tau, seed=0, diverged=False):
     (folder / "config.toml").write_text(f'algorithm = "{algorithm}"\ntau = {tau}\nseed = {seed}\n')
     lines = []
     for k in range(6):
-        error = 0.9 * 0.5 ** k
-        loss = None if diverged and k > 3 else 2.3 * 0.6 ** k  # null = a NaN loss
-        lines.append(json.dumps({"time": 0.5 * k, "steps": 400 * k, "exchanges": 100 * k,
-                                 "center_loss": loss, "center_error": error, "distance": 0.1,
-                                 "bytes": 1000 * k}))
+        error = 0.9 * 0.5**k
+        loss = None if diverged and k > 3 else 2.3 * 0.6**k  # null = a NaN loss
+        lines.append(
+            json.dumps(
+                {
+                    "time": 0.5 * k,
+                    "steps": 400 * k,
+                    "exchanges": 100 * k,
+                    "center_loss": loss,
+                    "center_error": error,
+                    "distance": 0.1,
+                    "bytes": 1000 * k,
+                }
+            )
+        )
     (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     return folder
 
@@ -50,11 +60,17 @@ def test_cli_writes_the_png(tmp_path, capsys):
     assert (tmp_path / "out.png").read_bytes()[:8] == PNG_MAGIC
 
 
-@pytest.mark.parametrize("make, fragment", [
-    (lambda p: p / "missing", "does not exist"),
-    (lambda p: p, "has no metrics.jsonl"),
-    (lambda p: (p / "m.jsonl").write_text("not json\n") and p / "m.jsonl", "no metrics records"),
-])
+@pytest.mark.parametrize(
+    "make, fragment",
+    [
+        (lambda p: p / "missing", "does not exist"),
+        (lambda p: p, "has no metrics.jsonl"),
+        (
+            lambda p: (p / "m.jsonl").write_text("not json\n") and p / "m.jsonl",
+            "no metrics records",
+        ),
+    ],
+)
 def test_bad_paths_are_errors(tmp_path, make, fragment):
     path = make(tmp_path)
     with pytest.raises(PlotError, match=fragment):
@@ -62,9 +78,20 @@ def test_bad_paths_are_errors(tmp_path, make, fragment):
 
 
 def test_bad_path_on_the_command_line_is_one_line_and_exit_2(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "easgd_mpi", "plot", str(tmp_path / "nope"),
-                           "-o", str(tmp_path / "x.png")], capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "easgd_mpi",
+            "plot",
+            str(tmp_path / "nope"),
+            "-o",
+            str(tmp_path / "x.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "does not exist" in lines[0], proc.stderr

@@ -49,6 +49,10 @@ def make_problem(cfg, xp=np) -> Problem:
     data = load_dataset(cfg.data)
     hidden = [] if name == "softmax" else list(cfg.model.hidden)
     return MLPProblem(
-        data, hidden=hidden, activation=cfg.model.activation, batch_size=cfg.batch_size,
-        init_scale=cfg.model.init_scale, xp=xp,
+        data,
+        hidden=hidden,
+        activation=cfg.model.activation,
+        batch_size=cfg.batch_size,
+        init_scale=cfg.model.init_scale,
+        xp=xp,
     )

@@ -22,7 +22,7 @@ class MLPProblem:
         self.batch_size = int(batch_size)
         self.init_scale = float(init_scale)
         tensors = []
-        for i, (fan_in, fan_out) in enumerate(zip(self.widths[:-1], self.widths[1:])):
+        for i, (fan_in, fan_out) in enumerate(zip(self.widths[:-1], self.widths[1:], strict=True)):
             tensors += [(f"w{i}", (fan_in, fan_out)), (f"b{i}", (fan_out,))]
         self.layout = Layout(tensors)
         self.n_layers = len(self.widths) - 1

@@ -50,7 +50,7 @@ class QuadraticProblem:
         g[...] = h * d
         if batch is not None:
             noise = xp.asarray(batch, dtype=x.dtype)
-            noise[self.dim:] = 0
+            noise[self.dim :] = 0
             g += noise
         return float(0.5 * xp.sum(h * d * d))
 
