@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-METHODS = ("easgd", "rma-floor", "sendrecv", "pickle")
+METHODS = ("easgd", "rma-floor", "sendrecv", "pickle", "fused-step", "local-step")
 _TAG_REQ, _TAG_CENTER, _TAG_DIFF, _TAG_DONE = 11, 12, 13, 14
 
 
@@ -49,9 +49,18 @@ def child(args) -> None:
     results = []
     for n in args.sizes:
         x = np.random.default_rng(rank).standard_normal(n).astype(np.float32)
+        g = np.random.default_rng(rank + 100).standard_normal(n).astype(np.float32)
         for method in METHODS:
             comm.Barrier()
-            if method in ("easgd", "rma-floor"):
+            if method == "local-step":  # the SGD step alone, no MPI: what training does anyway
+                rate = (
+                    None if rank == 0 else _timed(lambda: backend.sgd_step(x, g, 1e-6, 0.0), args)
+                )
+                if rank == 0:
+                    _idle_master(comm)
+                else:
+                    comm.Ibarrier().Wait()
+            elif method in ("easgd", "rma-floor", "fused-step"):
                 window = CenterWindow(
                     comm,
                     n,
@@ -66,6 +75,16 @@ def child(args) -> None:
                     rate = _timed(
                         lambda: window.exchange(
                             lambda lo, hi, c, e: backend.exchange(x[lo:hi], c, e, 0.01)
+                        ),
+                        args,
+                    )
+                    comm.Ibarrier().Wait()
+                elif method == "fused-step":  # the training step: exchange fused with SGD
+                    rate = _timed(
+                        lambda: window.exchange(
+                            lambda lo, hi, c, e: backend.exchange_sgd_step(
+                                x[lo:hi], c, g[lo:hi], e, 0.01, 1e-6, 0.0
+                            )
                         ),
                         args,
                     )
@@ -234,6 +253,11 @@ def _ratios(rows):
             continue
         key = (r["n"], r["workers"])
         floor = by_key[("rma-floor", *key)]["gb_per_s"]
+        # What exchanging adds to a training step: the fused exchange+SGD step minus the SGD
+        # step alone (both per worker, measured under the same load).
+        fused_s = 1.0 / by_key[("fused-step", *key)]["exchanges_per_s"]
+        local_s = 1.0 / by_key[("local-step", *key)]["exchanges_per_s"]
+        added_gbps = 8 * r["n"] / max(fused_s - local_s, 1e-12) / 1e9
         table.append(
             {
                 "n": r["n"],
@@ -243,6 +267,10 @@ def _ratios(rows):
                 "vs_floor": r["gb_per_s"] / floor,
                 "vs_sendrecv": r["gb_per_s"] / by_key[("sendrecv", *key)]["gb_per_s"],
                 "vs_pickle": r["gb_per_s"] / by_key[("pickle", *key)]["gb_per_s"],
+                "fused_step_s": fused_s,
+                "local_step_s": local_s,
+                "added_by_exchange_gb_per_s": added_gbps,
+                "added_vs_floor": added_gbps / floor,
             }
         )
     return table
@@ -251,7 +279,8 @@ def _ratios(rows):
 def _print_table(table) -> None:
     head = (
         f"{'n':>9} {'p':>2} {'exch/s':>9} {'easgd':>7} {'floor':>7} {'sendrecv':>8} "
-        f"{'pickle':>7} {'vs floor':>8} {'vs s/r':>7} {'vs pickle':>9}"
+        f"{'pickle':>7} {'vs floor':>8} {'vs s/r':>7} {'vs pickle':>9} "
+        f"{'step ms':>8} {'+exch ms':>8} {'added/floor':>11}"
     )
     print("per-worker GB/s (8n bytes per exchange)")
     print(head)
@@ -261,7 +290,9 @@ def _print_table(table) -> None:
             f"{r['n']:>9.1e} {r['workers']:>2} {r['easgd_exchanges_per_s']:>9.1f} "
             f"{r['easgd_gb_per_s']:>7.2f} {r['rma-floor_gb_per_s']:>7.2f} "
             f"{r['sendrecv_gb_per_s']:>8.2f} {r['pickle_gb_per_s']:>7.2f} "
-            f"{r['vs_floor']:>8.2f} {r['vs_sendrecv']:>7.2f} {r['vs_pickle']:>9.2f}"
+            f"{r['vs_floor']:>8.2f} {r['vs_sendrecv']:>7.2f} {r['vs_pickle']:>9.2f} "
+            f"{1e3 * r['local_step_s']:>8.2f} {1e3 * r['fused_step_s']:>8.2f} "
+            f"{r['added_vs_floor']:>11.2f}"
         )
 
 

@@ -12,11 +12,34 @@ decay, part of the gradient: g + λ·point where the gradient was taken).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 __all__ = ["NumpyBackend"]
 
 _f32 = np.float32
+#: Elements per cache block: the vectors and temporaries of one block (up to 7 × 256 KiB) stay
+#: in cache, so each fused update reads and writes main memory once instead of once per NumPy
+#: pass. Measured here on 2.5e7 elements: sgd_step 58 ms unblocked, 27-31 ms in blocks.
+_BLOCK = 1 << 16
+
+
+def _blockwise(update):
+    """Run a per-element update block by block over every 1-D array argument of length n."""
+
+    @functools.wraps(update)
+    def run(self, *args):
+        n = args[0].shape[0]
+        if n <= 2 * _BLOCK:
+            return update(self, *args)
+        split = [isinstance(a, np.ndarray) and a.ndim == 1 and a.shape[0] == n for a in args]
+        for lo in range(0, n, _BLOCK):
+            hi = min(lo + _BLOCK, n)
+            update(self, *(a[lo:hi] if cut else a for a, cut in zip(args, split, strict=True)))
+        return None
+
+    return run
 
 
 class NumpyBackend:
@@ -67,6 +90,7 @@ class NumpyBackend:
     # ---- fused updates ------------------------------------------------------------------
     # Temporaries come from _tmp(): allocating fresh multi-megabyte arrays on every step costs
     # page faults that, measured here, made these updates 10-40x slower than the copy.
+    @_blockwise
     def sgd_step(self, x, g, lr, wd) -> None:
         """x ← x − η(g + λx)"""
         t = self._tmp(x.shape[0])
@@ -75,12 +99,14 @@ class NumpyBackend:
         t *= _f32(lr)
         x -= t
 
+    @_blockwise
     def exchange(self, x, c, e, alpha) -> None:
         """e ← α(x − c);  x ← x − e"""
         np.subtract(x, c, out=e)
         e *= _f32(alpha)
         x -= e
 
+    @_blockwise
     def exchange_sgd_step(self, x, c, g, e, alpha, lr, wd) -> None:
         """e ← α(x − c);  x ← (x − e) − η(g + λx)   (gradient taken at the old x)"""
         t = self._tmp(x.shape[0])
@@ -92,12 +118,14 @@ class NumpyBackend:
         x -= e
         x -= t
 
+    @_blockwise
     def nesterov_lookahead(self, x, v, delta, y) -> None:
         """y ← x + δv   (the point where EAMSGD takes its gradient; y may be x or v)"""
         t = self._tmp(x.shape[0])
         np.multiply(v, _f32(delta), out=t)
         np.add(x, t, out=y)
 
+    @_blockwise
     def nesterov_step(self, x, v, g, lr, delta, wd) -> None:
         """v ← δv − η(g + λ(x + δv));  x ← x + v   (v on the right is the old v)"""
         dv, t = self._tmp(x.shape[0], 0), self._tmp(x.shape[0], 1)
@@ -109,6 +137,7 @@ class NumpyBackend:
         np.subtract(dv, t, out=v)
         x += v
 
+    @_blockwise
     def exchange_nesterov_step(self, x, v, c, g, e, alpha, lr, delta, wd) -> None:
         """e ← α(x − c);  v ← δv − η(g + λ(x + δv));  x ← (x − e) + v   (old x, v on the right)"""
         dv, t = self._tmp(x.shape[0], 0), self._tmp(x.shape[0], 1)
@@ -123,6 +152,7 @@ class NumpyBackend:
         x -= e
         x += v
 
+    @_blockwise
     def downpour_step(self, x, acc, g, lr, wd) -> None:
         """d ← −η(g + λx);  x ← x + d;  acc ← acc + d"""
         d = self._tmp(x.shape[0])
@@ -132,6 +162,7 @@ class NumpyBackend:
         x += d
         acc += d
 
+    @_blockwise
     def sync_easgd_update(self, x, c, xmean, alpha, beta) -> None:
         """x ← x − α(x − c);  c ← (1 − β)c + β·x̄   (both from the old x and c)"""
         diff, t = self._tmp(x.shape[0], 0), self._tmp(x.shape[0], 1)
