@@ -40,6 +40,11 @@ test-mpi: venv
 	    || exit 1; \
 	done
 
+## test-slurm: the jobs/ templates on a private local Slurm cluster (tests/slurm; root: installs
+## Debian's slurmctld, slurmd and munge when missing; about 1-2 minutes)
+test-slurm: venv
+	timeout 600 $(PY) -m pytest -q tests/slurm
+
 ## bench: the exchange benchmark (writes bench/results/exchange.json)
 bench: venv
 	$(PY) bench/bench_exchange.py

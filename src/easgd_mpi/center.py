@@ -53,6 +53,7 @@ class CenterWindow:
         chunk: int = 1 << 18,
         alloc_chunk: Callable[[int], object] | None = None,
         before_mpi: Callable[[], None] | None = None,
+        initial_status: dict[str, np.ndarray] | None = None,
     ):
         from mpi4py import MPI  # noqa: PLC0415
 
@@ -77,6 +78,10 @@ class CenterWindow:
             self._local = np.frombuffer(self._win.tomemory(), dtype=np.float32, count=self.n)
             status = np.frombuffer(self._status_win.tomemory(), dtype=np.float64)
             status[:] = 0.0
+            # A resumed run starts from the checkpoint's counters, so the master's first
+            # reports continue from there instead of from zero.
+            for name, values in (initial_status or {}).items():
+                status.reshape(self.n_workers, _SLOTS)[:, STATUS_FIELDS.index(name)] = values
             if initial is not None:
                 if initial.shape != (self.n,):
                     raise ValueError(f"initial center has shape {initial.shape}, need ({self.n},)")

@@ -97,6 +97,9 @@ def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
         chunk=cfg.chunk,
         alloc_chunk=_chunk_allocator(backend, direct_mpi),
         before_mpi=backend.synchronize,
+        initial_status=None
+        if checkpoint is None
+        else {k: checkpoint.worker_counters[k] for k in ("steps", "exchanges", "resets")},
     )
     channel = StateChannel(
         roles.world,

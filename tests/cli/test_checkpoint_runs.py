@@ -65,6 +65,8 @@ def test_resume_continues_counters_and_learns_like_an_uninterrupted_run(
     times = [r["time"] for r in records]
     assert times == sorted(times) and records[-1]["steps"] == 4000
     assert records[: len(first.metrics)] == first.metrics  # history kept as it was
+    # ...and the resumed part continues from the checkpoint's counters, never from zero
+    assert all(r["steps"] >= first.total_steps for r in records[len(first.metrics) :])
     reference = read_metrics(tmp_path / "whole" / "metrics.jsonl")[-1]["center_error"]
     assert abs(records[-1]["center_error"] - reference) <= 0.03
     assert records[-1]["center_error"] <= 0.06

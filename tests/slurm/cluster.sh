@@ -36,45 +36,49 @@ install() {
   echo "installed ${PACKAGES[*]}"
 }
 
+# Globals, because the EXIT trap runs after serve()'s locals are gone.
+W="" S="" M="" MSOCKDIR="" PIDS=() TORN_DOWN=0
+
+teardown() {
+  [ "$TORN_DOWN" = 1 ] && return
+  TORN_DOWN=1
+  set +e
+  export SLURM_CONF="$S/slurm.conf"
+  if [ -f "$SLURM_CONF" ] && [ -n "$(squeue -h 2>/dev/null)" ]; then
+    scancel --full --signal=KILL --user="$(id -un)" 2>/dev/null   # a private cluster:
+    scancel --user="$(id -un)" 2>/dev/null                        # every job is ours
+    for _ in $(seq 20); do [ -z "$(squeue -h 2>/dev/null)" ] && break; sleep 0.25; done
+  fi
+  local p
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  for p in "${PIDS[@]}"; do
+    for _ in $(seq 20); do kill -0 "$p" 2>/dev/null || break; sleep 0.25; done
+    kill -9 "$p" 2>/dev/null
+  done
+  [ -f "$M/munged.pid" ] && kill "$(cat "$M/munged.pid")" 2>/dev/null
+  [ -n "$MSOCKDIR" ] && rm -rf "$MSOCKDIR"
+  echo "cluster.sh: torn down" >&2
+}
+
 serve() {
-  local W=${1:?usage: cluster.sh serve DIR}
+  W=${1:?usage: cluster.sh serve DIR}
   W=$(mkdir -p "$W" && cd "$W" && pwd)
   local CTLD_PORT=${CTLD_PORT:-26817} P1=${SLURMD_PORT1:-26818} P2=${SLURMD_PORT2:-26819}
-  local S="$W/slurm" M="$W/munge"
-  local PIDS=()
+  S="$W/slurm" M="$W/munge"
   mkdir -p "$S"/{state,spool,log,tmp/n1,tmp/n2} "$M" "$W/tmp" "$W/dev/n1" "$W/dev/n2"
   export PATH="/usr/sbin:/sbin:$PATH"
-
-  local done_=0
-  teardown() {
-    [ "$done_" = 1 ] && return
-    done_=1
-    set +e
-    export SLURM_CONF="$S/slurm.conf"
-    if [ -n "$(squeue -h 2>/dev/null)" ]; then
-      scancel --full --signal=KILL $(squeue -h -o %i 2>/dev/null) 2>/dev/null
-      scancel $(squeue -h -o %i 2>/dev/null) 2>/dev/null
-      for _ in $(seq 20); do [ -z "$(squeue -h 2>/dev/null)" ] && break; sleep 0.25; done
-    fi
-    local p
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
-    for p in "${PIDS[@]}"; do
-      for _ in $(seq 20); do kill -0 "$p" 2>/dev/null || break; sleep 0.25; done
-      kill -9 "$p" 2>/dev/null
-    done
-    [ -f "$M/munged.pid" ] && kill "$(cat "$M/munged.pid")" 2>/dev/null
-    echo "cluster.sh: torn down" >&2
-  }
   trap teardown EXIT
   trap 'exit 143' TERM
   trap 'exit 130' INT
   trap 'exit 129' HUP
 
-  # munge as root with a private key and socket (the socket's folder must be o+x)
-  chmod 755 "$M"
+  # munge as root with a private key and socket. munged wants every folder above its socket
+  # to be o+x, which a test's private temporary folder is not: the socket gets its own.
   dd if=/dev/urandom of="$M/munge.key" bs=1024 count=1 status=none
   chmod 400 "$M/munge.key"
-  local SOCK="$M/munge.sock"
+  MSOCKDIR=$(mktemp -d /tmp/easgd-munge.XXXXXX)
+  chmod 755 "$MSOCKDIR"
+  local SOCK="$MSOCKDIR/munge.sock"
   munged -S "$SOCK" --key-file="$M/munge.key" --pid-file="$M/munged.pid" \
     --log-file="$M/munged.log" --seed-file="$M/munged.seed"   # forks; pid in the pid file
   munge -S "$SOCK" -n | unmunge -S "$SOCK" | grep -q 'STATUS: *Success'
@@ -87,6 +91,8 @@ serve() {
     ln -sfn /dev/zero "$W/dev/$n/nvidia1"
   done
 
+  # cred_expire (default 120 s) is also how long Slurm holds a requeued job before it may run
+  # again; the preemptible template's test waits that long once.
   cat >"$S/slurm.conf" <<EOF
 ClusterName=easgdci
 SlurmctldHost=localhost(127.0.0.1)
@@ -94,7 +100,7 @@ SlurmctldPort=$CTLD_PORT
 SlurmUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$SOCK
+AuthInfo=socket=$SOCK,cred_expire=10
 StateSaveLocation=$S/state
 SlurmdSpoolDir=$S/spool/%n
 SlurmctldPidFile=$S/slurmctld.pid

@@ -1,0 +1,244 @@
+"""The jobs/ templates, submitted unchanged to a real (private, local) Slurm cluster.
+
+Each template is rendered only through sbatch options (which override its #SBATCH lines) and
+the environment variables it documents, with small settings for a 2-core machine: a few hundred
+steps, 2 to 4 workers, oversubscribed. Checked for every job: Slurm says COMPLETED with exit
+0:0; all ranks formed ONE MPI world of the requested size (the master's first line names the
+worker count: separate worlds of size 1 would each fail with "world size 1"); the layout the
+template prints (master on the first node with no GPU visible, workers seeing their node's
+GPUs); the run folder's metrics reach steps x workers; and the final checkpoint.
+
+Checks marked [issue 4] need HDF5 checkpoints, `--resume auto`, the stop-on-signal handling
+and the COMPLETED/PREEMPTED markers (the checkpoint work).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+VENV = Path(sys.executable).parent.parent  # the templates run this venv's easgd
+
+# Small settings; sbatch options override the templates' #SBATCH lines.
+STEPS = 300
+ARGS = f"--set steps={STEPS} --set eval_interval=0.2"
+COMMON = ["--time=5", "--cpus-per-task=1"]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    found = list(run_dir.glob("checkpoint-*.h5"))
+
+    def key(p: Path):
+        digits = re.findall(r"\d+", p.stem)
+        return (int(digits[-1]) if digits else -1, p.stat().st_mtime)
+
+    return max(found, key=key) if found else None
+
+
+def inspect_json(path: Path) -> dict:
+    proc = subprocess.run(
+        [str(VENV / "bin" / "easgd"), "inspect", "--json", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, f"easgd inspect --json {path}: {proc.stderr}"
+    return json.loads(proc.stdout)
+
+
+def describe(cluster, job_id: str, run_dir: Path, submit_dir: Path) -> str:
+    """Everything useful when a job check fails."""
+    parts = [f"scontrol: {cluster.job(job_id)}"]
+    for path in [*sorted(submit_dir.glob(f"slurm-*-{job_id}.out")), run_dir / "job.out"]:
+        if path.exists():
+            text = path.read_text(errors="replace").splitlines()
+            parts.append(f"--- {path}\n" + "\n".join(text[-60:]))
+    parts.append(cluster.logs(15))
+    return "\n".join(parts)
+
+
+def layout(job_out: str) -> dict[int, tuple[str, str]]:
+    """rank -> (node, CUDA_VISIBLE_DEVICES) from the templates' easgd-layout lines."""
+    found = re.findall(
+        r"^easgd-layout: rank (\d+) node (\S+) CUDA_VISIBLE_DEVICES=(\S*)$", job_out, flags=re.M
+    )
+    return {int(r): (node, cvd) for r, node, cvd in found}
+
+
+def check_finished_run(cluster, job_id, info, run_dir, submit_dir, workers, steps, announcements=1):
+    why = describe(cluster, job_id, run_dir, submit_dir)
+    assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", why
+    out = (run_dir / "job.out").read_text()
+    # one world of 1 + workers ranks: the master announces exactly that many workers
+    starts = re.findall(r"^easgd: \w+, (\d+) workers \(", out, flags=re.M)
+    assert starts == [str(workers)] * announcements, why
+    assert "world size 1" not in out, why
+    assert (run_dir / "config.toml").is_file(), why
+    records = read_metrics(run_dir)
+    assert records, why
+    assert max(r["steps"] for r in records) == steps * workers, why
+    # [issue 4] a final checkpoint holding the whole step budget, and the COMPLETED marker
+    ckpt = newest_checkpoint(run_dir)
+    assert ckpt is not None, f"[issue 4] no checkpoint-*.h5 in {run_dir}\n{why}"
+    assert inspect_json(ckpt)["counters"]["steps"] == steps * workers, why
+    assert (run_dir / "COMPLETED").exists(), f"[issue 4] no COMPLETED marker\n{why}"
+    assert not (run_dir / "PREEMPTED").exists(), why
+    return out
+
+
+def test_single_node(cluster, tmp_path):
+    """jobs/easgd-single-node.sbatch: master + 3 workers on n1, which has 2 (fake) GPUs."""
+    job = cluster.submit(
+        "easgd-single-node.sbatch",
+        *COMMON,
+        "--ntasks=4",
+        "--gpus-per-node=2",
+        submit_dir=tmp_path,
+        EASGD_ARGS=ARGS,
+    )
+    info = cluster.wait(job)
+    run_dir = tmp_path / "runs" / f"easgd-{job}"
+    out = check_finished_run(cluster, job, info, run_dir, tmp_path, workers=3, steps=STEPS)
+    ranks = layout(out)
+    assert sorted(ranks) == [0, 1, 2, 3], out
+    assert ranks[0] == ("n1", ""), out  # the master sees no GPU
+    assert all(ranks[r] == ("n1", "0,1") for r in (1, 2, 3)), out
+    # Slurm's own log only points at the run folder
+    slurm_log = (tmp_path / f"slurm-easgd-{job}.out").read_text()
+    assert f"output in {run_dir}/job.out" in slurm_log
+
+
+@pytest.mark.parametrize("flavour", ["pmi2", "mpiexec"])
+def test_multi_node(cluster, tmp_path, flavour):
+    """jobs/easgd-multi-node.sbatch on n1 + n2 (2 GPUs each): master + 2 workers on n1, 2 on n2.
+
+    pmi2: srun with an explicit host file; mpiexec: the venv's Hydra mpiexec in the allocation.
+    """
+    job = cluster.submit(
+        "easgd-multi-node.sbatch",
+        *COMMON,
+        "--nodes=2",
+        "--ntasks-per-node=3",
+        "--gpus-per-node=2",
+        submit_dir=tmp_path,
+        EASGD_ARGS=ARGS,
+        MPI_FLAVOUR=flavour,
+    )
+    info = cluster.wait(job)
+    run_dir = tmp_path / "runs" / f"easgd-mn-{job}"
+    out = check_finished_run(cluster, job, info, run_dir, tmp_path, workers=4, steps=STEPS)
+    assert info.get("NodeList") == "n[1-2]", info
+    assert layout(out) == {
+        0: ("n1", ""),
+        1: ("n1", "0,1"),
+        2: ("n1", "0,1"),
+        3: ("n2", "0,1"),
+        4: ("n2", "0,1"),
+    }, out
+
+
+def test_module_lines_and_bad_flavour_do_not_hang(cluster, tmp_path):
+    """EASGD_MODULES where there are no modules is a note, not a failure; a bad MPI_FLAVOUR is a
+    clear error (exit 2) before anything starts."""
+    job = cluster.submit(
+        "easgd-single-node.sbatch",
+        *COMMON,
+        "--ntasks=2",
+        "--gpus-per-node=1",
+        submit_dir=tmp_path,
+        EASGD_MODULES="cuda/12.4",
+        MPI_FLAVOUR="mvapich",
+        EASGD_ARGS=ARGS,
+    )
+    info = cluster.wait(job)
+    out = (tmp_path / "runs" / f"easgd-{job}" / "job.out").read_text()
+    assert info.get("JobState") == "FAILED" and info.get("ExitCode") == "2:0", (info, out)
+    assert "MPI_FLAVOUR=mvapich is not one of pmi2, pmix, mpiexec" in out
+    slurm_log = (tmp_path / f"slurm-easgd-{job}.out").read_text()
+    assert "module" in slurm_log and "skipping EASGD_MODULES" in slurm_log, slurm_log
+
+
+def test_preemptible_requeues_and_resumes(cluster, tmp_path):
+    """jobs/easgd-preemptible.sbatch: USR1 to the batch shell (what --signal=B:USR1@120 sends)
+    mid-run -> checkpoint, requeue (same job id) -> the resumed run finishes from it.
+
+    Everything after the signal depends on [issue 4] (stop on signal, markers, --resume auto).
+    """
+    steps, workers = 4000, 2
+    job = cluster.submit(
+        "easgd-preemptible.sbatch",
+        *COMMON,
+        "--ntasks-per-node=3",
+        "--gpus-per-node=2",
+        submit_dir=tmp_path,
+        EASGD_ARGS=f"--set steps={steps} --set eval_interval=0.2",
+    )
+    run_dir = tmp_path / "runs" / f"easgd-pre-{job}"
+
+    # Signal once the training is visibly under way (an evaluation with steps > 0).
+    deadline = time.monotonic() + 90
+    while not any(r["steps"] > 0 for r in read_metrics(run_dir)):
+        info = cluster.job(job)
+        assert info.get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), describe(
+            cluster, job, run_dir, tmp_path
+        )
+        assert time.monotonic() < deadline, describe(cluster, job, run_dir, tmp_path)
+        time.sleep(0.1)
+    cluster.run("scancel", "--batch", "--signal=USR1", job)
+
+    # Slurm holds a requeued job for AuthInfo's cred_expire (10 s on the test cluster, 120 s by
+    # default) before it starts again. (Releasing it earlier with `scontrol update
+    # StartTime=now` races with the revoked credential of the first start: "Job credential
+    # revoked", and the job fails.)
+    def restarted_or_over(info):
+        if info.get("JobState") in cluster.FINAL_STATES:
+            return True
+        return int(info.get("Restarts", 0)) >= 1 and info.get("JobState") == "RUNNING"
+
+    info = cluster.wait(job, timeout=90, until=restarted_or_over)
+    assert int(info.get("Restarts", 0)) == 1, "[issue 4] not requeued\n" + describe(
+        cluster, job, run_dir, tmp_path
+    )
+    info = cluster.wait(job, timeout=150)
+
+    out = check_finished_run(
+        cluster, job, info, run_dir, tmp_path, workers=workers, steps=steps, announcements=2
+    )
+    why = describe(cluster, job, run_dir, tmp_path)
+    assert int(info.get("Restarts", 0)) == 1, why
+    first, second = out.split("easgd-job: stopped before the end: requeueing", 1)
+    assert "got SIGUSR1" in first, why
+    assert re.search(r"^easgd-job: .* easgd exited with 0$", first, flags=re.M), why
+    assert "start 2:" in second and "--resume auto" in second, why
+
+    # [issue 4] the second start resumed from the checkpoint written on the signal: its first
+    # evaluation already counts the first start's steps, and the metrics never go back.
+    def progress(text):
+        return [
+            int(n.replace(",", ""))
+            for n in re.findall(r"^\[\s*[\d.]+s\] steps\s+([\d,]+)", text, flags=re.M)
+        ]
+
+    stopped_at = max(progress(first), default=0)
+    assert 0 < stopped_at < steps * workers, why
+    resumed = progress(second)
+    assert resumed and resumed[0] >= stopped_at, (
+        f"[issue 4] resumed run starts at steps {resumed[:1]} < {stopped_at} at the stop\n{why}"
+    )
+    counts = [r["steps"] for r in read_metrics(run_dir)]
+    assert any(0 < s <= stopped_at for s in counts), why
+    back = [(a, b) for a, b in zip(counts, counts[1:], strict=False) if b < a]
+    assert not back, f"[issue 4] metrics steps go back {back} (steps: {counts[:12]}...)\n{why}"
