@@ -280,6 +280,14 @@ class SyncEASGD(_Synchronous):
 
     def step(self, t: int) -> float:
         cfg, b = self.cfg, self.backend
+        if t % cfg.tau == 0 and not b.all_finite(self.x):
+            # A non-finite worker must not poison the mean every replica takes: before its
+            # gradient, it restarts from the center (a local decision; the all-reduce below
+            # stays in step).
+            self.x[...] = self.c  # both on this worker's device
+            if self.v is not None:
+                self.v[...] = 0
+            self.resets += 1
         loss = self._gradient()  # at the old x (or x + δv)
         if t % cfg.tau != 0:
             self._local_step()
@@ -312,6 +320,11 @@ class AllreduceSGD(_Synchronous):
 
     def step(self, t: int) -> float:
         loss = self._gradient()
+        if not self.backend.all_finite(self.g):
+            # This worker's gradient is dropped from the average (it adds zero) instead of
+            # turning every worker's parameters into NaN.
+            self.g[...] = 0
+            self.resets += 1
         self.bytes += self.allreduce.mean(self.g, self.g)
         self._local_step()
         if (t + 1) % self.cfg.tau == 0 or t + 1 == self.cfg.steps:
@@ -349,6 +362,11 @@ class Downpour(WorkerAlgorithm):
         b = self.backend
         # ‖Δ‖: how far this worker moved away from the center it last copied.
         self.distance = math.sqrt(b.sum_squares(self.acc))
+        if not b.all_finite(self.acc):
+            # A non-finite update never reaches the center: drop it, restart from the center.
+            self.acc[...] = 0
+            self.resets += 1
+            self.distance = float("nan")
         if self._host is None:  # host memory: MPI reads and writes the worker's own arrays
             self.center.add(self.acc)  # x̃ ← x̃ + Δ (atomic accumulate)
             self.center.read(self.x)  # x ← x̃, with every worker's updates so far

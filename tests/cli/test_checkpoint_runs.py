@@ -211,7 +211,8 @@ def test_sigterm_writes_a_final_checkpoint_and_exits_0(
         assert set(again.worker_counters["steps"]) == {target}
 
 
-def test_nan_on_one_worker_never_reaches_the_center(mpiexec, clean_env, tmp_path):
+@pytest.mark.parametrize("algorithm", ["easgd", "sync-easgd", "allreduce-sgd", "downpour"])
+def test_nan_on_one_worker_never_reaches_the_center(algorithm, mpiexec, clean_env, tmp_path):
     run_dir = tmp_path / "run"
     proc = run(
         [
@@ -223,6 +224,7 @@ def test_nan_on_one_worker_never_reaches_the_center(mpiexec, clean_env, tmp_path
             "1",
             "101,402",
             str(run_dir),
+            f"algorithm={algorithm}",
         ],
         clean_env,
     )

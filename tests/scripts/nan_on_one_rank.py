@@ -1,6 +1,6 @@
 """A user script whose model returns a NaN gradient on one worker at a few steps.
 
-Usage: mpiexec -n P python nan_on_one_rank.py RANK STEP[,STEP...] OUTPUT_DIR
+Usage: mpiexec -n P python nan_on_one_rank.py RANK STEP[,STEP...] OUTPUT_DIR [KEY=VALUE ...]
 The center must stay finite and the run must keep converging.
 """
 
@@ -34,7 +34,14 @@ class Poisoned:
 
 def main() -> int:
     cfg = ea.Config.from_toml(
-        None, overrides={"steps": 1500, "lr": 0.1, "run_dir": RUN_DIR, "eval_interval": 0.3}
+        None,
+        overrides={
+            "steps": 1500,
+            "lr": 0.1,
+            "run_dir": RUN_DIR,
+            "eval_interval": 0.3,
+            **dict(arg.split("=", 1) for arg in sys.argv[4:]),
+        },
     )
     ea.train(cfg, problem=Poisoned, out=print)
     return 0
