@@ -4,6 +4,7 @@ Bad input: one line per rank naming the problem, exit code 2, no traceback, no h
 A failure on one rank: the whole job ends promptly with a non-zero exit.
 """
 
+import json
 import subprocess
 import sys
 import time
@@ -133,3 +134,18 @@ def test_demo_command_runs_and_learns(mpiexec, easgd_cmd, clean_env, tmp_path):
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1
     assert {p.name for p in runs[0].iterdir()} >= {"config.toml", "metrics.jsonl"}
+
+
+def test_check_reports_every_rank(mpiexec, easgd_cmd, clean_env, tmp_path):
+    proc, _ = launch(mpiexec, 3, [*easgd_cmd, "check"], clean_env, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("MPI: ") and "world size 3" in lines[0]
+    assert [ln.split(" (")[0] for ln in lines[1:]] == ["rank 0", "rank 1", "rank 2"]
+    assert "(master)" in lines[1] and "holds no GPU" in lines[1]
+    for line in lines[1:]:
+        assert "CUDA-aware MPI off" in line and "kernels from" in line
+        assert ("no GPU" in line) or ("GPU 0:" in line)
+    js, _ = launch(mpiexec, 2, [*easgd_cmd, "check", "--json"], clean_env, tmp_path)
+    infos = json.loads(js.stdout)
+    assert [i["rank"] for i in infos] == [0, 1] and infos[1]["role"] == "worker 0"
