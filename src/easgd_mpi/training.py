@@ -330,10 +330,13 @@ def _make_run_dir(cfg, checkpoint) -> str:
 
 def _announce(say, cfg, p, alpha, devices, run_dir, prob, checkpoint) -> None:
     kinds = {}
-    for name, why, _dev in devices:
-        label = name if name != "numpy" else f"numpy ({why})" if why else "numpy"
+    for name, why, dev in devices:
+        if name == "numpy":
+            label = f"NumPy, no GPU: {why}" if why else "NumPy"
+        else:
+            label = f"GPU {dev}" if dev is not None else "GPU"
         kinds[label] = kinds.get(label, 0) + 1
-    where = ", ".join(f"{n} on {k}" for k, n in kinds.items())
+    where = "; ".join(f"{n} on {k}" for k, n in kinds.items())
     say(
         f"easgd: {cfg.algorithm}, {p} workers ({where}), tau = {cfg.tau}, "
         f"alpha = {alpha:.4g} (beta = {alpha * p:.3g}), lr = {cfg.lr:g}, "

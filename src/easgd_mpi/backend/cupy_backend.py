@@ -212,7 +212,9 @@ def _nvrtc_compile_without_device(arch: str = "sm_80") -> None:
 def gpu_available() -> tuple[bool, str]:
     """``(True, "")`` when CuPy can use a CUDA device, else ``(False, why)``. Never raises."""
     if cupy is None:
-        return False, f"CuPy is not installed ({_CUPY_IMPORT_ERROR})"
+        if _CUPY_IMPORT_ERROR.startswith("ModuleNotFoundError"):
+            return False, "CuPy is not installed"
+        return False, f"CuPy cannot be imported ({_CUPY_IMPORT_ERROR})"
     try:
         if cupy.cuda.is_available():
             return True, ""
