@@ -8,6 +8,7 @@ final center must follow the float64 recurrence of DESIGN.md §2, computed here 
 import numpy as np
 import pytest
 from mpi4py import MPI
+from mpi_helpers import QUADRATIC, config, train_quietly
 
 import easgd_mpi as ea
 from easgd_mpi.models import QuadraticProblem
@@ -16,14 +17,6 @@ H = [0.5, 1.0, 1.5, 2.0]
 M = [1.0, -1.0, 0.5, 0.25]
 START = 0.0
 TOL = 1e-6
-
-
-def config(tmp_path, **overrides):
-    out = MPI.COMM_WORLD.bcast(str(tmp_path), root=0)  # only rank 0's folder is written
-    overrides.setdefault("output", f'"{out}"')
-    return ea.Config.from_toml(
-        None, environ={}, overrides={k: str(v) for k, v in overrides.items()}
-    )
 
 
 def quadratic(**extra):
@@ -145,17 +138,6 @@ def test_allreduce_sgd_follows_the_recurrence_exactly(tmp_path, tau, steps, mome
     check(summary, problem, points, center)  # the window holds x after the last step
 
 
-QUADRATIC = {
-    "model.name": '"quadratic"',
-    "quadratic.dim": 16,
-    "quadratic.curvature": "[" + ", ".join(str(0.5 + 0.1 * j) for j in range(16)) + "]",
-    "quadratic.optimum": "[" + ", ".join(str(j - 8) for j in range(16)) + "]",
-    "quadratic.start": 3.0,
-    "lr": 0.1,
-    "eval_interval": 0.5,
-}
-
-
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize(
     "algorithm, extra",
@@ -169,7 +151,7 @@ QUADRATIC = {
 )
 def test_noiseless_quadratic_converges_to_the_optimum(tmp_path, algorithm, extra):
     params = {**QUADRATIC, "algorithm": f'"{algorithm}"', "steps": 1500, "tau": 4, **extra}
-    summary = ea.train(config(tmp_path, **params), comm=MPI.COMM_WORLD, out=lambda line: None)
+    summary = train_quietly(config(tmp_path, **params))
     assert summary["workers"] == MPI.COMM_WORLD.Get_size() - 1
     assert summary["center_error"] <= 1e-4, summary
     assert summary["steps"] == 1500 * summary["workers"]
@@ -192,6 +174,6 @@ def test_digits_mlp_learns(tmp_path, algorithm, extra):
         "eval_interval": 0.5,
         **extra,
     }
-    summary = ea.train(config(tmp_path, **params), comm=MPI.COMM_WORLD, out=lambda line: None)
+    summary = train_quietly(config(tmp_path, **params))
     assert summary["center_error"] <= 0.08, summary
     assert summary["bytes"] > 0 or summary["workers"] == 1

@@ -9,27 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from mpi4py import MPI
+from mpi_helpers import QUADRATIC, config, train_quietly
 
 import easgd_mpi as ea
 
 
 def run(tmp_path, **overrides):
-    comm = MPI.COMM_WORLD
-    out = comm.bcast(str(tmp_path), root=0)  # only rank 0's folder is written
-    overrides.setdefault("output", f'"{out}"')
-    cfg = ea.Config.from_toml(None, environ={}, overrides={k: str(v) for k, v in overrides.items()})
-    return ea.train(cfg, comm=comm, out=lambda line: None)
-
-
-QUADRATIC = {
-    "model.name": '"quadratic"',
-    "quadratic.dim": 16,
-    "quadratic.curvature": "[" + ", ".join(str(0.5 + 0.1 * j) for j in range(16)) + "]",
-    "quadratic.optimum": "[" + ", ".join(str(j - 8) for j in range(16)) + "]",
-    "quadratic.start": 3.0,
-    "lr": 0.1,
-    "eval_interval": 0.5,
-}
+    return train_quietly(config(tmp_path, **overrides))
 
 
 @pytest.mark.mpi(min_size=2)

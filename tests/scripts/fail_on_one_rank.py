@@ -6,6 +6,7 @@ Usage: mpiexec -n P python fail_on_one_rank.py RANK STEP OUTPUT_DIR
 import sys
 
 from mpi4py import MPI
+from wrapped_problem import WrappedProblem
 
 import easgd_mpi as ea
 from easgd_mpi.cli import run_or_abort
@@ -13,16 +14,8 @@ from easgd_mpi.cli import run_or_abort
 FAIL_RANK, FAIL_STEP, OUTPUT = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 
 
-class Exploding:
+class Exploding(WrappedProblem):
     """The built-in problem, except that one rank raises at one step."""
-
-    def __init__(self, cfg, xp):
-        self.inner = ea.make_problem(cfg, xp)
-        self.layout = self.inner.layout
-        self.calls = 0
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
     def _count(self):
         self.calls += 1

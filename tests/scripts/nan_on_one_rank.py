@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 from mpi4py import MPI
+from wrapped_problem import WrappedProblem
 
 import easgd_mpi as ea
 from easgd_mpi.cli import run_or_abort
@@ -15,14 +16,8 @@ from easgd_mpi.cli import run_or_abort
 RANK, STEPS, RUN_DIR = int(sys.argv[1]), {int(s) for s in sys.argv[2].split(",")}, sys.argv[3]
 
 
-class Poisoned:
-    def __init__(self, cfg, xp):
-        self.inner = ea.make_problem(cfg, xp)
-        self.layout = self.inner.layout
-        self.calls = 0
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
+class Poisoned(WrappedProblem):
+    """The built-in problem, except that one worker's gradient is NaN at a few steps."""
 
     def loss_and_grad(self, x, batch, g):
         self.calls += 1

@@ -1,0 +1,30 @@
+"""Shared by the MPI tests: a config written under rank 0's tmp folder, a quiet train(), the
+noiseless quadratic the convergence tests use."""
+
+from mpi4py import MPI
+
+import easgd_mpi as ea
+
+QUADRATIC = {
+    "model.name": '"quadratic"',
+    "quadratic.dim": 16,
+    "quadratic.curvature": "[" + ", ".join(str(0.5 + 0.1 * j) for j in range(16)) + "]",
+    "quadratic.optimum": "[" + ", ".join(str(j - 8) for j in range(16)) + "]",
+    "quadratic.start": 3.0,
+    "lr": 0.1,
+    "eval_interval": 0.5,
+}
+
+
+def config(tmp_path, **overrides) -> ea.Config:
+    """A config from TOML-valued overrides; output goes to rank 0's tmp folder (only rank 0
+    writes the run folder)."""
+    out = MPI.COMM_WORLD.bcast(str(tmp_path), root=0)
+    overrides.setdefault("output", f'"{out}"')
+    return ea.Config.from_toml(
+        None, environ={}, overrides={k: str(v) for k, v in overrides.items()}
+    )
+
+
+def train_quietly(cfg, **kwargs) -> dict:
+    return ea.train(cfg, comm=MPI.COMM_WORLD, out=lambda line: None, **kwargs)
