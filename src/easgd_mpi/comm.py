@@ -102,6 +102,32 @@ class AgreedError(EasgdError):
     """An input error that every rank raises at the same point: exit cleanly, no abort."""
 
 
+def cuda_aware_mpi() -> bool | None:
+    """Whether the loaded MPI library can take GPU buffers: ``MPIX_Query_cuda_support()``
+    (Open MPI, MPICH >= 4.1), or None when the library does not say."""
+    import ctypes  # noqa: PLC0415
+
+    _mpi()  # the library is loaded (and initialised) by mpi4py
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as fh:
+            paths = {line.split()[-1] for line in fh if "libmpi" in line and ".so" in line}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        try:
+            query = ctypes.CDLL(path).MPIX_Query_cuda_support
+        except (OSError, AttributeError):
+            continue
+        query.restype = ctypes.c_int
+        return bool(query())
+    return None
+
+
+def cuda_mpi_requested() -> bool:
+    """``EASGD_CUDA_MPI=1`` asks for device buffers to go to MPI directly (default off)."""
+    return os.environ.get("EASGD_CUDA_MPI", "0").strip() == "1"
+
+
 def ranks_on_node(comm) -> int:
     """How many ranks of ``comm`` share this node (a shared-memory split)."""
     MPI = _mpi()

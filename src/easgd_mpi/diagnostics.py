@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 
 __all__ = ["describe_rank", "format_report"]
@@ -14,7 +13,7 @@ def describe_rank(comm) -> dict:
     from mpi4py import MPI  # noqa: PLC0415
 
     from .backend import select_backend  # noqa: PLC0415
-    from .comm import local_rank  # noqa: PLC0415
+    from .comm import cuda_aware_mpi, cuda_mpi_requested, local_rank  # noqa: PLC0415
 
     rank, size = comm.Get_rank(), comm.Get_size()
     node_local = local_rank(comm)
@@ -27,7 +26,8 @@ def describe_rank(comm) -> dict:
         "mpi_library": MPI.Get_library_version().strip().splitlines()[0],
         "mpi_standard": "{}.{}".format(*MPI.Get_version()),
         "mpi4py": mpi4py.__version__,
-        "cuda_aware_mpi": os.environ.get("EASGD_CUDA_MPI", "0") == "1",
+        "cuda_aware_mpi": cuda_mpi_requested(),
+        "mpi_cuda_support": cuda_aware_mpi(),
     }
     try:
         from .backend import cupy_backend  # noqa: PLC0415
@@ -52,6 +52,10 @@ def describe_rank(comm) -> dict:
     return info
 
 
+def _support(flag: bool | None) -> str:
+    return {True: "yes", False: "no", None: "unknown"}[flag]
+
+
 def format_report(infos: list[dict]) -> str:
     lines = []
     first = infos[0]
@@ -74,7 +78,8 @@ def format_report(infos: list[dict]) -> str:
         lines.append(
             f"rank {info['rank']} ({info['role']}) on {info['host']}, local rank "
             f"{info['local_rank']}: {devs}; CuPy {gpu.get('cupy_version') or 'not installed'}; "
-            f"CUDA-aware MPI {'on' if info['cuda_aware_mpi'] else 'off'} (EASGD_CUDA_MPI); "
+            f"CUDA-aware MPI {'on' if info['cuda_aware_mpi'] else 'off'} (EASGD_CUDA_MPI; "
+            f"library support: {_support(info['mpi_cuda_support'])}); "
             f"kernels from {gpu.get('kernel_source_dir')} {kern}"
             + (f" ({gpu['kernel_error']})" if gpu.get("kernel_error") else "")
             + f"; backend: {info['backend']}"

@@ -8,7 +8,6 @@ after that, rank 0 serves the center and ranks 1..p train.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import time
@@ -20,9 +19,15 @@ import numpy as np
 from .backend import NumpyBackend, select_backend
 from .center import CenterWindow
 from .checkpoint import CheckpointData, check_matches, load_checkpoint, newest_valid_checkpoint
-from .comm import agree_or_fail, limit_blas_threads, make_roles
+from .comm import (
+    agree_or_fail,
+    cuda_aware_mpi,
+    cuda_mpi_requested,
+    limit_blas_threads,
+    make_roles,
+)
 from .config import Config
-from .errors import CheckpointError, ConfigError
+from .errors import BackendError, CheckpointError, ConfigError
 from .master import run_master
 from .metrics import MetricsLog
 from .models import make_problem
@@ -53,11 +58,17 @@ def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
         cfg.validate(workers=p)
         backend, why_cpu, device_id = _choose_backend(cfg, roles)
         prob = _build_problem(cfg, problem, backend.xp)
-        return backend, why_cpu, device_id, prob
+        direct = backend.is_gpu and cuda_mpi_requested()
+        if direct and cuda_aware_mpi() is False:
+            raise BackendError(
+                "EASGD_CUDA_MPI=1 but this MPI library reports no CUDA support "
+                "(MPIX_Query_cuda_support() = 0): unset EASGD_CUDA_MPI to stage through "
+                "pinned host memory"
+            )
+        return backend, why_cpu, device_id, prob, direct
 
-    backend, why_cpu, device_id, prob = agree_or_fail(roles.world, setup)
+    backend, why_cpu, device_id, prob, direct_mpi = agree_or_fail(roles.world, setup)
     alpha = cfg.resolve_alpha(p)
-    direct_mpi = backend.is_gpu and os.environ.get("EASGD_CUDA_MPI", "0") == "1"
 
     def open_checkpoint():
         if not roles.is_master or resume is None:
