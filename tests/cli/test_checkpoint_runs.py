@@ -150,6 +150,10 @@ def test_sigkill_of_a_worker_then_resume_auto_loses_at_most_one_interval(
     final = load_checkpoint(list_checkpoints(run_dir)[-1])
     assert list(final.worker_counters["steps"]) == [target, target]
     assert (run_dir / "COMPLETED").exists()
+    for path in list_checkpoints(run_dir):  # what the run wrote, HDF5 tools read
+        if path != newest_path:
+            header = subprocess.run(["h5dump", "-H", str(path)], capture_output=True, text=True)
+            assert header.returncode == 0 and 'DATASET "center"' in header.stdout, path
 
 
 @pytest.mark.parametrize(
