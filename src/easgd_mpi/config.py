@@ -49,7 +49,7 @@ MOMENTUM_ALGORITHMS = ("eamsgd",)
 #: Algorithms that keep a velocity (Nesterov) only when momentum > 0; see Config.keeps_velocity.
 OPTIONAL_MOMENTUM_ALGORITHMS = ("sync-easgd", "allreduce-sgd")
 
-DATASETS = ("digits", "synthetic")
+DATASETS = ("digits", "synthetic", "file")
 MODELS = ("mlp", "softmax", "quadratic")
 LOCK_MODES = ("shared", "exclusive")
 ACTIVATIONS = ("tanh", "relu")
@@ -69,6 +69,12 @@ class DataConfig:
     classes: int = 4
     #: Distance of the class means from the origin, in units of the noise (higher = easier).
     separation: float = 2.0
+    #: Your own data (name = "file"): an .npz or HDF5 file with features and integer labels.
+    path: str = ""
+    #: Names of the arrays in it; "<x_key>_test" and "<y_key>_test", when present, are the
+    #: held-out split (otherwise test_fraction of the samples is held out).
+    x_key: str = "x"
+    y_key: str = "y"
 
 
 @dataclass
@@ -206,9 +212,6 @@ class Config:
     def resolve_beta(self, workers: int) -> float:
         return self.resolve_alpha(workers) * workers
 
-    def momentum_value(self) -> float:
-        return self.momentum
-
     @property
     def keeps_velocity(self) -> bool:
         """Whether each worker of this run keeps a velocity v (checkpoints must store it)."""
@@ -269,6 +272,11 @@ class Config:
         _check_int("data.features", self.data.features, low=1)
         _check_int("data.classes", self.data.classes, low=2)
         _check_positive("data.separation", self.data.separation)
+        if self.data.name == "file" and not self.data.path:
+            raise ConfigError(
+                "config: data.name = 'file' needs data.path (an .npz or HDF5 file with a "
+                "feature array and an integer label array, see data.x_key / data.y_key)"
+            )
 
         _check_choice("model.name", self.model.name, MODELS)
         if not isinstance(self.model.hidden, list) or not all(

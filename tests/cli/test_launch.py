@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -149,3 +150,40 @@ def test_check_reports_every_rank(mpiexec, easgd_cmd, clean_env, tmp_path):
     js, _ = launch(mpiexec, 2, [*easgd_cmd, "check", "--json"], clean_env, tmp_path)
     infos = json.loads(js.stdout)
     assert [i["rank"] for i in infos] == [0, 1] and infos[1]["role"] == "worker 0"
+
+
+def test_training_on_your_own_data_file(mpiexec, easgd_cmd, clean_env, tmp_path):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 600)
+    x = rng.standard_normal((600, 10)) + 3.0 * np.eye(10)[y]  # three separable blobs
+    np.savez(tmp_path / "mine.npz", x=x, y=y)
+    args = [
+        *easgd_cmd,
+        "train",
+        "--set",
+        "data.name=file",
+        "--set",
+        f"data.path={tmp_path / 'mine.npz'}",
+        "--set",
+        "steps=600",
+        "--set",
+        "lr=0.1",
+    ]
+    proc, _ = launch(mpiexec, 3, args, clean_env, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    error = float(proc.stdout.splitlines()[-1].split("center test error ")[1].split("%")[0])
+    assert error <= 5.0
+
+    bad = [
+        *easgd_cmd,
+        "train",
+        "--set",
+        "data.name=file",
+        "--set",
+        f"data.path={tmp_path / 'missing.npz'}",
+    ]
+    proc, _ = launch(mpiexec, 3, bad, clean_env, tmp_path)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 3 and all("missing.npz not found (data.path)" in ln for ln in lines)
+    assert "Traceback" not in proc.stderr

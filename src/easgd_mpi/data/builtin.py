@@ -37,9 +37,19 @@ def load_dataset(data_cfg) -> Dataset:
         x, y = _digits()
     elif data_cfg.name == "synthetic":
         x, y = _synthetic(data_cfg)
+    elif data_cfg.name == "file":
+        from .files import load_arrays  # noqa: PLC0415
+
+        x, y, held_out = load_arrays(data_cfg.path, data_cfg.x_key, data_cfg.y_key)
+        if held_out is not None:
+            x_test, y_test = held_out
+            n_classes = int(max(y.max(), y_test.max())) + 1
+            return Dataset("file", x, y, x_test, y_test, n_classes)
     else:
         raise DataError(f"data.name = '{data_cfg.name}' is not a built-in data set")
     n_classes = int(y.max()) + 1
+    if n_classes < 2:
+        raise DataError(f"data set '{data_cfg.name}' has a single class: nothing to classify")
     return _split(data_cfg.name, x, y, n_classes, data_cfg.test_fraction, data_cfg.seed)
 
 
