@@ -55,7 +55,7 @@ class _Run:
         }
         self.records.append(record)
         self.metrics.write(record)
-        self.out(format_progress(record))
+        self.out(format_progress(record, getattr(self.problem, "error_is_rate", True)))
         return record
 
     def checkpoint(self, table) -> Path:

@@ -7,7 +7,7 @@ import math
 import os
 from pathlib import Path
 
-__all__ = ["MetricsLog", "format_progress", "read_metrics"]
+__all__ = ["MetricsLog", "format_error", "format_progress", "read_metrics"]
 
 
 class MetricsLog:
@@ -50,10 +50,16 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return records
 
 
-def format_progress(rec: dict) -> str:
+def format_error(error: float | None, is_rate: bool = True) -> str:
+    """An error rate as a percentage; any other error measure as a number."""
+    if error is None:
+        return "n/a"
+    return f"{100 * error:6.2f}%" if is_rate else f"{error:.4g}"
+
+
+def format_progress(rec: dict, error_is_rate: bool = True) -> str:
     """One readable line: time, worker steps, exchanges, center loss and error, distance."""
-    error = rec.get("center_error")
-    error_txt = f"{100 * error:6.2f}%" if error is not None and error <= 1 else f"{error:.3e}"
+    error_txt = format_error(rec.get("center_error"), error_is_rate)
     return (
         f"[{rec['time']:7.1f}s] steps {rec['steps']:>9,d}  exchanges {rec['exchanges']:>7,d}  "
         f"center loss {rec['center_loss']:.4f}  error {error_txt}  "

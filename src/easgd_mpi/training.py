@@ -29,7 +29,7 @@ from .comm import (
 from .config import Config
 from .errors import BackendError, CheckpointError, ConfigError
 from .master import run_master
-from .metrics import MetricsLog
+from .metrics import MetricsLog, format_error
 from .models import make_problem
 from .snapshots import StateChannel
 from .worker import run_worker, wait_for_all
@@ -177,7 +177,8 @@ def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
         say(
             f"{verb}: {cfg.algorithm} with {p} workers, {summary['steps']:,d} worker steps, "
             f"{summary['exchanges']:,d} exchanges in {summary['wall_time']:.1f}s; "
-            f"center test error {_pct(summary['center_error'], cfg)}, "
+            f"center test error "
+            f"{format_error(summary['center_error'], getattr(prob, 'error_is_rate', True))}, "
             f"loss {summary['center_loss']:.4f}; run folder {run_dir}"
         )
     summary = roles.world.bcast(summary)
@@ -273,10 +274,6 @@ def _write_marker(run_dir: Path, name: str) -> None:
     for old in ("PREEMPTED", "COMPLETED"):
         (run_dir / old).unlink(missing_ok=True)
     (run_dir / name).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
-
-
-def _pct(error: float, cfg) -> str:
-    return f"{error:.3e}" if cfg.model.name == "quadratic" else f"{100 * error:.2f}%"
 
 
 def _comm_null():

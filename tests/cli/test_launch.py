@@ -187,3 +187,19 @@ def test_training_on_your_own_data_file(mpiexec, easgd_cmd, clean_env, tmp_path)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 3 and all("missing.npz not found (data.path)" in ln for ln in lines)
     assert "Traceback" not in proc.stderr
+
+
+def test_the_custom_problem_example_runs(mpiexec, clean_env, tmp_path):
+    """examples/least_squares.py: the README's Python API with a user-written problem."""
+    example = Path(__file__).resolve().parents[2] / "examples" / "least_squares.py"
+    proc, _ = launch(
+        mpiexec,
+        3,
+        [sys.executable, str(example), "steps=1500", f"output={tmp_path}"],
+        clean_env,
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    last = proc.stdout.splitlines()[-1]
+    assert last.startswith("done: easgd with 2 workers, 3,000 worker steps")
+    assert float(last.split("loss ")[1].split(";")[0]) <= 0.05

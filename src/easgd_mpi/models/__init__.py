@@ -8,7 +8,9 @@ A *problem* (DESIGN.md §4b) offers:
 - ``loss_and_grad(x, batch, g) -> float``: loss of the minibatch at ``x`` and its gradient
   written into ``g`` (``x``, ``g`` are flat arrays of the problem's array module);
 - ``evaluate(x_host) -> {"loss": ..., "error": ...}``: the held-out loss and error of a host
-  parameter vector (the master's evaluation of the center).
+  parameter vector (the master's evaluation of the center);
+- optionally ``error_is_rate = False`` when "error" is not a fraction of misclassified samples
+  (progress lines then print it as a number instead of a percentage).
 
 Built-in problems are made by :func:`make_problem` from the config; a user passes their own
 factory ``f(cfg, xp) -> problem`` to :func:`easgd_mpi.train`.

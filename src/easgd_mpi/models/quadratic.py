@@ -17,6 +17,9 @@ def _vector(value, dim) -> np.ndarray:
 
 
 class QuadraticProblem:
+    #: The "error" is the largest coordinate error max |x_j − m_j|, not a rate.
+    error_is_rate = False
+
     def __init__(self, qcfg, xp=np):
         self.xp = xp
         self.dim = int(qcfg.dim)
