@@ -10,7 +10,7 @@ NP      ?= 5
 MPI_TEST_TIMEOUT ?= 300
 ARGS    ?=
 
-.PHONY: venv demo test test-unit test-mpi test-tools bench clean
+.PHONY: venv demo test lint test-unit test-mpi test-tools test-slurm bench clean
 
 $(VENV)/.installed: setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,12 +20,17 @@ $(VENV)/.installed: setup.py pyproject.toml
 
 venv: $(VENV)/.installed
 
-## demo: the main job: 4 workers + master, async EASGD on the digits MLP (about 30 s)
+## demo: the main job: 4 workers + master, async EASGD on the digits MLP (about 20 s)
 demo: venv
 	$(MPIEXEC) -n $(NP) $(VENV)/bin/easgd train $(ARGS)
 
-## test: unit tests, CLI tests, then the MPI tests at 2, 3 and 5 ranks
-test: test-unit test-mpi
+## test: lint, unit tests, CLI tests, then the MPI tests at 2, 3 and 5 ranks
+test: lint test-unit test-mpi
+
+## lint: ruff (pinned in the test extra): the rules and the formatting of pyproject.toml
+lint: venv
+	$(VENV)/bin/ruff check src tests bench examples
+	$(VENV)/bin/ruff format --check src tests bench examples
 
 test-tools:
 	bash tools/install-test-tools.sh

