@@ -32,6 +32,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "list_checkpoints",
+    "checkpoint_sequence",
     "newest_valid_checkpoint",
     "prune_checkpoints",
     "summarize",
@@ -311,6 +312,14 @@ def check_matches(data: CheckpointData, layout: Layout, path) -> None:
 
 def checkpoint_path(run_dir: str | os.PathLike, sequence: int) -> Path:
     return Path(run_dir) / f"checkpoint-{sequence:06d}.h5"
+
+
+def checkpoint_sequence(path: str | os.PathLike) -> int:
+    """The sequence number in a checkpoint's file name (checkpoint-000012.h5 → 12)."""
+    match = _NAME.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path} is not named like a checkpoint (checkpoint-NNNNNN.h5)")
+    return int(match.group(1))
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:

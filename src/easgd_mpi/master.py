@@ -11,7 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import CheckpointData, checkpoint_path, prune_checkpoints, save_checkpoint
+from .checkpoint import (
+    CheckpointData,
+    checkpoint_path,
+    checkpoint_sequence,
+    list_checkpoints,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from .metrics import format_progress
 
 __all__ = ["run_master", "MasterResult"]
@@ -32,7 +39,15 @@ class _Run:
         self.start = time.monotonic()
         self.time_offset = resume.wall_time if resume else 0.0
         self.records = list(resume.metrics) if resume else []
-        self.sequence = resume.sequence if resume else 0
+        # New checkpoints are numbered above every file already in the folder (a damaged one
+        # that resume skipped, or an earlier run's), so pruning never removes the newest.
+        existing = [checkpoint_sequence(p) for p in list_checkpoints(run_dir)]
+        self.sequence = max([resume.sequence if resume else 0, *existing])
+        if existing and resume is None:
+            out(
+                f"easgd: note: {run_dir} already holds checkpoints of an earlier run; this "
+                f"run's are numbered from {self.sequence + 1}"
+            )
         self.snapshot = np.empty(center.n, dtype=np.float32)
 
     def elapsed(self) -> float:

@@ -149,6 +149,7 @@ def test_sigkill_of_a_worker_then_resume_auto_loses_at_most_one_interval(
     assert f"resuming from checkpoint #{before.sequence}" in resumed.stdout
     final = load_checkpoint(list_checkpoints(run_dir)[-1])
     assert list(final.worker_counters["steps"]) == [target, target]
+    assert final.sequence > newest.sequence  # numbered past the damaged file, never under it
     assert (run_dir / "COMPLETED").exists()
     for path in list_checkpoints(run_dir):  # what the run wrote, HDF5 tools read
         if path != newest_path:
@@ -256,3 +257,23 @@ def test_nan_on_one_worker_never_reaches_the_center(algorithm, mpiexec, clean_en
         ).stdout
     )
     assert summary["counters"]["resets"] == 2
+
+
+def test_resume_refuses_a_checkpoint_that_does_not_fit(mpiexec, clean_env, tmp_path):
+    run_dir = tmp_path / "run"
+    first = run(train_cmd(mpiexec, 3, run_dir, "steps=200", "checkpoint.interval=0"), clean_env)
+    assert first.returncode == 0, first.stderr
+    cases = [
+        (4, ["steps=400"], "written by 2 workers, this launch has 3: launch with 3 ranks"),
+        (3, ["model.hidden=[32]"], "tensor 'w0' has shape [64, 64], the model needs [64, 32]"),
+    ]
+    for ranks, sets, fragment in cases:
+        proc = run(train_cmd(mpiexec, ranks, run_dir, *sets, resume="auto"), clean_env)
+        assert proc.returncode == 2, proc.stderr
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert len(lines) == ranks and all(fragment in ln for ln in lines), proc.stderr
+        assert "Traceback" not in proc.stderr
+    # Nothing was overwritten: the run folder still resumes with the right launch.
+    again = run(train_cmd(mpiexec, 3, run_dir, "steps=300", resume="auto"), clean_env)
+    assert again.returncode == 0, again.stderr
+    assert load_checkpoint(list_checkpoints(run_dir)[-1]).total_steps == 600
