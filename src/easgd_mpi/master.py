@@ -41,6 +41,8 @@ class _Run:
         self.records = list(resume.metrics) if resume else []
         # New checkpoints are numbered above every file already in the folder (a damaged one
         # that resume skipped, or an earlier run's), so pruning never removes the newest.
+        for stale in self.run_dir.glob(".checkpoint-*.h5.tmp-*"):  # a crash mid-write left it
+            stale.unlink(missing_ok=True)
         existing = [checkpoint_sequence(p) for p in list_checkpoints(run_dir)]
         self.sequence = max([resume.sequence if resume else 0, *existing])
         if existing and resume is None:
