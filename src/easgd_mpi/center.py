@@ -184,13 +184,6 @@ class CenterWindow:
         finally:
             self._unlock()
 
-    def local_view(self) -> np.ndarray:
-        """The master's own window memory (rank 0 only). Not atomic: use before workers start
-        or after they stopped, e.g. to restore a checkpoint or write the final result."""
-        if self._local is None:
-            raise RuntimeError("only rank 0 holds the center")
-        return self._local
-
     # ---- status slots -------------------------------------------------------------------
     def publish_status(self, worker_slot: int, **values: float) -> None:
         """Overwrite this worker's status slot (atomic element-wise REPLACE)."""

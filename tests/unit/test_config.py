@@ -31,6 +31,13 @@ def test_env_nested_key_and_unrelated_vars_ignored():
     assert cfg.data.name == "synthetic"
 
 
+def test_from_dict_is_what_a_toml_table_gives():
+    cfg = Config.from_dict({"tau": 8, "data": {"name": "synthetic"}})
+    assert cfg.tau == 8 and cfg.data.name == "synthetic"
+    with pytest.raises(ConfigError, match="unknown key 'data.nme'"):
+        Config.from_dict({"data": {"nme": "x"}})
+
+
 def test_round_trip_through_toml(tmp_path):
     cfg = load(
         **{
