@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .center import LOCK_MODES
 from .errors import ConfigError
 
 __all__ = [
@@ -51,7 +52,6 @@ OPTIONAL_MOMENTUM_ALGORITHMS = ("sync-easgd", "allreduce-sgd")
 
 DATASETS = ("digits", "synthetic", "file")
 MODELS = ("mlp", "softmax", "quadratic")
-LOCK_MODES = ("shared", "exclusive")
 ACTIVATIONS = ("tanh", "relu")
 
 
