@@ -13,47 +13,24 @@ import pytest
 
 from easgd_mpi.checkpoint import list_checkpoints, load_checkpoint
 from easgd_mpi.metrics import read_metrics
+from launching import run, train_command
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
-
-def train_cmd(mpiexec, n, run_dir, *sets, resume=None):
-    cmd = [
-        mpiexec,
-        "-n",
-        str(n),
-        sys.executable,
-        "-m",
-        "easgd_mpi",
-        "train",
-        "--set",
-        f"run_dir={run_dir}",
-    ]
-    for s in sets:
-        cmd += ["--set", s]
-    if resume:
-        cmd += ["--resume", resume]
-    return cmd
-
-
-def run(cmd, env, timeout=120):
-    return subprocess.run(
-        cmd, capture_output=True, text=True, env=env, timeout=timeout, stdin=subprocess.DEVNULL
-    )
 
 
 def test_resume_continues_counters_and_learns_like_an_uninterrupted_run(
     mpiexec, clean_env, tmp_path
 ):
     common = ["lr=0.1", "eval_interval=0.3", "checkpoint.interval=0"]
-    whole = run(train_cmd(mpiexec, 3, tmp_path / "whole", "steps=2000", *common), clean_env)
+    whole = run(train_command(mpiexec, 3, tmp_path / "whole", "steps=2000", *common), clean_env)
     assert whole.returncode == 0, whole.stderr
-    part = run(train_cmd(mpiexec, 3, tmp_path / "split", "steps=1000", *common), clean_env)
+    part = run(train_command(mpiexec, 3, tmp_path / "split", "steps=1000", *common), clean_env)
     assert part.returncode == 0, part.stderr
     first = load_checkpoint(list_checkpoints(tmp_path / "split")[-1])
     assert first.total_steps == 2000 and list(first.worker_counters["steps"]) == [1000, 1000]
     rest = run(
-        train_cmd(mpiexec, 3, tmp_path / "split", "steps=2000", *common, resume="auto"), clean_env
+        train_command(mpiexec, 3, tmp_path / "split", "steps=2000", *common, resume="auto"),
+        clean_env,
     )
     assert rest.returncode == 0, rest.stderr
     assert "resuming from checkpoint #1: 2,000 worker steps" in rest.stdout
@@ -93,7 +70,7 @@ def test_sigkill_of_a_worker_then_resume_auto_loses_at_most_one_interval(
 ):
     run_dir = tmp_path / "run"
     interval = 1.0
-    cmd = train_cmd(
+    cmd = train_command(
         mpiexec,
         3,
         run_dir,
@@ -139,7 +116,9 @@ def test_sigkill_of_a_worker_then_resume_auto_loses_at_most_one_interval(
     before = load_checkpoint(list_checkpoints(run_dir)[-2])
     target = int(before.worker_counters["steps"].max()) + 300
     resumed = run(
-        train_cmd(mpiexec, 3, run_dir, f"steps={target}", "checkpoint.interval=0", resume="auto"),
+        train_command(
+            mpiexec, 3, run_dir, f"steps={target}", "checkpoint.interval=0", resume="auto"
+        ),
         clean_env,
     )
     assert resumed.returncode == 0, resumed.stderr
@@ -173,7 +152,7 @@ def test_sigterm_writes_a_final_checkpoint_and_exits_0(
 ):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
-        train_cmd(
+        train_command(
             mpiexec,
             3,
             run_dir,
@@ -210,7 +189,9 @@ def test_sigterm_writes_a_final_checkpoint_and_exits_0(
     if algorithm in ("sync-easgd", "allreduce-sgd"):  # states copied on one common step
         assert len(set(ckpt.worker_counters["steps"])) == 1
         target = int(ckpt.worker_counters["steps"][0]) + 40
-        resumed = run(train_cmd(mpiexec, 3, run_dir, f"steps={target}", resume="auto"), clean_env)
+        resumed = run(
+            train_command(mpiexec, 3, run_dir, f"steps={target}", resume="auto"), clean_env
+        )
         assert resumed.returncode == 0, resumed.stderr
         again = load_checkpoint(list_checkpoints(run_dir)[-1])
         assert set(again.worker_counters["steps"]) == {target}
@@ -261,19 +242,19 @@ def test_nan_on_one_worker_never_reaches_the_center(algorithm, mpiexec, clean_en
 
 def test_resume_refuses_a_checkpoint_that_does_not_fit(mpiexec, clean_env, tmp_path):
     run_dir = tmp_path / "run"
-    first = run(train_cmd(mpiexec, 3, run_dir, "steps=200", "checkpoint.interval=0"), clean_env)
+    first = run(train_command(mpiexec, 3, run_dir, "steps=200", "checkpoint.interval=0"), clean_env)
     assert first.returncode == 0, first.stderr
     cases = [
         (4, ["steps=400"], "written by 2 workers, this launch has 3: launch with 3 ranks"),
         (3, ["model.hidden=[32]"], "tensor 'w0' has shape [64, 64], the model needs [64, 32]"),
     ]
     for ranks, sets, fragment in cases:
-        proc = run(train_cmd(mpiexec, ranks, run_dir, *sets, resume="auto"), clean_env)
+        proc = run(train_command(mpiexec, ranks, run_dir, *sets, resume="auto"), clean_env)
         assert proc.returncode == 2, proc.stderr
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
         assert len(lines) == ranks and all(fragment in ln for ln in lines), proc.stderr
         assert "Traceback" not in proc.stderr
     # Nothing was overwritten: the run folder still resumes with the right launch.
-    again = run(train_cmd(mpiexec, 3, run_dir, "steps=300", resume="auto"), clean_env)
+    again = run(train_command(mpiexec, 3, run_dir, "steps=300", resume="auto"), clean_env)
     assert again.returncode == 0, again.stderr
     assert load_checkpoint(list_checkpoints(run_dir)[-1]).total_steps == 600

@@ -8,8 +8,6 @@ case also needs an MPI library that reports CUDA support (MPIX_Query_cuda_suppor
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,6 +15,7 @@ import pytest
 from easgd_mpi.backend.cupy_backend import gpu_available
 from easgd_mpi.checkpoint import list_checkpoints, load_checkpoint
 from easgd_mpi.metrics import read_metrics
+from launching import run, train_command
 
 pytestmark = pytest.mark.gpu
 
@@ -33,22 +32,7 @@ def needs_gpu():
 def train(mpiexec, n, run_dir, *sets, env_extra=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith("EASGD_")}
     env.update(env_extra or {})
-    cmd = [
-        mpiexec,
-        "-n",
-        str(n),
-        sys.executable,
-        "-m",
-        "easgd_mpi",
-        "train",
-        "--set",
-        f"run_dir={run_dir}",
-    ]
-    for s in sets:
-        cmd += ["--set", s]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, env=env, timeout=300, stdin=subprocess.DEVNULL
-    )
+    proc = run(train_command(mpiexec, n, run_dir, *sets), env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return proc
 
