@@ -54,7 +54,7 @@ def format_error(error: float | None, is_rate: bool = True) -> str:
     """An error rate as a percentage; any other error measure as a number."""
     if error is None:
         return "n/a"
-    return f"{100 * error:6.2f}%" if is_rate else f"{error:.4g}"
+    return f"{100 * error:.2f}%" if is_rate else f"{error:.4g}"
 
 
 def format_progress(rec: dict, error_is_rate: bool = True) -> str:
@@ -62,7 +62,7 @@ def format_progress(rec: dict, error_is_rate: bool = True) -> str:
     error_txt = format_error(rec.get("center_error"), error_is_rate)
     return (
         f"[{rec['time']:7.1f}s] steps {rec['steps']:>9,d}  exchanges {rec['exchanges']:>7,d}  "
-        f"center loss {rec['center_loss']:.4f}  error {error_txt}  "
+        f"center loss {rec['center_loss']:.4f}  error {error_txt:>7}  "
         f"|x-c| {rec['distance']:.4g}"
     )
 

@@ -12,10 +12,10 @@ rank 0, all in one long ``Lock_all`` epoch like the center:
   ``Accumulate(REPLACE)`` when it answers an epoch.
 
 A worker looks at *control* every 50 ms (the collective rules: every ~16 steps, on the same
-round on every worker, deciding together); when the epoch is new it copies its state into its row — training pauses only for that
-copy — then writes its *meta* row. The master reads the rows only after every worker has
-answered the epoch, and asks for no new epoch until it has read them, so a row is never read
-while it is written.
+round on every worker, deciding together); when the epoch is new it copies its state into its
+row — training pauses only for that copy — then writes its *meta* row. The master reads the
+rows only after every worker has answered the epoch, and asks for no new epoch until it has
+read them, so a row is never read while it is written.
 """
 
 from __future__ import annotations
