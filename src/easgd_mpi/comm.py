@@ -22,7 +22,9 @@ __all__ = [
     "make_roles",
     "agree_or_fail",
     "local_rank",
-    "ranks_on_node",
+    "node_position",
+    "cuda_aware_mpi",
+    "cuda_mpi_requested",
     "limit_blas_threads",
     "run_or_abort",
     "report_error",
@@ -89,13 +91,7 @@ def local_rank(comm=None) -> int:
         value = os.environ.get(var)
         if value is not None and value.strip().isdigit():
             return int(value)
-    MPI = _mpi()
-    base = MPI.COMM_WORLD if comm is None else comm
-    node = base.Split_type(MPI.COMM_TYPE_SHARED, key=base.Get_rank())
-    try:
-        return node.Get_rank()
-    finally:
-        node.Free()
+    return node_position(_mpi().COMM_WORLD if comm is None else comm)[0]
 
 
 class AgreedError(EasgdError):
@@ -128,12 +124,15 @@ def cuda_mpi_requested() -> bool:
     return os.environ.get("EASGD_CUDA_MPI", "0").strip() == "1"
 
 
-def ranks_on_node(comm) -> int:
-    """How many ranks of ``comm`` share this node (a shared-memory split)."""
+def node_position(comm) -> tuple[int, int]:
+    """(this rank's index, number of ranks) among the ranks of ``comm`` on this node.
+
+    Collective over ``comm``: a shared-memory split, whatever the launcher says.
+    """
     MPI = _mpi()
     node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
     try:
-        return node.Get_size()
+        return node.Get_rank(), node.Get_size()
     finally:
         node.Free()
 
@@ -150,7 +149,7 @@ def limit_blas_threads(comm, threads: int = 0) -> int:
             if hasattr(os, "sched_getaffinity")
             else (os.cpu_count() or 1)
         )
-        threads = max(1, cores // ranks_on_node(comm))
+        threads = max(1, cores // node_position(comm)[1])
     try:
         from threadpoolctl import threadpool_limits  # noqa: PLC0415
     except ImportError:

@@ -25,6 +25,7 @@ from .comm import (
     cuda_mpi_requested,
     limit_blas_threads,
     make_roles,
+    node_position,
 )
 from .config import Config
 from .errors import BackendError, CheckpointError, ConfigError
@@ -290,17 +291,9 @@ def _choose_backend(cfg, roles):
         return NumpyBackend(), "device = off", None
     # The index among the workers on this node picks the GPU: the master, which holds none,
     # does not shift the numbering, whatever the launcher's local rank says.
-    node = roles.workers.Split_type(_shared_type(), key=roles.workers.Get_rank())
-    local_worker = node.Get_rank()
-    node.Free()
+    local_worker = node_position(roles.workers)[0]
     backend, why = select_backend(prefer_gpu=True, device_id=local_worker)
     return backend, why, getattr(backend, "device_id", None)
-
-
-def _shared_type():
-    from mpi4py import MPI  # noqa: PLC0415
-
-    return MPI.COMM_TYPE_SHARED
 
 
 def _build_problem(cfg, problem, xp):
