@@ -89,7 +89,7 @@ class _Run:
             },
             worker_x=x,
             worker_v=v,
-            worker_rng=list(table["rng"]),
+            worker_rng=self.channel.rng_states(table),
             wall_time=self.elapsed(),
             sequence=self.sequence,
             metrics=self.records,

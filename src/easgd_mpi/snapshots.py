@@ -84,7 +84,10 @@ class StateChannel:
                 self._states.tomemory(), np.float32, count=self.p * self.rows * self.n
             )
         self._ctl_buf = np.zeros(_CONTROL, np.int64)
+        self._ctl_origin = np.zeros(_CONTROL, np.int64)  # NO_OP still wants an origin
         self._row = np.zeros(_META, np.int64)
+        self._table_buf = np.zeros(self.p * _META, np.int64)
+        self._table_origin = np.zeros_like(self._table_buf)
         self._acked = 0
         self._host = np.empty(self.n, np.float32) if self.rows else None
         comm.Barrier()
@@ -114,7 +117,7 @@ class StateChannel:
         MPI = self._MPI
         ctl = self._ctl_buf
         self._control.Get_accumulate(
-            [np.zeros_like(ctl), MPI.INT64_T], [ctl, MPI.INT64_T], MASTER, op=MPI.NO_OP
+            [self._ctl_origin, MPI.INT64_T], [ctl, MPI.INT64_T], MASTER, op=MPI.NO_OP
         )
         self._control.Flush(MASTER)
         return int(ctl[_EPOCH]), bool(ctl[_STOP]), bool(ctl[_RELEASE])
@@ -181,14 +184,15 @@ class StateChannel:
         self._control.Flush(MASTER)
 
     def table(self) -> dict[str, np.ndarray]:
-        """The workers' meta rows (atomic read)."""
+        """The workers' meta rows (atomic read; the master calls it every poll, so no
+        allocation beyond the small result and no decoding: see :meth:`rng_states`)."""
         MPI = self._MPI
-        out = np.zeros(self.p * _META, np.int64)
+        out = self._table_buf
         self._meta.Get_accumulate(
-            [np.zeros_like(out), MPI.INT64_T], [out, MPI.INT64_T], MASTER, op=MPI.NO_OP
+            [self._table_origin, MPI.INT64_T], [out, MPI.INT64_T], MASTER, op=MPI.NO_OP
         )
         self._meta.Flush(MASTER)
-        rows = out.reshape(self.p, _META)
+        rows = out.reshape(self.p, _META).copy()
         return {
             "ack": rows[:, _ACK],
             "steps": rows[:, _STEPS],
@@ -196,10 +200,13 @@ class StateChannel:
             "resets": rows[:, _RESETS],
             "finished": rows[:, _FINISHED].astype(bool),
             "wants_stop": rows[:, _WANTS_STOP].astype(bool),
-            "rng": [
-                json.dumps(decode_rng(rows[i, _RNG0 : _RNG0 + _RNG_WORDS])) for i in range(self.p)
-            ],
+            "rng_words": rows[:, _RNG0 : _RNG0 + _RNG_WORDS],
         }
+
+    @staticmethod
+    def rng_states(table) -> list[str]:
+        """Each worker's generator state, as JSON text, from a :meth:`table`."""
+        return [json.dumps(decode_rng(words)) for words in table["rng_words"]]
 
     def states(self) -> tuple[np.ndarray | None, np.ndarray | None]:
         """Copies of every worker's x (and v) as [p, n]; call only when all acked the epoch."""
