@@ -62,6 +62,12 @@ class Roles:
         """0-based worker number (−1 on the master)."""
         return self.rank - 1
 
+    def free(self) -> None:
+        """Release the communicators (collective over the world)."""
+        if self.workers != _mpi().COMM_NULL:
+            self.workers.Free()
+        self.world.Free()
+
 
 def make_roles(comm=None) -> Roles:
     """Split the world into the master and the workers; world size 1 is a launch error."""

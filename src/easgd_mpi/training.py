@@ -120,7 +120,7 @@ def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
         keep_states=cfg.checkpoint.worker_states,
         with_v=cfg.keeps_velocity,
     )
-    worker_resume = _scatter_worker_states(roles, checkpoint if resuming else None, resuming)
+    worker_resume = _scatter_worker_states(roles, checkpoint, resuming)
 
     start = time.monotonic()
     with _stop_signals() as stop_flag:
@@ -183,9 +183,7 @@ def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
             f"loss {summary['center_loss']:.4f}; run folder {run_dir}"
         )
     summary = roles.world.bcast(summary)
-    if roles.workers != _comm_null():
-        roles.workers.Free()
-    roles.world.Free()
+    roles.free()
     return summary
 
 
@@ -275,12 +273,6 @@ def _write_marker(run_dir: Path, name: str) -> None:
     for old in ("PREEMPTED", "COMPLETED"):
         (run_dir / old).unlink(missing_ok=True)
     (run_dir / name).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
-
-
-def _comm_null():
-    from mpi4py import MPI  # noqa: PLC0415
-
-    return MPI.COMM_NULL
 
 
 def _choose_backend(cfg, roles):
