@@ -194,9 +194,14 @@ class Config:
 
     # ---- derived values -----------------------------------------------------------------
     @property
+    def elastic_given(self) -> list[str]:
+        """Which of rho / alpha / beta the user set (valid configs: at most one)."""
+        return [k for k in ("rho", "alpha", "beta") if getattr(self, k) is not None]
+
+    @property
     def elastic_key(self) -> str:
-        """Which of rho / alpha / beta the user set ("beta" when none was)."""
-        given = [k for k in ("rho", "alpha", "beta") if getattr(self, k) is not None]
+        """The one of rho / alpha / beta that sets α ("beta" when none was given)."""
+        given = self.elastic_given
         return given[0] if given else "beta"
 
     def resolve_alpha(self, workers: int) -> float:
@@ -224,7 +229,7 @@ class Config:
         """Check types and ranges; with ``workers`` also the stability region. Returns self."""
         _check_choice("algorithm", self.algorithm, ALGORITHMS)
         _check_positive("lr", self.lr)
-        given = [k for k in ("rho", "alpha", "beta") if getattr(self, k) is not None]
+        given = self.elastic_given
         if len(given) > 1:
             raise ConfigError(
                 f"config: give exactly one of rho, alpha, beta for the elastic strength "

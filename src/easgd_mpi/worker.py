@@ -55,7 +55,7 @@ def run_worker(
     # Workers of a collective rule must leave the loop, and copy their states, at the same
     # step, or the others would wait in the next all-reduce forever: they decide together at
     # round boundaries (which fall on the same step everywhere).
-    collective = getattr(algo, "collective", False)
+    collective = algo.collective
     agree_every = max(1, -(-_AGREE_STEPS // cfg.tau))  # rounds between decisions
     loss = float("nan")
     last_status = time.monotonic()
