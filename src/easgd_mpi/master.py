@@ -75,8 +75,11 @@ class _Run:
         self.out(format_progress(record, getattr(self.problem, "error_is_rate", True)))
         return record
 
-    def checkpoint(self, table) -> Path:
-        self.center.read(self.snapshot)
+    def checkpoint(self, table, read_center: bool = True) -> Path:
+        """Write the next checkpoint; ``read_center`` False reuses the snapshot just evaluated
+        (at the end, when no worker moves the center any more)."""
+        if read_center:
+            self.center.read(self.snapshot)
         x, v = self.channel.states()
         self.sequence += 1
         data = CheckpointData(
@@ -128,7 +131,7 @@ def run_master(
         if pending is not None and np.all(table["ack"] == pending):
             if final:
                 record = run.evaluate()  # the final center, after every worker's last exchange
-                path = run.checkpoint(table)
+                path = run.checkpoint(table, read_center=False)
                 channel.release()
                 out(f"easgd: checkpoint {path}")
                 break
