@@ -6,6 +6,9 @@ exchange an elastic difference with it every τ steps. The public API::
     import easgd_mpi as ea
     cfg = ea.Config.from_toml("run.toml", overrides={"tau": 8})
     summary = ea.train(cfg)              # every rank calls it; rank 0 is the master
+
+    # your own PyTorch model (pip install 'easgd-mpi[torch]'):
+    ea.train(cfg, problem=ea.TorchProblem.factory(build_model, train_data, test_data))
 """
 
 from .center import CenterWindow
@@ -22,6 +25,16 @@ from .flat import Layout
 from .models import MLPProblem, QuadraticProblem, make_problem
 from .training import train
 
+
+def __getattr__(name):
+    # The PyTorch adapter is public but imports torch only when it is used.
+    if name == "TorchProblem":
+        from .models.torch_adapter import TorchProblem  # noqa: PLC0415
+
+        return TorchProblem
+    raise AttributeError(f"module 'easgd_mpi' has no attribute {name!r}")
+
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -32,6 +45,7 @@ __all__ = [
     "make_problem",
     "MLPProblem",
     "QuadraticProblem",
+    "TorchProblem",
     "EasgdError",
     "ConfigError",
     "DataError",

@@ -87,7 +87,16 @@ class WorkerAlgorithm(ABC):
         self.resets = 0
         #: ‖x − x̃‖ at the last exchange (before the elastic pull).
         self.distance = 0.0
+        #: Gradient steps, weight decay and momentum run over x[:m] (the trainable prefix);
+        #: the exchange runs over all of x. Floating-point buffers of a PyTorch model (BatchNorm
+        #: running statistics) sit after the prefix: averaged with the center, never stepped.
+        self.m = int(getattr(problem, "n_trainable", n))
         self._staging = _ChunkStaging(backend, center.chunk, direct_mpi)
+        # A problem that binds a model to the flat buffers (the PyTorch adapter) learns once
+        # where the worker's own state lives; the views then survive every step and exchange.
+        bind = getattr(problem, "bind_state", None)
+        if bind is not None:
+            bind(self.x, self.g)
 
     def pull_center(self) -> None:
         """x ← x̃ (start of a run: every worker starts from the center)."""
@@ -101,6 +110,15 @@ class WorkerAlgorithm(ABC):
         host = np.empty(self.problem.layout.size, dtype=np.float32)
         self.center.read(host)
         self.backend.from_host(host, out)
+
+    def _split_exchange(self, lo, hi, c, e, fused) -> None:
+        """Exchange chunk [lo, hi): ``fused(lo, k, c, e)`` on its trainable part (the exchange
+        fused with the local step), the plain elastic exchange on the part past ``m``."""
+        k = max(0, min(hi, self.m) - lo)
+        if k:
+            fused(lo, lo + k, c[:k], e[:k])
+        if k < hi - lo:
+            self.backend.exchange(self.x[lo + k : hi], c[k:], e[k:], self.alpha)
 
     @abstractmethod
     def step(self, t: int) -> float:
@@ -152,15 +170,15 @@ class AsyncEASGD(WorkerAlgorithm):
         cfg, b = self.cfg, self.backend
         batch = self.problem.sample_batch(self.rng)
         loss = self.problem.loss_and_grad(self.x, batch, self.g)  # at x, before the exchange
+        x, g, m = self.x, self.g, self.m
         if t % cfg.tau == 0:
-            x, g = self.x, self.g
-            self._exchange(
-                lambda lo, hi, c, e: b.exchange_sgd_step(
-                    x[lo:hi], c, g[lo:hi], e, self.alpha, cfg.lr, cfg.weight_decay
-                )
-            )
+
+            def fused(lo, hi, c, e):
+                b.exchange_sgd_step(x[lo:hi], c, g[lo:hi], e, self.alpha, cfg.lr, cfg.weight_decay)
+
+            self._exchange(lambda lo, hi, c, e: self._split_exchange(lo, hi, c, e, fused))
         else:
-            b.sgd_step(self.x, self.g, cfg.lr, cfg.weight_decay)
+            b.sgd_step(x[:m], g[:m], cfg.lr, cfg.weight_decay)
         return loss
 
 
@@ -177,18 +195,20 @@ class EAMSGD(WorkerAlgorithm):
     def step(self, t: int) -> float:
         cfg, b = self.cfg, self.backend
         delta = cfg.momentum
-        b.nesterov_lookahead(self.x, self.v, delta, self.y)
+        x, v, g, m = self.x, self.v, self.g, self.m
+        b.nesterov_lookahead(x[:m], v[:m], delta, self.y[:m])
         batch = self.problem.sample_batch(self.rng)
-        loss = self.problem.loss_and_grad(self.y, batch, self.g)  # at x + δv
+        loss = self.problem.loss_and_grad(self.y, batch, g)  # at x + δv
         if t % cfg.tau == 0:
-            x, v, g = self.x, self.v, self.g
-            self._exchange(
-                lambda lo, hi, c, e: b.exchange_nesterov_step(
+
+            def fused(lo, hi, c, e):
+                b.exchange_nesterov_step(
                     x[lo:hi], v[lo:hi], c, g[lo:hi], e, self.alpha, cfg.lr, delta, cfg.weight_decay
                 )
-            )
+
+            self._exchange(lambda lo, hi, c, e: self._split_exchange(lo, hi, c, e, fused))
         else:
-            b.nesterov_step(self.x, self.v, self.g, cfg.lr, delta, cfg.weight_decay)
+            b.nesterov_step(x[:m], v[:m], g[:m], cfg.lr, delta, cfg.weight_decay)
         return loss
 
 
@@ -213,19 +233,21 @@ class _Synchronous(WorkerAlgorithm):
     def _gradient(self) -> float:
         """g ← ∇f at x (plain) or at x + δv (Nesterov); returns the minibatch loss."""
         b = self.backend
-        point = self.x
+        point, m = self.x, self.m
         if self.v is not None:
-            b.nesterov_lookahead(self.x, self.v, self.cfg.momentum, self.y)
+            b.nesterov_lookahead(self.x[:m], self.v[:m], self.cfg.momentum, self.y[:m])
             point = self.y
         batch = self.problem.sample_batch(self.rng)
         return self.problem.loss_and_grad(point, batch, self.g)
 
     def _local_step(self) -> None:
-        cfg, b = self.cfg, self.backend
+        cfg, b, m = self.cfg, self.backend, self.m
         if self.v is not None:
-            b.nesterov_step(self.x, self.v, self.g, cfg.lr, cfg.momentum, cfg.weight_decay)
+            b.nesterov_step(
+                self.x[:m], self.v[:m], self.g[:m], cfg.lr, cfg.momentum, cfg.weight_decay
+            )
         else:
-            b.sgd_step(self.x, self.g, cfg.lr, cfg.weight_decay)
+            b.sgd_step(self.x[:m], self.g[:m], cfg.lr, cfg.weight_decay)
 
     def _mirror_center(self, source) -> float:
         """Window ← ``source`` (first worker only); returns ‖source − old window‖.
@@ -293,13 +315,23 @@ class SyncEASGD(_Synchronous):
             self._local_step()
             return loss
         self.bytes += self.allreduce.mean(self.x, self.xmean)  # mean of the old x^i
-        x, v, c, g, e = self.x, self.v, self.c, self.g, self.e
+        x, v, c, g, e, m = self.x, self.v, self.c, self.g, self.e, self.m
         if v is not None:
             b.exchange_nesterov_step(
-                x, v, c, g, e, self.alpha, cfg.lr, cfg.momentum, cfg.weight_decay
+                x[:m],
+                v[:m],
+                c[:m],
+                g[:m],
+                e[:m],
+                self.alpha,
+                cfg.lr,
+                cfg.momentum,
+                cfg.weight_decay,
             )
         else:
-            b.exchange_sgd_step(x, c, g, e, self.alpha, cfg.lr, cfg.weight_decay)
+            b.exchange_sgd_step(x[:m], c[:m], g[:m], e[:m], self.alpha, cfg.lr, cfg.weight_decay)
+        if m < x.shape[0]:  # buffers: the elastic pull only
+            b.exchange(x[m:], c[m:], e[m:], self.alpha)
         self.distance = math.sqrt(b.sum_squares(e)) / self.alpha
         # The center half of the fused sync update (α = 0 leaves its x, here the spent e, as is).
         b.sync_easgd_update(e, c, self.xmean, 0.0, self.beta)
@@ -348,18 +380,36 @@ class Downpour(WorkerAlgorithm):
         n = self.problem.layout.size
         self.acc = self.backend.zeros(n)
         self._host = self.backend.host_empty(n) if self.backend.is_gpu else None
+        # Buffers past the trainable prefix are not stepped: their update is measured as the
+        # change since the last copy of the center (``_buffers_base``).
+        self._buffers_base = self.backend.zeros(n - self.m) if self.m < n else None
+
+    def pull_center(self) -> None:
+        super().pull_center()
+        self._remember_buffers()
+
+    def restore(self, *args, **kwargs) -> None:
+        super().restore(*args, **kwargs)
+        self._remember_buffers()
+
+    def _remember_buffers(self) -> None:
+        if self._buffers_base is not None:
+            self._buffers_base[...] = self.x[self.m :]
 
     def step(self, t: int) -> float:
         cfg, b = self.cfg, self.backend
         batch = self.problem.sample_batch(self.rng)
         loss = self.problem.loss_and_grad(self.x, batch, self.g)
-        b.downpour_step(self.x, self.acc, self.g, cfg.lr, cfg.weight_decay)
+        m = self.m
+        b.downpour_step(self.x[:m], self.acc[:m], self.g[:m], cfg.lr, cfg.weight_decay)
         if (t + 1) % cfg.tau == 0 or t + 1 == cfg.steps:
             self._push_and_copy()
         return loss
 
     def _push_and_copy(self) -> None:
         b = self.backend
+        if self._buffers_base is not None:  # Δ of the buffers: their change since the copy
+            self.acc[self.m :] = self.x[self.m :] - self._buffers_base
         # ‖Δ‖: how far this worker moved away from the center it last copied.
         self.distance = math.sqrt(b.sum_squares(self.acc))
         if not b.all_finite(self.acc):
@@ -376,6 +426,7 @@ class Downpour(WorkerAlgorithm):
             self.center.read(self._host)
             b.from_host(self._host, self.x)
         self.acc[...] = 0
+        self._remember_buffers()
         b.synchronize()
         self.bytes += 8 * self.problem.layout.size
         self.exchanges += 1

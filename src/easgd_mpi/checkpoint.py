@@ -67,6 +67,12 @@ class CheckpointData:
     #: Metrics records so far (each a dict of numbers).
     metrics: list[dict] = field(default_factory=list)
     created: str = ""
+    #: Where the trainable prefix of the flat vector ends (PyTorch models: the buffers that
+    #: follow are averaged, never stepped); None = the whole vector is trainable.
+    trainable_size: int | None = None
+    #: Tensors a model keeps per process instead of averaging (a PyTorch module's integer
+    #: buffers, e.g. BatchNorm's num_batches_tracked), as the master holds them.
+    local_tensors: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def workers(self) -> int:
@@ -131,6 +137,12 @@ def _write(f, d: CheckpointData) -> None:
     lay.create_dataset(
         "dims", data=np.array([x for s in d.layout.specs for x in s.shape], np.int64)
     )
+    if d.trainable_size is not None:
+        lay.attrs["trainable_size"] = int(d.trainable_size)
+    if d.local_tensors:
+        local = f.create_group("local_tensors")
+        for name, value in d.local_tensors.items():
+            local.create_dataset(name, data=np.asarray(value))
 
     f.create_dataset("center", data=d.center.astype(np.float32, copy=False))
     workers = f.create_group("workers")
@@ -173,6 +185,12 @@ def _checksum(d: CheckpointData) -> str:
     for arr in (d.worker_x, d.worker_v):
         h.update(b"-" if arr is None else np.ascontiguousarray(arr, np.float32).tobytes())
     h.update("\n".join(d.worker_rng).encode())
+    if d.trainable_size is not None:
+        h.update(f"trainable:{int(d.trainable_size)}".encode())
+    for name, value in sorted(d.local_tensors.items()):
+        value = np.ascontiguousarray(value)
+        h.update(f"{name}:{value.dtype.str}:{list(value.shape)}".encode())
+        h.update(value.tobytes())
     for key in _metric_keys(d.metrics):
         h.update(key.encode())
         h.update(np.array([_num(r.get(key)) for r in d.metrics], np.float64).tobytes())
@@ -264,6 +282,10 @@ def _read(f, path: Path) -> CheckpointData:
         sequence=int(f.attrs["sequence"]),
         metrics=metrics,
         created=str(f.attrs.get("created", "")),
+        trainable_size=int(lay.attrs["trainable_size"]) if "trainable_size" in lay.attrs else None,
+        local_tensors={k: v[()] for k, v in f["local_tensors"].items()}
+        if "local_tensors" in f
+        else {},
     )
     if _checksum(data) != f.attrs["checksum_sha256"]:
         raise CheckpointError(f"checkpoint {path} failed its checksum: the data is damaged")
@@ -357,6 +379,7 @@ def prune_checkpoints(run_dir, keep: int) -> list[Path]:
 def summarize(data: CheckpointData, path=None) -> dict:
     """What ``easgd inspect`` shows, as plain JSON-able values."""
     tensors = []
+    trainable = data.layout.size if data.trainable_size is None else data.trainable_size
     for spec in data.layout.specs:
         part = data.center[spec.offset : spec.offset + spec.size].astype(np.float64)
         tensors.append(
@@ -364,6 +387,7 @@ def summarize(data: CheckpointData, path=None) -> dict:
                 "name": spec.name,
                 "shape": list(spec.shape),
                 "offset": spec.offset,
+                "kind": "parameter" if spec.offset < trainable else "averaged buffer",
                 "norm": float(np.linalg.norm(part)) if part.size else 0.0,
                 "min": float(part.min()) if part.size else None,
                 "max": float(part.max()) if part.size else None,
@@ -393,6 +417,10 @@ def summarize(data: CheckpointData, path=None) -> dict:
         "parameters": data.layout.size,
         "center_norm": float(np.linalg.norm(data.center.astype(np.float64))),
         "tensors": tensors,
+        "local_tensors": {
+            k: {"dtype": str(np.asarray(v).dtype), "shape": list(np.shape(v))}
+            for k, v in data.local_tensors.items()
+        },
         "worker_state": {"x": data.worker_x is not None, "v": data.worker_v is not None},
         "worker_center_distance": distances,
         "last_metrics": data.metrics[-1] if data.metrics else None,
@@ -410,14 +438,23 @@ def format_summary(s: dict) -> str:
         f"{c['resets']} non-finite resets, {c['wall_time']:.1f}s of training",
         "  per worker steps: " + ", ".join(f"{v:,d}" for v in c["per_worker"]["steps"]),
         f"center: {s['parameters']:,d} parameters, norm {s['center_norm']:.6g}",
-        f"  {'tensor':<16} {'shape':<14} {'norm':>12} {'min':>12} {'max':>12}",
     ]
+    # Module names (features.0.weight) are longer than the built-in ones (w0): fit the widest.
+    width = max(
+        [16, *(len(t["name"]) + (1 if t.get("kind") != "parameter" else 0) for t in s["tensors"])]
+    )
+    lines.append(f"  {'tensor':<{width}} {'shape':<18} {'norm':>12} {'min':>12} {'max':>12}")
     for t in s["tensors"]:
         lo = "-" if t["min"] is None else f"{t['min']:.5g}"
         hi = "-" if t["max"] is None else f"{t['max']:.5g}"
+        name = t["name"] + ("*" if t.get("kind") == "averaged buffer" else "")
         lines.append(
-            f"  {t['name']:<16} {str(t['shape']):<14} {t['norm']:>12.6g} {lo:>12} {hi:>12}"
+            f"  {name:<{width}} {str(t['shape']):<18} {t['norm']:>12.6g} {lo:>12} {hi:>12}"
         )
+    if any(t.get("kind") == "averaged buffer" for t in s["tensors"]):
+        lines.append("  * a buffer (averaged with the center, never stepped)")
+    for name, info in s.get("local_tensors", {}).items():
+        lines.append(f"  {name}: {info['dtype']} {info['shape']}, kept per process (not averaged)")
     if s["worker_center_distance"] is not None:
         lines.append(
             "worker-to-center distance: "

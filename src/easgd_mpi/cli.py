@@ -1,4 +1,4 @@
-"""The ``easgd`` command: train | check | inspect | plot.
+"""The ``easgd`` command: train | check | inspect | export | plot.
 
 Every subcommand is a thin layer over the public API. Errors caused by input print one line
 and exit with code 2; any other exception on one rank aborts the whole MPI job.
@@ -68,6 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("file", metavar="FILE.h5")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
     inspect.set_defaults(func=_cmd_inspect)
+
+    export = sub.add_parser(
+        "export",
+        help="write a checkpoint's center as a PyTorch state_dict (.pt) or arrays (.npz)",
+        description="Write the center of a checkpoint, named as the model names its "
+        "parameters and buffers: FILE.pt is a state_dict that model.load_state_dict("
+        "torch.load(FILE.pt, weights_only=True)) accepts (needs PyTorch); FILE.npz holds "
+        "plain arrays.",
+    )
+    export.add_argument("file", metavar="CHECKPOINT.h5")
+    export.add_argument("-o", "--output", required=True, metavar="OUT.pt|OUT.npz")
+    export.set_defaults(func=_cmd_export)
 
     plot = sub.add_parser(
         "plot",
@@ -159,6 +171,18 @@ def _cmd_inspect(args) -> int:
         sys.stderr.write(f"easgd: error: {exc}\n")
         return exc.exit_code
     _print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .export import export_checkpoint  # noqa: PLC0415
+
+    try:
+        path = export_checkpoint(args.file, args.output)
+    except EasgdError as exc:
+        sys.stderr.write(f"easgd: error: {exc}\n")
+        return exc.exit_code
+    _print(f"wrote {path}")
     return 0
 
 

@@ -156,6 +156,8 @@ def limit_blas_threads(comm, threads: int = 0) -> int:
             else (os.cpu_count() or 1)
         )
         threads = max(1, cores // node_position(comm)[1])
+    # PyTorch (imported later, by a torch model) sizes its pool from this at first use.
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     try:
         from threadpoolctl import threadpool_limits  # noqa: PLC0415
     except ImportError:

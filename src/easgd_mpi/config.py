@@ -35,6 +35,7 @@ __all__ = [
     "ELASTIC_ALGORITHMS",
     "MOMENTUM_ALGORITHMS",
     "OPTIONAL_MOMENTUM_ALGORITHMS",
+    "TORCH_MODELS",
 ]
 
 #: Algorithms the worker loop knows (DESIGN.md §2).
@@ -50,8 +51,12 @@ MOMENTUM_ALGORITHMS = ("eamsgd",)
 #: Algorithms that keep a velocity (Nesterov) only when momentum > 0; see Config.keeps_velocity.
 OPTIONAL_MOMENTUM_ALGORITHMS = ("sync-easgd", "allreduce-sgd")
 
-DATASETS = ("digits", "synthetic", "file")
-MODELS = ("mlp", "softmax", "quadratic")
+DATASETS = ("digits", "synthetic", "file", "cifar10", "mnist")
+#: Data sets read from files named by data.path.
+FILE_DATASETS = ("file", "cifar10", "mnist")
+MODELS = ("mlp", "softmax", "quadratic", "cifar-convnet", "torch")
+#: Models built with PyTorch (the torch extra).
+TORCH_MODELS = ("cifar-convnet", "torch")
 ACTIVATIONS = ("tanh", "relu")
 
 
@@ -69,8 +74,13 @@ class DataConfig:
     classes: int = 4
     #: Distance of the class means from the origin, in units of the noise (higher = easier).
     separation: float = 2.0
-    #: Your own data (name = "file"): an .npz or HDF5 file with features and integer labels.
+    #: Your own data (name = "file"): an .npz or HDF5 file with features and integer labels;
+    #: CIFAR-10 (name = "cifar10"): the cifar-10-batches-py folder or cifar-10-python.tar.gz;
+    #: MNIST (name = "mnist"): the folder of the four IDX files (gzipped or not).
     path: str = ""
+    #: Square crop of image data for PyTorch models: random for training, centred for the
+    #: held-out set (0 = no crop; model "cifar-convnet" uses the paper's 28 when 0).
+    crop: int = 0
     #: Names of the arrays in it; "<x_key>_test" and "<y_key>_test", when present, are the
     #: held-out split (otherwise test_fraction of the samples is held out).
     x_key: str = "x"
@@ -84,6 +94,10 @@ class ModelConfig:
     activation: str = "tanh"
     #: Scale of the initial weights relative to Glorot-uniform.
     init_scale: float = 1.0
+    #: model.name = "torch": "module:function"; function(cfg) returns a torch.nn.Module.
+    factory: str = ""
+    #: Held-out samples per forward pass when the master evaluates a PyTorch model.
+    eval_batch: int = 1000
 
 
 @dataclass
@@ -277,11 +291,15 @@ class Config:
         _check_int("data.features", self.data.features, low=1)
         _check_int("data.classes", self.data.classes, low=2)
         _check_positive("data.separation", self.data.separation)
-        if self.data.name == "file" and not self.data.path:
-            raise ConfigError(
-                "config: data.name = 'file' needs data.path (an .npz or HDF5 file with a "
-                "feature array and an integer label array, see data.x_key / data.y_key)"
-            )
+        if self.data.name in FILE_DATASETS and not self.data.path:
+            what = {
+                "file": "an .npz or HDF5 file with a feature array and an integer label array, "
+                "see data.x_key / data.y_key",
+                "cifar10": "the cifar-10-batches-py folder or the cifar-10-python.tar.gz archive",
+                "mnist": "the folder holding the four MNIST IDX files, gzipped or not",
+            }[self.data.name]
+            raise ConfigError(f"config: data.name = '{self.data.name}' needs data.path ({what})")
+        _check_int("data.crop", self.data.crop, low=0)
 
         _check_choice("model.name", self.model.name, MODELS)
         if not isinstance(self.model.hidden, list) or not all(
@@ -293,6 +311,22 @@ class Config:
             )
         _check_choice("model.activation", self.model.activation, ACTIVATIONS)
         _check_positive("model.init_scale", self.model.init_scale)
+        _check_int("model.eval_batch", self.model.eval_batch, low=1)
+        if self.model.name == "torch" and not self.model.factory:
+            raise ConfigError(
+                "config: model.name = 'torch' needs model.factory = 'module:function' (a "
+                "function that takes the config and returns a torch.nn.Module)"
+            )
+        if self.model.factory and self.model.name != "torch":
+            raise ConfigError(
+                f"config: model.factory is only used with model.name = 'torch' (model.name is "
+                f"'{self.model.name}')"
+            )
+        if self.model.name == "cifar-convnet" and self.data.name not in ("cifar10", "mnist"):
+            raise ConfigError(
+                f"config: model.name = 'cifar-convnet' needs image data (data.name = 'cifar10' "
+                f"or 'mnist'), not '{self.data.name}'"
+            )
 
         q = self.quadratic
         _check_int("quadratic.dim", q.dim, low=1)

@@ -96,6 +96,10 @@ class _Run:
             wall_time=self.elapsed(),
             sequence=self.sequence,
             metrics=self.records,
+            trainable_size=getattr(self.problem, "n_trainable", None),
+            local_tensors=self.problem.local_state()
+            if hasattr(self.problem, "local_state")
+            else {},
         )
         path = save_checkpoint(checkpoint_path(self.run_dir, self.sequence), data)
         prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep)

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import DataError
 
-__all__ = ["Dataset", "load_dataset"]
+__all__ = ["Dataset", "load_dataset", "load_images"]
 
 
 @dataclass
@@ -37,6 +37,17 @@ def load_dataset(data_cfg) -> Dataset:
         x, y = _digits()
     elif data_cfg.name == "synthetic":
         x, y = _synthetic(data_cfg)
+    elif data_cfg.name in ("cifar10", "mnist"):
+        # Feature models (MLP, softmax) see the images as rows of pixels scaled to [0, 1].
+        images = load_images(data_cfg)
+        return Dataset(
+            data_cfg.name,
+            _pixels(images.x_train),
+            images.y_train,
+            _pixels(images.x_test),
+            images.y_test,
+            images.n_classes,
+        )
     elif data_cfg.name == "file":
         from .files import load_arrays  # noqa: PLC0415
 
@@ -51,6 +62,25 @@ def load_dataset(data_cfg) -> Dataset:
     if n_classes < 2:
         raise DataError(f"data set '{data_cfg.name}' has a single class: nothing to classify")
     return _split(data_cfg.name, x, y, n_classes, data_cfg.test_fraction, data_cfg.seed)
+
+
+def load_images(data_cfg):
+    """CIFAR-10 or MNIST files at ``data_cfg.path`` as an :class:`~.images.ImageSet`."""
+    if not data_cfg.path:
+        raise DataError(f"data.name = '{data_cfg.name}' needs data.path (the data set's files)")
+    if data_cfg.name == "cifar10":
+        from .cifar import load_cifar10  # noqa: PLC0415
+
+        return load_cifar10(data_cfg.path)
+    if data_cfg.name == "mnist":
+        from .mnist import load_mnist  # noqa: PLC0415
+
+        return load_mnist(data_cfg.path)
+    raise DataError(f"data.name = '{data_cfg.name}' is not an image data set (cifar10, mnist)")
+
+
+def _pixels(images: np.ndarray) -> np.ndarray:
+    return images.reshape(images.shape[0], -1).astype(np.float32) / np.float32(255.0)
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray]:

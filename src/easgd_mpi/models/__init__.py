@@ -12,6 +12,15 @@ A *problem* (DESIGN.md §4b) offers:
 - optionally ``error_is_rate = False`` when "error" is not a fraction of misclassified samples
   (progress lines then print it as a number instead of a percentage).
 
+Two optional parts of the protocol serve models whose state is more than parameters (the
+PyTorch adapter, :class:`~easgd_mpi.models.torch_adapter.TorchProblem`):
+
+- ``n_trainable``: gradient steps, weight decay and momentum run over ``x[:n_trainable]``; the
+  rest (floating-point buffers such as BatchNorm statistics) is only averaged by the exchange;
+- ``bind_state(x, g)``: called once by each worker with its own flat state and gradient
+  buffers, so the model can view them instead of copying;
+- ``local_state()``: tensors kept per process and stored with checkpoints (integer buffers).
+
 Built-in problems are made by :func:`make_problem` from the config; a user passes their own
 factory ``f(cfg, xp) -> problem`` to :func:`easgd_mpi.train`.
 """
@@ -26,7 +35,16 @@ from ..flat import Layout
 from .mlp import MLPProblem
 from .quadratic import QuadraticProblem
 
-__all__ = ["Problem", "make_problem", "MLPProblem", "QuadraticProblem"]
+__all__ = ["Problem", "make_problem", "MLPProblem", "QuadraticProblem", "TorchProblem"]
+
+
+def __getattr__(name):
+    # TorchProblem is importable from here without importing torch for everyone else.
+    if name == "TorchProblem":
+        from .torch_adapter import TorchProblem  # noqa: PLC0415
+
+        return TorchProblem
+    raise AttributeError(name)
 
 
 class Problem(Protocol):
@@ -46,6 +64,10 @@ def make_problem(cfg, xp=np) -> Problem:
     name = cfg.model.name
     if name == "quadratic":
         return QuadraticProblem(cfg.quadratic, xp=xp)
+    if name in ("cifar-convnet", "torch"):
+        from .torch_builtin import make_torch_problem  # noqa: PLC0415  (imports torch)
+
+        return make_torch_problem(cfg, xp=xp)
     from ..data import load_dataset  # noqa: PLC0415  (only classification problems need data)
 
     data = load_dataset(cfg.data)
