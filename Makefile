@@ -16,6 +16,11 @@ $(VENV)/.installed: setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[mpich,test,plot]'
+	# PyTorch for the torch models and their tests: the CPU-only build where the index has it
+	# (0.7 GB installed instead of 5.5 GB with CUDA), else whatever build the index offers.
+	$(PY) -m pip install --quiet 'torch==2.13.0+cpu' 2>/dev/null \
+	  || $(PY) -m pip install --quiet --index-url https://download.pytorch.org/whl/cpu torch 2>/dev/null \
+	  || $(PY) -m pip install --quiet 'torch>=2.1'
 	touch $@
 
 venv: $(VENV)/.installed

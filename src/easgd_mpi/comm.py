@@ -23,6 +23,7 @@ __all__ = [
     "agree_or_fail",
     "local_rank",
     "node_position",
+    "node_sum",
     "cuda_aware_mpi",
     "cuda_mpi_requested",
     "limit_blas_threads",
@@ -139,6 +140,16 @@ def node_position(comm) -> tuple[int, int]:
     node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
     try:
         return node.Get_rank(), node.Get_size()
+    finally:
+        node.Free()
+
+
+def node_sum(comm, value: int) -> tuple[int, int]:
+    """(sum of ``value`` over the ranks of ``comm`` on this node, their number). Collective."""
+    MPI = _mpi()
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    try:
+        return node.allreduce(int(value)), node.Get_size()
     finally:
         node.Free()
 

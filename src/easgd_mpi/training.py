@@ -26,6 +26,7 @@ from .comm import (
     limit_blas_threads,
     make_roles,
     node_position,
+    node_sum,
 )
 from .config import Config
 from .errors import BackendError, CheckpointError, ConfigError
@@ -70,6 +71,7 @@ def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
 
     backend, why_cpu, device_id, prob, direct_mpi = agree_or_fail(roles.world, setup)
     alpha = cfg.resolve_alpha(p)
+    _check_memory(cfg, roles, prob, backend)
 
     def open_checkpoint():
         if not roles.is_master or resume is None:
@@ -185,6 +187,37 @@ def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
     summary = roles.world.bcast(summary)
     roles.free()
     return summary
+
+
+def _check_memory(cfg, roles, prob, backend) -> None:
+    """Refuse, before the model-sized buffers exist, a run whose state would not fit.
+
+    Host memory is shared by the ranks of a node: their needs are summed there. A GPU worker's
+    vectors live on its device, so only its staging buffers count against the host.
+    """
+    from .data.images import available_memory_bytes, human_bytes  # noqa: PLC0415
+
+    n_bytes = 4 * prob.layout.size
+    p = roles.n_workers
+    if roles.is_master:
+        states = (2 if cfg.keeps_velocity else 1) * p if cfg.checkpoint.worker_states else 0
+        need = n_bytes * (3 + states)  # window, snapshot, checkpoint copy, worker states
+    else:
+        need = 4 * 4 * cfg.chunk if backend.is_gpu else n_bytes * 6  # x, g, v, y + scratch
+    node_need, ranks = node_sum(roles.world, need)
+
+    def check():
+        have = available_memory_bytes()
+        if node_need > have:
+            raise ConfigError(
+                f"the model has {prob.layout.size:,d} parameters: the {ranks} ranks on this node "
+                f"need about {human_bytes(node_need)} for it (rank 0 keeps "
+                f"{'every worker state' if cfg.checkpoint.worker_states else 'the center'}), "
+                f"but only {human_bytes(have)} is available; use a smaller model, fewer ranks "
+                f"per node, or checkpoint.worker_states = false"
+            )
+
+    agree_or_fail(roles.world, check)
 
 
 def resolve_resume(spec, run_dir: str, report=print) -> tuple[Path | None, CheckpointData | None]:

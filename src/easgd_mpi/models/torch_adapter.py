@@ -92,6 +92,7 @@ class TorchProblem:
         self._g_flat = None
         #: False once an evaluation finds that "error" is not a misclassification rate.
         self.error_is_rate = True
+        self._probe()
 
     # ---- construction from a builder ----------------------------------------------------
     @classmethod
@@ -199,6 +200,27 @@ class TorchProblem:
         self.error_is_rate = rate
         loss = total / count
         return {"loss": loss, "error": errors / count if rate else loss}
+
+    def _probe(self) -> None:
+        """One forward pass and loss on two training samples, in eval mode and without
+        gradients (nothing changes): a model that does not fit its data fails here, at
+        start-up on every rank, as one line, instead of deep inside a worker's first step."""
+        torch = self.torch
+        drawn = self._train.draw(np.random.default_rng(0))
+        try:
+            self.module.eval()
+            with torch.no_grad():
+                inputs, targets = self._train.batch(drawn)
+                self.loss_fn(self.module(inputs[:2]), targets[:2])
+        except Exception as exc:  # noqa: BLE001  (whatever the user's model raises)
+            text = str(exc).strip().splitlines()
+            raise ConfigError(
+                f"the model fails on a batch of the training data ({exc.__class__.__name__}: "
+                f"{text[0] if text else 'no message'}): check its input size and number of "
+                f"outputs against the data"
+            ) from None
+        finally:
+            self.module.train()
 
     # ---- what checkpoints and exports need -------------------------------------------------
     def local_state(self) -> dict[str, np.ndarray]:

@@ -1,0 +1,225 @@
+"""The PyTorch adapter on the flat buffers, through the real update rules (in one process).
+
+A small in-memory center stands in for the RMA window so that a single worker's trajectory is
+deterministic; the rules, the fused NumPy kernels and the adapter are the real ones.
+"""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the torch extra is installed by `make test`")
+
+from easgd_mpi.algorithms import make_algorithm  # noqa: E402
+from easgd_mpi.backend import NumpyBackend  # noqa: E402
+from easgd_mpi.config import Config  # noqa: E402
+from easgd_mpi.data import load_dataset  # noqa: E402
+from easgd_mpi.data.sampling import worker_rng  # noqa: E402
+from easgd_mpi.errors import ConfigError  # noqa: E402
+from easgd_mpi.models import MLPProblem, TorchProblem  # noqa: E402
+
+
+class LocalCenter:
+    """The center as a host array, with CenterWindow's chunked exchange interface."""
+
+    def __init__(self, initial, chunk=100):
+        self.value = np.array(initial, dtype=np.float32)
+        self.n = self.value.size
+        self.chunk = chunk
+
+    def exchange(self, compute):
+        for lo in range(0, self.n, self.chunk):
+            hi = min(lo + self.chunk, self.n)
+            c = self.value[lo:hi].copy()
+            e = np.empty_like(c)
+            compute(lo, hi, c, e)
+            self.value[lo:hi] += e
+        return 8 * self.n
+
+    def read(self, out):
+        out[...] = self.value
+
+    def add(self, delta):
+        self.value += delta
+
+
+def config(**values):
+    cfg = Config()
+    for key, value in values.items():
+        cfg.set(key, value)
+    return cfg.validate(workers=1)
+
+
+def digits():
+    return load_dataset(Config().data)
+
+
+def torch_mlp(widths):
+    layers = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+        layers.append(torch.nn.Linear(a, b))
+        if i < len(widths) - 2:
+            layers.append(torch.nn.Tanh())
+    return torch.nn.Sequential(*layers)
+
+
+def to_mlp_layout(torch_prob, mlp_prob, x_torch):
+    """The torch problem's flat vector rearranged into the built-in MLP's layout."""
+    tv = torch_prob.layout.views(x_torch)
+    out = mlp_prob.layout.zeros()
+    mv = mlp_prob.layout.views(out)
+    for i in range(mlp_prob.n_layers):
+        mv[f"w{i}"][...] = tv[f"{2 * i}.weight"].T
+        mv[f"b{i}"][...] = tv[f"{2 * i}.bias"]
+    return out
+
+
+@pytest.mark.parametrize(
+    "algorithm, extra",
+    [("easgd", {}), ("eamsgd", {"momentum": 0.9}), ("downpour", {})],
+)
+def test_torch_mlp_follows_the_numpy_mlp(algorithm, extra):
+    """Same initial parameters, same batches: the same trajectory within 1e-5 for 50 steps."""
+    cfg = config(algorithm=algorithm, lr=0.05, tau=3, weight_decay=1e-3, batch_size=32, **extra)
+    data = digits()
+    mlp = MLPProblem(data, hidden=[16], batch_size=32)
+    tmodel = torch_mlp([64, 16, 10])
+    tprob = TorchProblem(
+        tmodel, (data.x_train, data.y_train), (data.x_test, data.y_test), batch_size=32
+    )
+    x0 = mlp.layout.zeros()
+    mlp.init_params(x0, seed=3)
+    views = mlp.layout.views(x0)
+    with torch.no_grad():
+        for i in range(2):
+            tmodel[2 * i].weight.copy_(torch.from_numpy(views[f"w{i}"].T.copy()))
+            tmodel[2 * i].bias.copy_(torch.from_numpy(views[f"b{i}"].copy()))
+    t0 = tprob.layout.zeros()
+    tprob.init_params(t0, seed=3)
+    np.testing.assert_array_equal(to_mlp_layout(tprob, mlp, t0), x0)
+
+    runs = []
+    for prob, start in ((mlp, x0), (tprob, t0)):
+        center = LocalCenter(start, chunk=97)
+        algo = make_algorithm(cfg, prob, NumpyBackend(), center, 0.5, worker_rng(0, 0))
+        algo.pull_center()
+        runs.append((algo, center))
+    (a_np, c_np), (a_t, c_t) = runs
+    for t in range(50):
+        loss_np = a_np.step(t)
+        loss_t = a_t.step(t)
+        assert float(loss_t) == pytest.approx(loss_np, abs=1e-5)
+        np.testing.assert_allclose(to_mlp_layout(tprob, mlp, a_t.x), a_np.x, atol=1e-5)
+        np.testing.assert_allclose(to_mlp_layout(tprob, mlp, c_t.value), c_np.value, atol=1e-5)
+    assert a_t.exchanges == a_np.exchanges > 0
+
+
+def test_parameters_and_gradients_stay_views_of_the_flat_buffers():
+    cfg = config(algorithm="eamsgd", momentum=0.9, lr=0.05, tau=2, batch_size=16)
+    data = digits()
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 10)
+    )
+    prob = TorchProblem(model, (data.x_train, data.y_train), (data.x_test, data.y_test), batch_size=16)
+    x0 = prob.layout.zeros()
+    prob.init_params(x0, 0)
+    center = LocalCenter(x0, chunk=64)
+    algo = make_algorithm(cfg, prob, NumpyBackend(), center, 0.5, worker_rng(0, 0))
+    algo.pull_center()
+
+    def inside(tensor, flat):
+        lo = flat.ctypes.data
+        ptr = tensor.data_ptr()
+        return lo <= ptr and ptr + tensor.numel() * 4 <= lo + flat.nbytes
+
+    for t in range(12):
+        algo.step(t)
+        for name, p in model.named_parameters():
+            assert inside(p, algo.y), name  # EAMSGD: gradients are taken at x + δv
+            assert inside(p.grad, algo.g), name
+            spec = prob.layout[name]
+            np.testing.assert_array_equal(
+                p.detach().numpy().ravel(), algo.y[spec.offset : spec.offset + spec.size]
+            )
+        for name, b in model.named_buffers():
+            if b.is_floating_point():
+                assert inside(b, algo.x), name  # buffers live in the worker's own x
+    assert algo.exchanges == 6
+
+
+@pytest.mark.parametrize("algorithm, extra", [("easgd", {}), ("eamsgd", {"momentum": 0.9})])
+def test_batchnorm_statistics_are_averaged_and_never_stepped(algorithm, extra):
+    cfg = config(algorithm=algorithm, lr=0.1, tau=4, weight_decay=0.1, batch_size=16, **extra)
+    data = digits()
+    bn = torch.nn.BatchNorm1d(8, momentum=0.0)  # forward passes leave the statistics alone
+    model = torch.nn.Sequential(torch.nn.Linear(64, 8), bn, torch.nn.ReLU(), torch.nn.Linear(8, 10))
+    prob = TorchProblem(model, (data.x_train, data.y_train), (data.x_test, data.y_test), batch_size=16)
+    buffers = [s for s in prob.layout.specs if s.offset >= prob.n_trainable]
+    assert [s.name for s in buffers] == ["1.running_mean", "1.running_var"]
+    assert "1.num_batches_tracked" in prob.local_state()
+    x0 = prob.layout.zeros()
+    prob.init_params(x0, 0)
+    center = LocalCenter(x0, chunk=50)  # chunks straddle the parameter/buffer boundary
+    m = prob.n_trainable
+    center.value[m:] += 1.0  # the center's statistics differ from the worker's
+    algo = make_algorithm(cfg, prob, NumpyBackend(), center, 0.25, worker_rng(0, 0))
+    algo.x[...] = x0  # the worker starts away from the center
+    buf0 = algo.x[m:].copy()
+    c0 = center.value[m:].copy()
+
+    algo.step(1)  # a local step: weight decay and momentum must not touch the buffers
+    algo.step(2)
+    np.testing.assert_array_equal(algo.x[m:], buf0)
+    assert not algo.g[m:].any()
+    if algo.v is not None:
+        assert not algo.v[m:].any()
+
+    algo.step(4)  # an exchange: the elastic pull, exactly, on the statistics
+    e = np.float32(0.25) * (buf0 - c0)
+    np.testing.assert_allclose(algo.x[m:], buf0 - e, rtol=1e-6)
+    np.testing.assert_allclose(center.value[m:], c0 + e, rtol=1e-6)
+
+
+def test_batchnorm_updates_land_in_the_workers_state_for_eamsgd():
+    cfg = config(algorithm="eamsgd", momentum=0.9, lr=0.05, tau=100, batch_size=16)
+    data = digits()
+    model = torch.nn.Sequential(torch.nn.Linear(64, 10), torch.nn.BatchNorm1d(10))
+    prob = TorchProblem(model, (data.x_train, data.y_train), (data.x_test, data.y_test), batch_size=16)
+    x0 = prob.layout.zeros()
+    prob.init_params(x0, 0)
+    algo = make_algorithm(cfg, prob, NumpyBackend(), LocalCenter(x0), 0.5, worker_rng(0, 0))
+    algo.pull_center()
+    m = prob.n_trainable
+    before = algo.x[m:].copy()
+    algo.step(1)
+    assert not np.array_equal(algo.x[m:], before)  # running statistics moved, in x
+
+
+def test_evaluation_uses_eval_mode_on_the_given_vector():
+    data = digits()
+    model = torch.nn.Sequential(torch.nn.Linear(64, 10), torch.nn.Dropout(0.9))
+    prob = TorchProblem(model, (data.x_train, data.y_train), (data.x_test, data.y_test), batch_size=16)
+    x = prob.layout.zeros()
+    prob.init_params(x, 0)
+    first = prob.evaluate(x)
+    assert prob.evaluate(x) == first  # dropout off: deterministic
+    x2 = x.copy()
+    x2[:] = 0
+    assert prob.evaluate(x2)["loss"] == pytest.approx(np.log(10), rel=1e-6)
+    assert 0.0 <= first["error"] <= 1.0
+
+
+def test_bad_models_are_one_line_errors():
+    data = digits()
+    pair = (data.x_train, data.y_train)
+    with pytest.raises(ConfigError, match="not a torch.nn.Module"):
+        TorchProblem("a model", pair, pair)
+    with pytest.raises(ConfigError, match=r"parameter '0.weight' is torch.float64"):
+        TorchProblem(torch.nn.Sequential(torch.nn.Linear(64, 10).double()), pair, pair)
+    with pytest.raises(ConfigError, match="fails on a batch of the training data.*Target"):
+        TorchProblem(torch.nn.Linear(64, 3), pair, pair)  # 10 classes, 3 outputs
+    with pytest.raises(ConfigError, match="fails on a batch of the training data"):
+        TorchProblem(torch.nn.Linear(60, 10), pair, pair)  # wrong input size
+    frozen = torch.nn.Linear(64, 10)
+    frozen.requires_grad_(False)
+    with pytest.raises(ConfigError, match="no trainable parameters"):
+        TorchProblem(frozen, pair, pair)
