@@ -53,6 +53,12 @@ def digits():
     return load_dataset(Config().data)
 
 
+def on_digits(model, data, batch_size=16):
+    return TorchProblem(
+        model, (data.x_train, data.y_train), (data.x_test, data.y_test), batch_size=batch_size
+    )
+
+
 def torch_mlp(widths):
     layers = []
     for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
@@ -119,7 +125,7 @@ def test_parameters_and_gradients_stay_views_of_the_flat_buffers():
     model = torch.nn.Sequential(
         torch.nn.Linear(64, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 10)
     )
-    prob = TorchProblem(model, (data.x_train, data.y_train), (data.x_test, data.y_test), batch_size=16)
+    prob = on_digits(model, data)
     x0 = prob.layout.zeros()
     prob.init_params(x0, 0)
     center = LocalCenter(x0, chunk=64)
@@ -152,7 +158,7 @@ def test_batchnorm_statistics_are_averaged_and_never_stepped(algorithm, extra):
     data = digits()
     bn = torch.nn.BatchNorm1d(8, momentum=0.0)  # forward passes leave the statistics alone
     model = torch.nn.Sequential(torch.nn.Linear(64, 8), bn, torch.nn.ReLU(), torch.nn.Linear(8, 10))
-    prob = TorchProblem(model, (data.x_train, data.y_train), (data.x_test, data.y_test), batch_size=16)
+    prob = on_digits(model, data)
     buffers = [s for s in prob.layout.specs if s.offset >= prob.n_trainable]
     assert [s.name for s in buffers] == ["1.running_mean", "1.running_var"]
     assert "1.num_batches_tracked" in prob.local_state()
@@ -183,7 +189,7 @@ def test_batchnorm_updates_land_in_the_workers_state_for_eamsgd():
     cfg = config(algorithm="eamsgd", momentum=0.9, lr=0.05, tau=100, batch_size=16)
     data = digits()
     model = torch.nn.Sequential(torch.nn.Linear(64, 10), torch.nn.BatchNorm1d(10))
-    prob = TorchProblem(model, (data.x_train, data.y_train), (data.x_test, data.y_test), batch_size=16)
+    prob = on_digits(model, data)
     x0 = prob.layout.zeros()
     prob.init_params(x0, 0)
     algo = make_algorithm(cfg, prob, NumpyBackend(), LocalCenter(x0), 0.5, worker_rng(0, 0))
@@ -197,7 +203,7 @@ def test_batchnorm_updates_land_in_the_workers_state_for_eamsgd():
 def test_evaluation_uses_eval_mode_on_the_given_vector():
     data = digits()
     model = torch.nn.Sequential(torch.nn.Linear(64, 10), torch.nn.Dropout(0.9))
-    prob = TorchProblem(model, (data.x_train, data.y_train), (data.x_test, data.y_test), batch_size=16)
+    prob = on_digits(model, data)
     x = prob.layout.zeros()
     prob.init_params(x, 0)
     first = prob.evaluate(x)
