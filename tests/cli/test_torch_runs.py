@@ -256,3 +256,21 @@ def test_bad_cifar_files_are_one_line_per_rank(mpiexec, clean_env, tmp_path):
     (folder / "data_batch_3").write_bytes(b"\x80\x02}q\x00(U\x04data")  # a truncated pickle
     proc = train(mpiexec, 3, tmp_path / "run", sets, clean_env, tmp_path, timeout=120)
     _one_line_per_rank(proc, 3, "data_batch_3")
+
+
+def test_the_pytorch_example_runs_and_exports(mpiexec, clean_env, tmp_path):
+    """examples/pytorch_model.py: a user's module, Dataset and loss through the Python API."""
+    example = Path(__file__).resolve().parents[2] / "examples" / "pytorch_model.py"
+    cmd = [mpiexec, "-n", "3", sys.executable, str(example), "steps=300", f"output={tmp_path}"]
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        env=clean_env,
+        cwd=tmp_path,
+        timeout=240,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "held-out error" in proc.stdout.splitlines()[-1]
+    assert "done: eamsgd with 2 workers, 600 worker steps" in proc.stdout

@@ -8,6 +8,10 @@ import pytest
 from easgd_mpi.config import Config
 from easgd_mpi.models import make_problem
 
+# Configs for data sets read from files (CIFAR-10, MNIST) point at where a user keeps them;
+# here they read small files in the same formats, written by the tests' writers.
+from image_files import write_cifar_folder, write_mnist  # noqa: E402
+
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.toml"))
 
 
@@ -16,8 +20,12 @@ def test_there_are_examples():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_example_config_is_valid(path):
+def test_example_config_is_valid(path, tmp_path):
     cfg = Config.from_toml(path, environ={})
+    if cfg.data.name == "cifar10":
+        cfg.set("data.path", str(write_cifar_folder(tmp_path / "cifar-10-batches-py")))
+    elif cfg.data.name == "mnist":
+        cfg.set("data.path", str(write_mnist(tmp_path / "mnist")))
     for workers in (1, 2, 4, 8):
         cfg.validate(workers=workers)
     problem = make_problem(cfg)
