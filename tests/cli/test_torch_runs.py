@@ -274,3 +274,27 @@ def test_the_pytorch_example_runs_and_exports(mpiexec, clean_env, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "held-out error" in proc.stdout.splitlines()[-1]
     assert "done: eamsgd with 2 workers, 600 worker steps" in proc.stdout
+
+
+class _CreatesAFile:
+    """Pickled, this asks the loader to call open(path, "w"): a file would appear."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_poisoned_cifar_batch_never_runs(mpiexec, clean_env, tmp_path):
+    import pickle
+
+    folder = write_cifar_folder(tmp_path / "cifar-10-batches-py", per_batch=10, test=10)
+    marker = tmp_path / "pwned"
+    payload = {b"data": _CreatesAFile(str(marker)), b"labels": [0]}
+    (folder / "data_batch_2").write_bytes(pickle.dumps(payload, protocol=2))
+    sets = ["model.name=cifar-convnet", "data.name=cifar10", f"data.path={folder}", "steps=5"]
+    proc = train(mpiexec, 3, tmp_path / "run", sets, clean_env, tmp_path, timeout=120)
+    _one_line_per_rank(proc, 3, "asks to load")
+    assert "data_batch_2" in proc.stderr and "not a CIFAR-10 batch" in proc.stderr
+    assert not marker.exists()
