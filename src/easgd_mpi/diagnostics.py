@@ -1,4 +1,5 @@
-"""What each rank would use: MPI library, GPU, CuPy, CUDA-aware mode, kernels (`easgd check`)."""
+"""What each rank would use: MPI library, GPU, CuPy, CUDA-aware mode, kernels, PyTorch
+(`easgd check`)."""
 
 from __future__ import annotations
 
@@ -44,12 +45,34 @@ def describe_rank(comm) -> dict:
             "kernel_source_dir": None,
         }
     info["gpu"] = gpu
+    info["torch"] = _torch_info()
     if rank == 0:
         info["backend"] = "numpy (the master evaluates on the host and holds no GPU)"
     else:
         backend, why = select_backend(prefer_gpu=True, device_id=None)
         info["backend"] = backend.name if not why else f"{backend.name} ({why})"
     return info
+
+
+def _torch_info() -> dict:
+    """PyTorch's version and whether it can use the GPU (it is optional: the torch extra)."""
+    import importlib.util  # noqa: PLC0415
+
+    if importlib.util.find_spec("torch") is None:
+        return {"version": None, "cuda": False}
+    try:
+        import torch  # noqa: PLC0415
+    except Exception as exc:  # noqa: BLE001  (a broken install is reported, not fatal)
+        return {"version": None, "cuda": False, "error": f"{exc.__class__.__name__}: {exc}"}
+    return {"version": torch.__version__, "cuda": bool(torch.cuda.is_available())}
+
+
+def _torch_text(t: dict) -> str:
+    if t.get("error"):
+        return f"PyTorch broken ({t['error']})"
+    if not t.get("version"):
+        return "PyTorch not installed (torch models need the torch extra)"
+    return f"PyTorch {t['version']} ({'CUDA' if t['cuda'] else 'CPU only'})"
 
 
 def _support(flag: bool | None) -> str:
@@ -82,6 +105,7 @@ def format_report(infos: list[dict]) -> str:
             f"library support: {_support(info['mpi_cuda_support'])}); "
             f"kernels from {gpu.get('kernel_source_dir')} {kern}"
             + (f" ({gpu['kernel_error']})" if gpu.get("kernel_error") else "")
+            + f"; {_torch_text(info.get('torch', {}))}"
             + f"; backend: {info['backend']}"
         )
     return "\n".join(lines)

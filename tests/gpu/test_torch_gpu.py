@@ -1,0 +1,110 @@
+"""PyTorch models on a GPU worker: the module views the CuPy buffers (DLPack, no copies), the
+fused CUDA kernels update it, and it learns what the CPU run learns.
+
+Skipped without a usable GPU and a CUDA build of PyTorch, unless EASGD_TEST_GPU=1 turns that
+into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from launching import run, train_command
+
+pytestmark = pytest.mark.gpu
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def needs_gpu():
+    from easgd_mpi.backend.cupy_backend import gpu_available
+
+    ok, why = gpu_available()
+    if ok and not torch.cuda.is_available():
+        ok, why = False, f"PyTorch {torch.__version__} has no CUDA"
+    if not ok:
+        if os.environ.get("EASGD_TEST_GPU") == "1":
+            pytest.fail(f"EASGD_TEST_GPU=1 but no usable GPU for PyTorch: {why}")
+        pytest.skip(f"no usable GPU: {why}")
+
+
+def _problem(xp, batchnorm=False):
+    from easgd_mpi.config import Config
+    from easgd_mpi.data import load_dataset
+    from easgd_mpi.models import TorchProblem
+
+    data = load_dataset(Config().data)
+    layers = [torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10)]
+    if batchnorm:
+        layers.insert(1, torch.nn.BatchNorm1d(32))
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(*layers)
+    pair = (data.x_train, data.y_train)
+    return TorchProblem(module, pair, (data.x_test, data.y_test), batch_size=32, xp=xp)
+
+
+def test_module_views_the_cupy_buffers_and_matches_the_cpu():
+    import cupy
+
+    from easgd_mpi.algorithms import make_algorithm
+    from easgd_mpi.backend import NumpyBackend
+    from easgd_mpi.backend.cupy_backend import CupyBackend
+    from easgd_mpi.config import Config
+    from easgd_mpi.data.sampling import worker_rng
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+    from test_torch_adapter import LocalCenter
+
+    cfg = Config()
+    for key, value in {"algorithm": "eamsgd", "momentum": 0.9, "lr": 0.05, "tau": 3}.items():
+        cfg.set(key, value)
+    runs = []
+    for backend in (NumpyBackend(), CupyBackend(device_id=0)):
+        prob = _problem(backend.xp, batchnorm=True)
+        x0 = prob.layout.zeros()
+        prob.init_params(x0, 0)
+        center = LocalCenter(x0, chunk=1000)
+        algo = make_algorithm(cfg, prob, backend, center, 0.5, worker_rng(0, 0))
+        algo.pull_center()
+        for t in range(30):
+            algo.step(t)
+        backend.synchronize()
+        runs.append((prob, algo, center))
+    (_, cpu, cpu_center), (prob, gpu, gpu_center) = runs
+    assert isinstance(gpu.x, cupy.ndarray)
+    lo, size = gpu.y.data.ptr, gpu.y.nbytes
+    for name, p in prob.module.named_parameters():
+        assert p.is_cuda and lo <= p.data_ptr() < lo + size, name
+        assert gpu.g.data.ptr <= p.grad.data_ptr() < gpu.g.data.ptr + gpu.g.nbytes, name
+    # FMA contraction and cuDNN reductions differ in the last bits: close, not identical.
+    np.testing.assert_allclose(cupy.asnumpy(gpu.x), cpu.x, atol=2e-3)
+    np.testing.assert_allclose(gpu_center.value, cpu_center.value, atol=2e-3)
+
+
+def test_cifar_convnet_trains_on_gpu_workers(mpiexec, tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from easgd_mpi.metrics import read_metrics
+    from image_files import write_cifar_folder
+
+    folder = write_cifar_folder(tmp_path / "cifar-10-batches-py", per_batch=100, test=100)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EASGD_")}
+    sets = [
+        "model.name=cifar-convnet",
+        "data.name=cifar10",
+        f"data.path={folder}",
+        "algorithm=eamsgd",
+        "momentum=0.9",
+        "lr=0.02",
+        "batch_size=32",
+        "steps=150",
+        "eval_interval=1",
+    ]
+    proc = run(train_command(mpiexec, 3, tmp_path / "run", *sets), env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "on GPU" in proc.stdout.splitlines()[0], proc.stdout
+    assert read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]["center_error"] < 0.3
