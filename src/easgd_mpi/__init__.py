@@ -19,6 +19,7 @@ from .errors import (
     ConfigError,
     DataError,
     EasgdError,
+    ExportError,
     LaunchError,
 )
 from .flat import Layout
@@ -52,5 +53,6 @@ __all__ = [
     "CheckpointError",
     "BackendError",
     "LaunchError",
+    "ExportError",
     "__version__",
 ]

@@ -12,6 +12,7 @@ __all__ = [
     "CheckpointError",
     "BackendError",
     "LaunchError",
+    "ExportError",
 ]
 
 
@@ -39,3 +40,7 @@ class BackendError(EasgdError):
 
 class LaunchError(EasgdError):
     """The MPI launch is unusable (e.g. world size 1)."""
+
+
+class ExportError(EasgdError):
+    """An export target cannot be written (``easgd export``)."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import load_checkpoint
-from .errors import ConfigError, EasgdError
+from .errors import ConfigError, ExportError
 
 __all__ = ["center_tensors", "export_checkpoint", "EXPORT_FORMATS"]
 
@@ -68,7 +68,3 @@ def _atomic(target: Path, write) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return target
-
-
-class ExportError(EasgdError):
-    """The export target cannot be written."""
