@@ -18,6 +18,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
+from .backend.numpy_backend import host_sum_squares
 from .collective import WorkerAllreduce
 
 __all__ = [
@@ -34,32 +35,35 @@ __all__ = [
 class _ChunkStaging:
     """Runs a chunk kernel where the worker's state lives.
 
-    On the host (or with CUDA-aware MPI) the center's chunk buffers are used directly. On a GPU
-    without CUDA-aware MPI the chunk is staged: pinned host → device, kernel, device → pinned
-    host, and the stream is synchronised before MPI touches the host buffer again.
+    On the host the center's chunk buffers are used directly. On a GPU they are always pinned
+    host buffers (MPI one-sided operations never see device memory: Open MPI documents them as
+    unsupported on it even when the library is CUDA-aware), so each chunk is staged: pinned host
+    → device, kernel, device → pinned host, enqueued back to back on the stream, then one
+    synchronisation before MPI touches the host buffer again. Σ e² (the worker-to-center
+    distance, and the finiteness test) is taken from the host copy already at hand.
     """
 
-    def __init__(self, backend, chunk: int, direct: bool):
+    def __init__(self, backend, chunk: int):
         self.backend = backend
-        self.direct = direct or not backend.is_gpu
-        if not self.direct:
+        self.staged = backend.is_gpu
+        if self.staged:
             self._c_dev = backend.zeros(chunk)
             self._e_dev = backend.zeros(chunk)
 
     def run(self, c, e, kernel) -> float:
-        """kernel(c_dev, e_dev) on one chunk; returns Σ e² (for the worker-to-center distance)."""
+        """kernel(c_dev, e_dev) on one chunk; returns Σ e² (float64; inf or nan if e is not
+        finite)."""
         b = self.backend
-        if self.direct:
+        if not self.staged:
             kernel(c, e)
             return b.sum_squares(e)
         k = c.shape[0]
         c_dev, e_dev = self._c_dev[:k], self._e_dev[:k]
-        b.from_host(c, c_dev)
+        b.from_host_async(c, c_dev)
         kernel(c_dev, e_dev)
-        b.to_host(e_dev, e)
-        sq = b.sum_squares(e_dev)
-        b.synchronize()
-        return sq
+        b.to_host_async(e_dev, e)
+        b.synchronize()  # the one wait of this chunk: e is on the host, c may be reused
+        return host_sum_squares(e)
 
 
 class WorkerAlgorithm(ABC):
@@ -70,7 +74,7 @@ class WorkerAlgorithm(ABC):
     #: Whether the rule needs the workers' all-reduce (every worker steps in lockstep).
     collective = False
 
-    def __init__(self, cfg, problem, backend, center, alpha: float, rng, direct_mpi=False):
+    def __init__(self, cfg, problem, backend, center, alpha: float, rng):
         self.cfg = cfg
         self.problem = problem
         self.backend = backend
@@ -91,7 +95,10 @@ class WorkerAlgorithm(ABC):
         #: the exchange runs over all of x. Floating-point buffers of a PyTorch model (BatchNorm
         #: running statistics) sit after the prefix: averaged with the center, never stepped.
         self.m = int(getattr(problem, "n_trainable", n))
-        self._staging = _ChunkStaging(backend, center.chunk, direct_mpi)
+        self._staging = _ChunkStaging(backend, center.chunk)
+        # Reads of the whole center land here first on a GPU (pinned: a fast, asynchronous
+        # copy); on the host MPI writes straight into the destination.
+        self._center_host = backend.host_empty(n) if backend.is_gpu else None
         # A problem that binds a model to the flat buffers (the PyTorch adapter) learns once
         # where the worker's own state lives; the views then survive every step and exchange.
         bind = getattr(problem, "bind_state", None)
@@ -107,9 +114,11 @@ class WorkerAlgorithm(ABC):
 
     def _read_center(self, out) -> None:
         """out ← x̃ (an atomic snapshot of the window, copied to the backend)."""
-        host = np.empty(self.problem.layout.size, dtype=np.float32)
-        self.center.read(host)
-        self.backend.from_host(host, out)
+        if self._center_host is None:
+            self.center.read(out)
+            return
+        self.center.read(self._center_host)
+        self.backend.from_host(self._center_host, out)
 
     def _split_exchange(self, lo, hi, c, e, fused) -> None:
         """Exchange chunk [lo, hi): ``fused(lo, k, c, e)`` on its trainable part (the exchange
@@ -439,7 +448,9 @@ def make_algorithm(cfg, problem, backend, center, alpha, rng, direct_mpi=False, 
     """The worker-side rule named by ``cfg.algorithm``.
 
     ``workers_comm`` (the workers-only communicator, :attr:`Roles.workers`) is required by the
-    synchronous rules, which average over the workers with one all-reduce.
+    synchronous rules, which average over the workers with one all-reduce; ``direct_mpi``
+    (CUDA-aware MPI) lets that all-reduce take device buffers. The center's one-sided transfers
+    always go through host memory.
     """
     rule = _RULES[cfg.algorithm]
     extra = {}
@@ -449,4 +460,4 @@ def make_algorithm(cfg, problem, backend, center, alpha, rng, direct_mpi=False, 
         extra["allreduce"] = WorkerAllreduce(
             workers_comm, problem.layout.size, backend, direct=direct_mpi
         )
-    return rule(cfg, problem, backend, center, alpha, rng, direct_mpi, **extra)
+    return rule(cfg, problem, backend, center, alpha, rng, **extra)

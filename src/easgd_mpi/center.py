@@ -23,7 +23,7 @@ import numpy as np
 
 from .comm import MASTER
 
-__all__ = ["CenterWindow", "STATUS_FIELDS", "LOCK_MODES"]
+__all__ = ["CenterWindow", "STATUS_FIELDS", "LOCK_MODES", "CHUNK_MULTIPLE", "round_chunk"]
 
 LOCK_MODES = ("shared", "exclusive")
 
@@ -34,6 +34,16 @@ _SLOTS = len(STATUS_FIELDS)
 #: compute(lo, hi, c_chunk, e_chunk): given the center's elements [lo, hi) in ``c_chunk``, write
 #: the elastic difference to add to them into ``e_chunk`` (and update the worker's own state).
 ChunkKernel = Callable[[int, int, object, object], None]
+
+
+#: Chunks are whole multiples of this many floats, so every chunk starts on a float4 (16-byte)
+#: boundary and the GPU kernels keep their vectorised path for all of them.
+CHUNK_MULTIPLE = 64
+
+
+def round_chunk(chunk: int) -> int:
+    """``chunk`` rounded down to a multiple of :data:`CHUNK_MULTIPLE` (at least one)."""
+    return max(CHUNK_MULTIPLE, int(chunk) // CHUNK_MULTIPLE * CHUNK_MULTIPLE)
 
 
 class CenterWindow:
@@ -65,7 +75,7 @@ class CenterWindow:
         self.n = int(n)
         self.n_workers = int(n_workers)
         self.lock_mode = lock_mode
-        self.chunk = max(1, min(int(chunk), self.n or 1))
+        self.chunk = max(1, min(round_chunk(chunk), self.n or 1))
         self._before_mpi = before_mpi or (lambda: None)
         is_owner = self.rank == MASTER
 

@@ -30,7 +30,9 @@ class WorkerAllreduce:
     """Mean of a flat vector over the workers, staged through host memory when needed.
 
     ``comm`` is the workers-only communicator. With ``direct`` (CUDA-aware MPI) device arrays go
-    to MPI as they are; otherwise a GPU vector is copied into a pinned host buffer first.
+    to a *blocking* ``Allreduce`` as they are (the one collective the libraries document for
+    device memory; non-blocking reductions on device buffers are not supported by Open MPI);
+    otherwise a GPU vector is copied into a pinned host buffer and reduced there.
     """
 
     def __init__(self, comm, n: int, backend, direct: bool = False):
@@ -56,7 +58,10 @@ class WorkerAllreduce:
             if out is not src:
                 out[...] = src
             b.synchronize()  # MPI reads the device buffer: the stream must be done with it
-            self._wait(self.comm.Iallreduce(self._MPI.IN_PLACE, out, op=self._MPI.SUM))
+            if b.is_gpu:
+                self.comm.Allreduce(self._MPI.IN_PLACE, out, op=self._MPI.SUM)
+            else:
+                self._wait(self.comm.Iallreduce(self._MPI.IN_PLACE, out, op=self._MPI.SUM))
         else:
             host = self._host
             b.to_host(src, host)

@@ -89,7 +89,7 @@ class StateChannel:
         self._table_buf = np.zeros(self.p * _META, np.int64)
         self._table_origin = np.zeros_like(self._table_buf)
         self._acked = 0
-        self._host = np.empty(self.n, np.float32) if self.rows else None
+        self._host = None  # a worker's pinned staging buffer, made at its first GPU copy
         comm.Barrier()
         for win in (self._control, self._meta, self._states):
             win.Lock_all()
@@ -151,14 +151,19 @@ class StateChannel:
     def _write_state(self, slot: int, algo) -> None:
         MPI = self._MPI
         arrays = [algo.x] + ([algo.v] if self.rows == 2 else [])
+        b = algo.backend
         for r, arr in enumerate(arrays):
-            algo.backend.to_host(arr, self._host)
+            src = arr
+            if b.is_gpu:  # staged through pinned memory (allocated once)
+                if self._host is None:
+                    self._host = b.host_empty(self.n)
+                src = b.to_host(arr, self._host)
             base = (slot * self.rows + r) * self.n
             chunk = 1 << 22  # keeps each MPI message under 2^31 bytes
             for lo in range(0, self.n, chunk):
                 hi = min(lo + chunk, self.n)
                 self._states.Accumulate(
-                    self._host[lo:hi],
+                    src[lo:hi],
                     MASTER,
                     target=(base + lo, hi - lo, MPI.FLOAT),
                     op=MPI.REPLACE,

@@ -109,7 +109,8 @@ def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
         initial=initial,
         lock_mode=cfg.lock_mode,
         chunk=cfg.chunk,
-        alloc_chunk=_chunk_allocator(backend, direct_mpi),
+        # Pinned host chunks on a GPU: the one-sided operations never see device memory.
+        alloc_chunk=backend.host_empty,
         before_mpi=backend.synchronize,
         initial_status=None
         if checkpoint is None
@@ -328,12 +329,6 @@ def _build_problem(cfg, problem, xp):
     if isinstance(problem, type) or (callable(problem) and not hasattr(problem, "loss_and_grad")):
         return problem(cfg, xp)
     return problem
-
-
-def _chunk_allocator(backend, direct_mpi):
-    if direct_mpi:
-        return backend.zeros
-    return backend.host_empty
 
 
 def _make_run_dir(cfg, checkpoint) -> str:

@@ -102,11 +102,13 @@ def _agree(workers, epoch: int, stop: bool) -> tuple[int, bool]:
 
 
 def _publish(center, slot, algo, steps, loss, done):
+    # The loss stays where the model computed it (a 0-d device array on a GPU) until here:
+    # converting it every step would make the host wait for the GPU on every step.
     center.publish_status(
         slot,
         steps=steps,
         exchanges=algo.exchanges,
-        loss=loss,
+        loss=float(loss),
         distance=algo.distance,
         resets=algo.resets,
         bytes=algo.bytes,

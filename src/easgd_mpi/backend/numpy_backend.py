@@ -16,13 +16,32 @@ import functools
 
 import numpy as np
 
-__all__ = ["NumpyBackend"]
+__all__ = ["NumpyBackend", "host_sum_squares"]
 
 _f32 = np.float32
 #: Elements per cache block: the vectors and temporaries of one block (up to 7 × 256 KiB) stay
 #: in cache, so each fused update reads and writes main memory once instead of once per NumPy
 #: pass. Measured here on 2.5e7 elements: sgd_step 58 ms unblocked, 27-31 ms in blocks.
 _BLOCK = 1 << 16
+
+
+def host_sum_squares(a: np.ndarray) -> float:
+    """Σ a² of a host float32 vector, accumulated in float64 block by block.
+
+    The same finiteness verdict as the GPU's float64 reduction: finite values up to float32's
+    largest never overflow (a float32 dot product does, above ~1.8e19), and no temporary of the
+    vector's size is made.
+    """
+    a = np.asarray(a)
+    n = a.shape[0]
+    total = 0.0
+    scratch = np.empty(min(n, _BLOCK), dtype=np.float64)
+    for lo in range(0, n, _BLOCK):
+        block = a[lo : lo + _BLOCK]
+        t = scratch[: block.shape[0]]
+        np.multiply(block, block, out=t, dtype=np.float64)
+        total += float(t.sum())
+    return total
 
 
 def _blockwise(update):
@@ -69,6 +88,10 @@ class NumpyBackend:
         np.copyto(out, host)
         return out
 
+    # On the host there is nothing to overlap: the "asynchronous" copies are the copies.
+    to_host_async = to_host
+    from_host_async = from_host
+
     def host_empty(self, n: int) -> np.ndarray:
         """A host buffer for MPI staging (pinned memory on the GPU backend)."""
         return np.empty(int(n), dtype=np.float32)
@@ -77,8 +100,8 @@ class NumpyBackend:
         """Nothing to wait for on the host."""
 
     def sum_squares(self, a) -> float:
-        a = np.asarray(a)
-        return float(np.dot(a, a))
+        """Σ a² in float64 (inf or nan when a holds a non-finite value)."""
+        return host_sum_squares(a)
 
     def all_finite(self, a) -> bool:
         return bool(np.isfinite(a).all())

@@ -44,7 +44,7 @@ class MLPProblem:
         n = self.data.x_train.shape[0]
         return rng.integers(0, n, min(self.batch_size, n))
 
-    def loss_and_grad(self, x, batch, g) -> float:
+    def loss_and_grad(self, x, batch, g):
         xp = self.xp
         idx = xp.asarray(batch)
         return self._loss_and_grad(x, self._x_train[idx], self._y_train[idx], g)
@@ -66,7 +66,7 @@ class MLPProblem:
             acts.append(z)
         return acts  # inputs, hidden activations..., logits
 
-    def _loss_and_grad(self, x, inputs, labels, g) -> float:
+    def _loss_and_grad(self, x, inputs, labels, g):
         xp = self.xp
         acts = self._forward(xp, x, inputs)
         logits = acts[-1]
@@ -90,7 +90,7 @@ class MLPProblem:
                 back = delta @ views[f"w{i}"].T
                 a = acts[i]
                 delta = back * (1 - a * a) if self.activation == "tanh" else back * (a > 0)
-        return float(loss)
+        return loss  # a 0-d array: on a GPU, converting it here would wait for the device
 
 
 def _cross_entropy(xp, logits, labels) -> float:

@@ -29,9 +29,11 @@ class QuadraticProblem:
         self._m64 = _vector(qcfg.optimum, self.dim)
         self._start = _vector(qcfg.start, self.dim)
         pad = self.layout.size - self.dim
-        # Padding elements get h = 0, m = 0: zero gradient, they never move.
-        self._h = xp.asarray(np.concatenate([self._h64, np.zeros(pad)]))
-        self._m = xp.asarray(np.concatenate([self._m64, np.zeros(pad)]))
+        # Padding elements get h = 0, m = 0: zero gradient, they never move. Kept as float32
+        # on the worker's device, with one scratch vector: a step allocates and casts nothing.
+        self._h = xp.asarray(np.concatenate([self._h64, np.zeros(pad)]), dtype=np.float32)
+        self._m = xp.asarray(np.concatenate([self._m64, np.zeros(pad)]), dtype=np.float32)
+        self._d = xp.empty(self.layout.size, dtype=np.float32)
 
     @property
     def optimum(self) -> np.ndarray:
@@ -46,16 +48,19 @@ class QuadraticProblem:
             return None
         return rng.standard_normal(self.layout.size) * self.noise
 
-    def loss_and_grad(self, x, batch, g) -> float:
-        xp = self.xp
-        h, m = self._h.astype(x.dtype, copy=False), self._m.astype(x.dtype, copy=False)
-        d = x - m
-        g[...] = h * d
+    def loss_and_grad(self, x, batch, g):
+        """½ Σ h d² at x (a 0-d array, not synchronised) and g = h d (+ noise), d = x − m."""
+        xp, h, m, d = self.xp, self._h, self._m, self._d
+        if x.dtype != d.dtype:  # e.g. a float64 finite-difference check: compute in its dtype
+            h, m, d = h.astype(x.dtype), m.astype(x.dtype), xp.empty_like(x)
+        xp.subtract(x, m, out=d)
+        xp.multiply(h, d, out=g)
+        loss = 0.5 * xp.dot(g, d)
         if batch is not None:
             noise = xp.asarray(batch, dtype=x.dtype)
             noise[self.dim :] = 0
             g += noise
-        return float(0.5 * xp.sum(h * d * d))
+        return loss
 
     def evaluate(self, x_host: np.ndarray) -> dict:
         d = x_host[: self.dim].astype(np.float64) - self._m64
