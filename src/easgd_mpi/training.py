@@ -111,7 +111,6 @@ def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
         chunk=cfg.chunk,
         # Pinned host chunks on a GPU: the one-sided operations never see device memory.
         alloc_chunk=backend.host_empty,
-        before_mpi=backend.synchronize,
         initial_status=None
         if checkpoint is None
         else {k: checkpoint.worker_counters[k] for k in ("steps", "exchanges", "resets")},
