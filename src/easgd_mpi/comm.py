@@ -24,6 +24,7 @@ __all__ = [
     "local_rank",
     "node_position",
     "node_sum",
+    "gpu_transfer_plan",
     "cuda_aware_mpi",
     "cuda_mpi_requested",
     "limit_blas_threads",
@@ -129,6 +130,25 @@ def cuda_aware_mpi() -> bool | None:
 def cuda_mpi_requested() -> bool:
     """``EASGD_CUDA_MPI=1`` asks for device buffers to go to MPI directly (default off)."""
     return os.environ.get("EASGD_CUDA_MPI", "0").strip() == "1"
+
+
+def gpu_transfer_plan(is_gpu: bool, requested: bool, supported: bool | None) -> dict[str, str]:
+    """How each kind of transfer of a worker reaches MPI: the one place that decides.
+
+    One-sided operations (the center's exchange, reads, DOWNPOUR's push) and the checkpoint
+    state copies always go through pinned host buffers on a GPU: Open MPI documents one-sided
+    operations and non-blocking reductions as unsupported on device memory even when it is
+    CUDA-aware. Only the synchronous rules' blocking ``Allreduce`` takes device buffers, and
+    only when CUDA-aware MPI is requested (``EASGD_CUDA_MPI=1``) and not denied by the library.
+    """
+    if not is_gpu:
+        return {"center": "host", "allreduce": "host", "states": "host"}
+    device_ok = requested and supported is not False
+    return {
+        "center": "staged (pinned host)",
+        "allreduce": "device (CUDA-aware)" if device_ok else "staged (pinned host)",
+        "states": "staged (pinned host)",
+    }
 
 
 def node_position(comm) -> tuple[int, int]:

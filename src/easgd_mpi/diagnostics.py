@@ -14,7 +14,12 @@ def describe_rank(comm) -> dict:
     from mpi4py import MPI  # noqa: PLC0415
 
     from .backend import select_backend  # noqa: PLC0415
-    from .comm import cuda_aware_mpi, cuda_mpi_requested, local_rank  # noqa: PLC0415
+    from .comm import (  # noqa: PLC0415
+        cuda_aware_mpi,
+        cuda_mpi_requested,
+        gpu_transfer_plan,
+        local_rank,
+    )
 
     rank, size = comm.Get_rank(), comm.Get_size()
     node_local = local_rank(comm)
@@ -51,6 +56,9 @@ def describe_rank(comm) -> dict:
     else:
         backend, why = select_backend(prefer_gpu=True, device_id=None)
         info["backend"] = backend.name if not why else f"{backend.name} ({why})"
+        info["transfers"] = gpu_transfer_plan(
+            backend.is_gpu, cuda_mpi_requested(), info["mpi_cuda_support"]
+        )
     return info
 
 
@@ -107,5 +115,10 @@ def format_report(infos: list[dict]) -> str:
             + (f" ({gpu['kernel_error']})" if gpu.get("kernel_error") else "")
             + f"; {_torch_text(info.get('torch', {}))}"
             + f"; backend: {info['backend']}"
+            + (
+                "; transfers: " + ", ".join(f"{k} {v}" for k, v in info["transfers"].items())
+                if "transfers" in info
+                else ""
+            )
         )
     return "\n".join(lines)

@@ -23,6 +23,7 @@ from .comm import (
     agree_or_fail,
     cuda_aware_mpi,
     cuda_mpi_requested,
+    gpu_transfer_plan,
     limit_blas_threads,
     make_roles,
     node_position,
@@ -60,14 +61,15 @@ def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
         cfg.validate(workers=p)
         backend, why_cpu, device_id = _choose_backend(cfg, roles)
         prob = _build_problem(cfg, problem, backend.xp)
-        direct = backend.is_gpu and cuda_mpi_requested()
-        if direct and cuda_aware_mpi() is False:
+        requested = backend.is_gpu and cuda_mpi_requested()
+        if requested and cuda_aware_mpi() is False:
             raise BackendError(
                 "EASGD_CUDA_MPI=1 but this MPI library reports no CUDA support "
                 "(MPIX_Query_cuda_support() = 0): unset EASGD_CUDA_MPI to stage through "
                 "pinned host memory"
             )
-        return backend, why_cpu, device_id, prob, direct
+        plan = gpu_transfer_plan(backend.is_gpu, requested, True if requested else None)
+        return backend, why_cpu, device_id, prob, plan["allreduce"].startswith("device")
 
     backend, why_cpu, device_id, prob, direct_mpi = agree_or_fail(roles.world, setup)
     alpha = cfg.resolve_alpha(p)

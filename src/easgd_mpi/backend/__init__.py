@@ -1,5 +1,6 @@
 """Compute backends: NumPy (reference, host) and CuPy (fused CUDA kernels, GPU)."""
 
+from ..errors import BackendError
 from .numpy_backend import NumpyBackend
 
 __all__ = ["NumpyBackend", "select_backend"]
@@ -19,4 +20,7 @@ def select_backend(prefer_gpu: bool = True, device_id: int | None = None):
     ok, why = gpu_available()
     if not ok:
         return NumpyBackend(), why
-    return CupyBackend(device_id=device_id), ""
+    try:  # compiles the kernels now: a missing or broken NVRTC falls back, it does not fail
+        return CupyBackend(device_id=device_id), ""
+    except BackendError as exc:
+        return NumpyBackend(), f"a GPU is visible but {exc}"
