@@ -35,6 +35,7 @@ __all__ = [
     "checkpoint_sequence",
     "newest_valid_checkpoint",
     "prune_checkpoints",
+    "checkpoint_is_valid",
     "summarize",
     "format_summary",
 ]
@@ -105,6 +106,7 @@ def save_checkpoint(path: str | os.PathLike, data: CheckpointData) -> Path:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+        _remember(path, True)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise CheckpointError(f"checkpoint {path} could not be written: {exc}") from None
@@ -354,21 +356,88 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
 
 
 def newest_valid_checkpoint(run_dir, report=print) -> tuple[Path, CheckpointData] | None:
-    """The newest checkpoint that loads and validates; bad ones are reported and skipped."""
+    """The newest checkpoint that loads and validates; bad ones are reported and skipped.
+
+    None when the folder holds no checkpoint at all; a :class:`CheckpointError` naming them
+    when it holds checkpoints and every one is damaged (starting over would silently drop the
+    run's progress and metrics).
+    """
+    bad = []
     for path in reversed(list_checkpoints(run_dir)):
         try:
-            return path, load_checkpoint(path)
+            data = load_checkpoint(path)
         except CheckpointError as exc:
             report(f"easgd: skipping bad checkpoint: {exc}")
+            _remember(path, False)
+            bad.append(path.name)
+            continue
+        _remember(path, True)
+        return path, data
+    if bad:
+        raise CheckpointError(
+            f"every checkpoint in {run_dir} is damaged ({', '.join(reversed(bad))}): refusing "
+            f"to start over; move them away to start a new run, or resume a copy you trust"
+        )
     return None
 
 
-def prune_checkpoints(run_dir, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` checkpoints; returns what was removed."""
-    paths = list_checkpoints(run_dir)
-    doomed = paths[: max(0, len(paths) - keep)]
+#: Verdicts on checkpoint files already checked by this process: path → (size, mtime_ns, ok).
+#: A file this process wrote is good by construction (written atomically, then renamed).
+_VERDICTS: dict[Path, tuple[int, int, bool]] = {}
+
+
+def _remember(path: Path, ok: bool) -> None:
+    try:
+        st = path.stat()
+    except OSError:
+        return
+    _VERDICTS[Path(path)] = (st.st_size, st.st_mtime_ns, ok)
+
+
+def checkpoint_is_valid(path: Path) -> bool:
+    """Whether ``path`` loads and passes its checksum (cached per file version)."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    known = _VERDICTS.get(path)
+    if known is not None and known[:2] == (st.st_size, st.st_mtime_ns):
+        return known[2]
+    try:
+        load_checkpoint(path)
+        ok = True
+    except CheckpointError:
+        ok = False
+    _VERDICTS[path] = (st.st_size, st.st_mtime_ns, ok)
+    return ok
+
+
+def prune_checkpoints(run_dir, keep: int, report=None) -> list[Path]:
+    """Keep the newest ``keep`` *valid* checkpoints and delete older valid ones.
+
+    Damaged checkpoints never count toward ``keep`` (so they never cause a good one to be
+    pruned) and are never deleted: they are reported once (``report``) and left for the user
+    to inspect. Returns what was removed.
+    """
+    kept, doomed = 0, []
+    for path in reversed(list_checkpoints(run_dir)):
+        before = _VERDICTS.get(Path(path))
+        if not checkpoint_is_valid(path):
+            newly_bad = before is None or before[2]
+            if newly_bad and report is not None:
+                report(
+                    f"easgd: warning: checkpoint {path} is damaged: it is kept for inspection "
+                    f"and does not count toward checkpoint.keep"
+                )
+            continue
+        kept += 1
+        if kept > keep:
+            doomed.append(path)
+    doomed.reverse()  # oldest first, like list_checkpoints
     for p in doomed:
         p.unlink(missing_ok=True)
+        _VERDICTS.pop(Path(p), None)
     return doomed
 
 

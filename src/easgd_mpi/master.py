@@ -102,7 +102,7 @@ class _Run:
             else {},
         )
         path = save_checkpoint(checkpoint_path(self.run_dir, self.sequence), data)
-        prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep)
+        prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep, report=self.out)
         return path
 
 

@@ -225,8 +225,10 @@ def _check_memory(cfg, roles, prob, backend) -> None:
 def resolve_resume(spec, run_dir: str, report=print) -> tuple[Path | None, CheckpointData | None]:
     """Find and load the checkpoint that ``--resume spec`` means (rank 0 only).
 
-    ``auto``: the newest valid checkpoint of ``run_dir`` or (None, None) when it has none;
-    a folder: its newest valid checkpoint (an error when it has none); a file: that file.
+    ``auto``: the newest valid checkpoint of ``run_dir``, or (None, None) when it holds no
+    checkpoint at all (a first segment of a preemptible job); an error when it holds only
+    damaged ones. A folder: its newest valid checkpoint (an error when it has none). A file:
+    that file.
     """
     if str(spec) == "auto":
         if not run_dir:
@@ -235,14 +237,14 @@ def resolve_resume(spec, run_dir: str, report=print) -> tuple[Path | None, Check
             )
         found = newest_valid_checkpoint(run_dir, report)
         if found is None:
-            report(f"easgd: no valid checkpoint in {run_dir}: starting a new run")
+            report(f"easgd: no checkpoint in {run_dir}: starting a new run")
             return None, None
         return found
     path = Path(spec)
     if path.is_dir():
         found = newest_valid_checkpoint(path, report)
         if found is None:
-            raise CheckpointError(f"no valid checkpoint in {path}")
+            raise CheckpointError(f"no checkpoint in {path} (checkpoint-NNNNNN.h5 files)")
         return found
     return path, load_checkpoint(path)
 

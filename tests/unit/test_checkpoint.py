@@ -144,11 +144,10 @@ def test_folder_newest_valid_and_prune(tmp_path):
     path, data = newest_valid_checkpoint(tmp_path, skipped.append)
     assert path.name == "checkpoint-000002.h5" and data.sequence == 2
     assert len(skipped) == 1 and "checkpoint-000003.h5" in skipped[0]
-    assert [p.name for p in prune_checkpoints(tmp_path, keep=1)] == [
-        "checkpoint-000001.h5",
-        "checkpoint-000002.h5",
-    ]
-    assert newest_valid_checkpoint(tmp_path, skipped.append) is None
+    # The damaged newest does not count toward keep: the newest good one stays.
+    assert [p.name for p in prune_checkpoints(tmp_path, keep=1)] == ["checkpoint-000001.h5"]
+    path, _ = newest_valid_checkpoint(tmp_path, skipped.append)
+    assert path.name == "checkpoint-000002.h5"
 
 
 def test_summary_text_and_json(tmp_path):
