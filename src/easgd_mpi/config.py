@@ -20,6 +20,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .center import LOCK_MODES
 from .errors import ConfigError
 
@@ -270,6 +272,7 @@ class Config:
         self._validate_algorithm_keys(given)
         _check_int("batch_size", self.batch_size, low=1)
         _check_int("steps", self.steps, low=1)
+        self._validate_schedule()
         if self.weight_decay < 0:
             raise ConfigError(f"config: weight_decay = {self.weight_decay} must be >= 0")
         _check_int("seed", self.seed, low=0)
@@ -309,6 +312,11 @@ class Config:
                 f"config: model.hidden = {self.model.hidden!r} must be a list of positive "
                 f"integers (layer widths), e.g. [64] or [128, 64]"
             )
+        if self.model.name == "mlp" and not self.model.hidden:
+            raise ConfigError(
+                "config: model.hidden = [] gives model.name = 'mlp' no hidden layer: use "
+                "model.name = 'softmax' for the model without one, or give layer widths, e.g. [64]"
+            )
         _check_choice("model.activation", self.model.activation, ACTIVATIONS)
         _check_positive("model.init_scale", self.model.init_scale)
         _check_int("model.eval_batch", self.model.eval_batch, low=1)
@@ -327,6 +335,8 @@ class Config:
                 f"config: model.name = 'cifar-convnet' needs image data (data.name = 'cifar10' "
                 f"or 'mnist'), not '{self.data.name}'"
             )
+
+        self._validate_synthetic_split()
 
         q = self.quadratic
         _check_int("quadratic.dim", q.dim, low=1)
@@ -347,6 +357,67 @@ class Config:
             self._validate_stability(workers)
         return self
 
+    def _validate_schedule(self) -> None:
+        """τ > steps cannot be meant: no exchange of the schedule would ever happen in the run.
+
+        The elastic rules exchange at t ≡ 0 (mod τ), t = 0..steps − 1; with τ > steps only the
+        exchange at t = 0 remains, where every worker still equals the center, so the center
+        never moves. DOWNPOUR pushes after each τ-th step and all-reduce SGD mirrors the
+        workers into the window every τ steps: with τ > steps both happen once, after the last
+        step (τ = steps does the same, explicitly).
+        """
+        if self.tau <= self.steps:
+            return
+        why = {
+            "downpour": "each worker would push its updates to the center only once, after its "
+            "last step",
+            "allreduce-sgd": "the master would see the workers' parameters only after the last "
+            "step (tau = steps does that explicitly)",
+        }.get(
+            self.algorithm,
+            "the only exchange would be the one at t = 0, when every worker still equals the "
+            "center, so the center would never move",
+        )
+        raise ConfigError(
+            f"config: tau = {self.tau} is larger than steps = {self.steps}: {why}; set tau <= steps"
+        )
+
+    def _validate_synthetic_split(self) -> None:
+        """The synthetic set's size is known here: both splits must be usable.
+
+        The same rounding as the split itself (data/builtin.py): round(samples × fraction) held
+        out. The training split must hold a whole minibatch: the samplers would otherwise draw
+        fewer than batch_size samples without saying so. (Other data sets are sized when they
+        are read; see DataError.)
+        """
+        d = self.data
+        if d.name != "synthetic" or self.model.name == "quadratic":
+            return
+        if d.samples < d.classes:
+            raise ConfigError(
+                f"config: data.samples = {d.samples} is fewer than data.classes = {d.classes}: "
+                f"the synthetic set needs at least one sample per class"
+            )
+        n_test = int(round(d.samples * d.test_fraction))
+        n_train = d.samples - n_test
+        held = f"round(data.samples*data.test_fraction) = round({d.samples}*{d.test_fraction:g})"
+        if n_test < 1:
+            raise ConfigError(
+                f"config: the synthetic set holds out {held} = {n_test} samples: the master "
+                f"would have nothing to evaluate; raise data.samples or data.test_fraction"
+            )
+        if n_train < 1:
+            raise ConfigError(
+                f"config: the synthetic set holds out {held} = {n_test} of its {d.samples} "
+                f"samples, leaving none to train on; lower data.test_fraction"
+            )
+        if n_train < self.batch_size:
+            raise ConfigError(
+                f"config: the synthetic set's training split has {n_train} samples "
+                f"(data.samples = {d.samples} minus {held} = {n_test} held out), fewer than "
+                f"batch_size = {self.batch_size}; lower batch_size or raise data.samples"
+            )
+
     def _validate_algorithm_keys(self, elastic_given: list[str]) -> None:
         """Keys that the chosen algorithm cannot use are errors, not silently ignored."""
         if self.algorithm not in ELASTIC_ALGORITHMS and elastic_given:
@@ -364,25 +435,25 @@ class Config:
             )
 
     def _validate_stability(self, workers: int) -> None:
-        """The paper's stability region (DESIGN.md §2), as far as it can be known here."""
+        """The stability region (DESIGN.md §2, docs/STABILITY.md), as far as it can be known.
+
+        Without a curvature (every model but the quadratic) only the ηh-free parts apply; on
+        the quadratic every curvature h_j, with weight decay λ added (g = h(x − m) + λx), must
+        lie in the region of the rule's linear recurrence.
+        """
         if self.algorithm not in ELASTIC_ALGORITHMS:
-            self._validate_sgd_stability()
+            self._validate_local_stability()
             return
         alpha = self.resolve_alpha(workers)
-        how = {
-            "rho": f"alpha = lr*rho = {self.lr}*{self.rho}",
-            "alpha": "alpha",
-            "beta": f"alpha = beta/p = {self.resolve_beta(workers):g}/{workers}",
-        }[self.elastic_key]
+        beta = self.resolve_beta(workers)
+        how = self._alpha_origin(workers)
         if self.elastic_key == "beta":
-            beta = self.resolve_beta(workers)
             if not (0.0 < beta < 2.0):
                 raise ConfigError(
                     f"config: beta = {beta:g} is outside the stable range 0 < beta < 2"
                 )
         elif self.algorithm == "sync-easgd":
             # The sync center update x̃ ← (1 − β)x̃ + β·mean(x^i) needs |1 − β| < 1.
-            beta = self.resolve_beta(workers)
             if not (0.0 < beta < 2.0):
                 raise ConfigError(
                     f"config: beta = p*alpha = {workers}*{alpha:g} = {beta:g} (from {how}) is "
@@ -393,27 +464,108 @@ class Config:
             raise ConfigError(
                 f"config: {how} = {alpha:g} is outside the stability region 0 < alpha <= 1"
             )
-        eta_h = self._validate_sgd_stability()
-        if eta_h is not None:
+        if self.algorithm == "sync-easgd" and alpha + beta > 2.0 + _SLACK:
+            # As ηh → 0 a round multiplies x^i − x̃ (all workers alike) by 1 − α − β.
+            raise ConfigError(
+                f"config: alpha + beta = {alpha:g} + {workers}*{alpha:g} = {alpha + beta:g} "
+                f"(from {how}) is outside the stability region alpha + beta <= 2 of "
+                f"sync-easgd (each round multiplies x - center by 1 - alpha - beta)"
+            )
+        steps = self._validate_local_stability()
+        if steps is None:
+            return
+        a, sym, h_of = steps
+        delta = self.momentum if self.keeps_velocity else 0.0
+        if self.algorithm != "sync-easgd" and delta == 0.0:
+            # The paper's region (round-robin, τ = 1); bound decreasing in ηh: the largest counts.
+            eta_h = float(a.max())
             bound = (4.0 - 2.0 * eta_h) / (4.0 - eta_h)
-            if alpha > bound + 1e-12:
+            if alpha > bound + _SLACK:
                 raise ConfigError(
                     f"config: {how} = {alpha:g} is outside the stability region "
-                    f"alpha <= (4 - 2*lr*h)/(4 - lr*h) = {bound:.4g} for lr*h = {eta_h:g}"
+                    f"alpha <= (4 - 2*lr*h)/(4 - lr*h) = {bound:.4g} for {sym} = {eta_h:g}"
                 )
+            return
+        if self.algorithm == "sync-easgd":
+            # Exact: a mean mode (β = pα) and, with p ≥ 2, p − 1 deviation modes.
+            ratio, taus, deviation = float(workers), (self.tau,), workers >= 2
+            cap = min(1.0, 2.0 / (workers + 1), (2.0 - _SLACK) / workers)
+            setting = f"sync-easgd with p = {workers}, momentum = {delta:g}, tau = {self.tau}"
+        else:
+            # One worker and the center, at the configured τ and at τ = 1 (docs/STABILITY.md).
+            ratio, taus, deviation, cap = 1.0, tuple(sorted({1, self.tau})), False, 1.0
+            at = " and ".join(f"tau = {t}" for t in taus)
+            setting = (
+                f"{self.algorithm} with momentum = {delta:g} (one worker and the center, at {at})"
+            )
+        ok = np.ones(a.shape, dtype=bool)
+        for tau in taus:
+            ok &= _elastic_stable(a, alpha, ratio * alpha, delta, tau, deviation)
+        if ok.all():
+            return
+        bad = a[~ok]
+        if bad.size > 32:  # the message needs the binding one; a sample of them is enough
+            bad = bad[np.linspace(0, bad.size - 1, 32).round().astype(int)]
+        limits = [_alpha_limit(x, ratio, delta, taus, deviation, cap) for x in bad]
+        k = int(np.argmin(limits))
+        limit, eta_h = limits[k], float(bad[k])
+        beta_part = f", beta <= {workers * limit:.4g}" if self.algorithm == "sync-easgd" else ""
+        raise ConfigError(
+            f"config: {how} = {alpha:g} is outside the stability region of {setting} for "
+            f"{sym} = {eta_h:.4g} ({h_of(eta_h)}): stable for alpha <= {limit:.4g}{beta_part} "
+            f"(docs/STABILITY.md)"
+        )
 
-    def _validate_sgd_stability(self) -> float | None:
-        """Plain gradient descent on the quadratic needs ηh ≤ 2; returns ηh (None: no h)."""
+    def _alpha_origin(self, workers: int) -> str:
+        return {
+            "rho": f"alpha = lr*rho = {self.lr}*{self.rho}",
+            "alpha": "alpha",
+            "beta": f"alpha = beta/p = {self.resolve_beta(workers):g}/{workers}",
+        }[self.elastic_key]
+
+    def _validate_local_stability(self):
+        """The local step alone on the quadratic: plain SGD needs ηh ≤ 2, Nesterov momentum
+        δ needs ηh < 2(1 + δ)/(1 + 2δ), with h + λ for every curvature h (weight decay λ).
+
+        Returns None without a curvature, else (ηh of every distinct curvature, how ηh is
+        written, a function naming the curvature behind one of them).
+        """
         if self.model.name != "quadratic":
             return None
-        h_max = max(_as_list(self.quadratic.curvature, self.quadratic.dim))
-        eta_h = self.lr * h_max
-        if eta_h > 2.0:
+        curvatures = np.unique(
+            np.asarray(_as_list(self.quadratic.curvature, self.quadratic.dim), dtype=np.float64)
+        )
+        wd = self.weight_decay
+        a = self.lr * (curvatures + wd)
+        eta_h = float(a.max())
+        h_max = float(curvatures.max())
+        if wd:
+            what = f"lr*(h + weight_decay) = {self.lr}*({h_max:g} + {wd:g}) = {eta_h:g}"
+            sym = "lr*(h + weight_decay)"
+        else:
+            what = f"lr*h = {self.lr}*{h_max:g} = {eta_h:g}"
+            sym = "lr*h"
+        if self.keeps_velocity:
+            delta = self.momentum
+            bound = _nesterov_limit(delta)
+            if not eta_h < bound:
+                raise ConfigError(
+                    f"config: {what} is outside the stability region of the Nesterov "
+                    f"momentum step {sym} < 2*(1 + momentum)/(1 + 2*momentum) = {bound:.4g} "
+                    f"for momentum = {delta:g} (h = largest quadratic.curvature; "
+                    f"docs/STABILITY.md)"
+                )
+        elif eta_h > 2.0:
             raise ConfigError(
-                f"config: lr*h = {self.lr}*{h_max:g} = {eta_h:g} is outside the stability "
-                f"region lr*h <= 2 (h = largest quadratic.curvature)"
+                f"config: {what} is outside the stability region "
+                f"{sym} <= 2 (h = largest quadratic.curvature)"
             )
-        return eta_h
+
+        def h_of(x: float) -> str:
+            h = float(curvatures[np.argmin(np.abs(a - x))])
+            return f"quadratic.curvature h = {h:g}" + (f", weight_decay = {wd:g}" if wd else "")
+
+        return a, sym, h_of
 
     # ---- output -------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -556,6 +708,103 @@ def _check_vector(key: str, value: Any, dim: int) -> None:
 
 def _as_list(value: Any, dim: int) -> list[float]:
     return list(value) if isinstance(value, list) else [float(value)] * dim
+
+
+# ---------------------------------------------------------------------------------------------
+# Stability of the update rules on the quadratic (the derivation: docs/STABILITY.md)
+
+#: Boundary points count as inside (the paper's region is closed: α ≤ (4 − 2ηh)/(4 − ηh)).
+_SLACK = 1e-12
+
+
+def _nesterov_limit(delta: float) -> float:
+    """The bound on ηh of Nesterov's step with momentum δ on a quadratic of curvature h:
+    stable iff 0 < ηh < 2(1 + δ)/(1 + 2δ) (2 at δ = 0, ≈ 1.357 at δ = 0.9)."""
+    return 2.0 * (1.0 + delta) / (1.0 + 2.0 * delta)
+
+
+def _step_matrices(a, alpha, beta, delta):
+    """The linear maps of one step on the state (x, v, x̃) of one curvature, ηh = a.
+
+    ``E``: the exchange step (gradient at x + δv, e = α(x − x̃), v ← δv − ηg, x ← x − e + v,
+    x̃ ← x̃ + β(x − x̃)); ``L``: a local step (x̃ unchanged). Arrays broadcast; shape (n, 3, 3).
+    """
+    a, alpha, beta = (np.ravel(t).astype(np.float64) for t in np.broadcast_arrays(a, alpha, beta))
+    n = a.shape[0]
+    keep = delta * (1.0 - a)
+    E = np.zeros((n, 3, 3))
+    E[:, 0, 0], E[:, 0, 1], E[:, 0, 2] = 1.0 - alpha - a, keep, alpha
+    E[:, 1, 0], E[:, 1, 1] = -a, keep
+    E[:, 2, 0], E[:, 2, 2] = beta, 1.0 - beta
+    L = np.zeros((n, 3, 3))
+    L[:, 0, 0], L[:, 0, 1] = 1.0 - a, keep
+    L[:, 1, 0], L[:, 1, 1] = -a, keep
+    L[:, 2, 2] = 1.0
+    return E, L
+
+
+def _schur_stable(P) -> np.ndarray:
+    """Whether every eigenvalue of each 2×2 or 3×3 matrix in P lies in the closed unit disk,
+    by Jury's test on the characteristic polynomial (no eigenvalue solver: exact on the
+    boundary up to rounding, where a double root would cost an eigen-solver √ε)."""
+    with np.errstate(all="ignore"):
+        tr = np.trace(P, axis1=-2, axis2=-1)
+        det = np.linalg.det(P)
+        if P.shape[-1] == 2:  # z² + c1 z + c0
+            c1, c0 = -tr, det
+            ok = (1 + c1 + c0 >= -_SLACK) & (1 - c1 + c0 >= -_SLACK)
+            return ok & (np.abs(c0) <= 1 + _SLACK)
+        minors = (
+            P[..., 0, 0] * P[..., 1, 1]
+            - P[..., 0, 1] * P[..., 1, 0]
+            + P[..., 0, 0] * P[..., 2, 2]
+            - P[..., 0, 2] * P[..., 2, 0]
+            + P[..., 1, 1] * P[..., 2, 2]
+            - P[..., 1, 2] * P[..., 2, 1]
+        )
+        c2, c1, c0 = -tr, minors, -det  # z³ + c2 z² + c1 z + c0
+        ok = (1 + c2 + c1 + c0 >= -_SLACK) & (1 - c2 + c1 - c0 >= -_SLACK)
+        ok &= np.abs(c0) <= 1 + _SLACK
+        ok &= (1 - c0 * c0) - np.abs(c1 - c0 * c2) >= -_SLACK
+        return ok & np.isfinite(c0) & np.isfinite(c1) & np.isfinite(c2)
+
+
+def _elastic_stable(a, alpha, beta, delta: float, tau: int, deviation: bool) -> np.ndarray:
+    """Whether the period map (one exchange step, then τ − 1 local steps) is stable.
+
+    The mean mode is (x, v, x̃) with the center moved by β(x − x̃): β = α for one worker and
+    the center, β = pα for sync EASGD's average. ``deviation``: also the modes in which the
+    workers differ from one another (sync EASGD at p ≥ 2): (x, v) pulled by α, no center.
+    """
+    E, L = _step_matrices(a, alpha, beta, delta)
+    with np.errstate(all="ignore"):
+        Lk = np.linalg.matrix_power(L, int(tau) - 1)
+        ok = _schur_stable(E @ Lk)
+        if deviation:
+            ok &= _schur_stable(E[:, :2, :2] @ Lk[:, :2, :2])
+    return ok
+
+
+def _alpha_limit(a: float, ratio: float, delta: float, taus, deviation: bool, cap: float):
+    """The largest α ≤ cap such that every α' in (0, α] is stable at ηh = a (β = ratio·α) for
+    every τ in taus: a scan of 400 points, then bisection to 1e-6."""
+
+    def stable(alphas):
+        ok = np.ones(np.shape(alphas), dtype=bool)
+        for tau in taus:
+            ok &= _elastic_stable(a, alphas, ratio * np.asarray(alphas), delta, tau, deviation)
+        return ok
+
+    grid = np.linspace(cap / 400, cap, 400)
+    ok = stable(grid)
+    if ok.all():
+        return cap
+    k = int(np.argmin(ok))
+    lo, hi = (grid[k - 1], grid[k]) if k else (0.0, grid[0])
+    while hi - lo > 1e-6:
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if stable(np.array([mid]))[0] else (lo, mid)
+    return lo
 
 
 # ---------------------------------------------------------------------------------------------
