@@ -48,3 +48,78 @@ def test_quick_run_writes_json_and_figures(tmp_path, clean_env):
     assert report["figures"] and all(
         Path(f).read_bytes()[:4] == b"\x89PNG" for f in report["figures"]
     )
+
+
+def test_cifar_convnet_run_reports_steps_to_target(tmp_path, clean_env):
+    """--model cifar-convnet on a tiny synthetic CIFAR-format set: the data set is written in
+    the CIFAR-10 python format and read by the real loader, and every run reports, per target
+    error, the steps and wall time of the first evaluation at or below it."""
+    out = tmp_path / "conv-cifar.json"
+    cache = tmp_path / "data"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH),
+            "--model",
+            "cifar-convnet",
+            "--data-cache",
+            str(cache),
+            "--synthetic-size",
+            "100,50",
+            "--workers",
+            "2",
+            "--algorithms",
+            "easgd,eamsgd",
+            "--taus",
+            "4",
+            "--steps",
+            "10",
+            "--targets",
+            "1.0,0.0",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=clean_env,
+        timeout=240,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"):
+        assert (cache / "cifar-10-batches-py" / name).is_file()
+    report = json.loads(out.read_text())
+    assert report["model"] == "cifar-convnet"
+    assert report["data"]["name"] == "synthetic-cifar" and report["data"]["why"]
+    assert report["data"]["parameters"]["train"] == 100
+    assert report["targets"] == [1.0, 0.0]
+    assert report["shared_settings"]["model.name"] == "cifar-convnet"
+    assert report["algorithm_settings"]["eamsgd"]["momentum"] == "0.99"
+    budget = report["steps_per_worker"] * report["workers"]
+    runs = report["runs"]
+    assert {r["algorithm"] for r in runs} == {"easgd", "eamsgd"} and len(runs) == 2
+    for run in runs:
+        assert run["returncode"] == 0, run
+        assert run["steps"] == budget and run["complete"]
+        assert 0.0 <= run["final_error"] <= 1.0
+        hits = run["to_target"]
+        assert [h["target"] for h in hits] == [1.0, 0.0]
+        for h in hits:
+            assert set(h) == {"target", "reached", "steps", "time", "exchanges"}
+            if h["reached"]:
+                assert 0 <= h["steps"] <= budget and h["time"] >= 0
+            else:
+                assert h["steps"] is None and h["time"] is None
+        # Every error is at most 100 %: the first evaluation already reaches target 1.0.
+        first_time, first_steps = run["curve"][0][:2]
+        assert hits[0]["reached"]
+        assert (hits[0]["time"], hits[0]["steps"]) == (first_time, first_steps)
+    for row in report["summary"]:
+        assert [t["target"] for t in row["to_target"]] == [1.0, 0.0]
+        assert row["to_target"][0]["reached"] == row["to_target"][0]["runs"] == 1
+        assert row["to_target"][0]["steps"] is not None
+    assert "steps / time" in report["target_table"] and "≤100%" in proc.stdout
+    assert "synthetic CIFAR-format" in proc.stdout
+    figures = report["figures"]
+    assert any(f.endswith("-to-target.png") for f in figures)
+    assert all(Path(f).read_bytes()[:4] == b"\x89PNG" for f in figures)

@@ -49,8 +49,9 @@ def test_resume_continues_counters_and_learns_like_an_uninterrupted_run(
     assert records[-1]["center_error"] <= 0.06
 
 
-def _rank_pids(rank: int) -> list[int]:
-    """Processes of this user's MPICH job with PMI_RANK == rank (from /proc)."""
+def _rank_pids(rank: int, run_dir) -> list[int]:
+    """Processes of *this* MPICH job (its run folder on the command line) with PMI_RANK ==
+    rank (from /proc): never another job's ranks on a shared machine."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -60,7 +61,8 @@ def _rank_pids(rank: int) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if b"easgd_mpi" in cmdline and f"PMI_RANK={rank}".encode() in env:
+        mine = str(run_dir).encode() in cmdline
+        if b"easgd_mpi" in cmdline and mine and f"PMI_RANK={rank}".encode() in env:
             pids.append(int(entry.name))
     return pids
 
@@ -92,7 +94,7 @@ def test_sigkill_of_a_worker_then_resume_auto_loses_at_most_one_interval(
         while len(list_checkpoints(run_dir)) < 3 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert len(list_checkpoints(run_dir)) >= 3, "no periodic checkpoints appeared"
-        victims = _rank_pids(2)
+        victims = _rank_pids(2, run_dir)
         assert victims, "could not find rank 2"
         for pid in victims:
             os.kill(pid, signal.SIGKILL)
