@@ -5,12 +5,13 @@
 #   tools/device-check.sh [--dry-run] [--wheels DIR] [--budget SECONDS] [OUTDIR]
 #
 # OUTDIR: the argument, else $OUT (the device tool's folder that comes back), else
-# ./device-check-out. It receives at most 6 files (the device tool brings back 8): the whole
-# log (device-check.log), summary.txt and summary.json (PASS/FAIL per step), the benchmarks'
-# JSON (kernels-cupy.json, torch-cuda.json) and details.tar.gz (every step's own log, the
+# ./device-check-out. It receives at most 7 files (the device tool brings back 8): the whole
+# log (device-check.log), summary.txt and summary.json (PASS/FAIL/SKIP per step), the
+# benchmarks' JSON (kernels-cupy.json, torch-cuda.json), gpu-costs.json (the measurements of
+# kernel-resources, loss-sync and exchange-staged) and details.tar.gz (every step's own log, the
 # pytest report, the training runs' stdout and metrics.jsonl; no checkpoints).
 #
-# Steps, each under its own `timeout`, all within --budget seconds (default 420):
+# Steps, each under its own `timeout`, all within --budget seconds (default 480):
 #   env          nvidia-smi; Python, torch, CuPy, h5py versions; whether a GPU is usable
 #   mpi          mpi4py's MPI library and a 2-rank launch; if either fails, installs the
 #                carried wheels from --wheels (default: wheels/, made here by
@@ -19,19 +20,36 @@
 #                scratch folder where that environment is read-only
 #   easgd-check  mpiexec -n 2 python -m easgd_mpi check (MPI, GPU, CuPy, kernels per rank)
 #   tests-gpu    EASGD_TEST_GPU=1 python -m pytest -q tests/gpu
-#   bench-kernels  bench/bench_kernels.py --backend cupy
+#   kernel-resources  registers, local memory (spills), shared and constant memory of every
+#                  kernel as NVRTC built it (CuPy's function attributes), and nvcc's
+#                  --resource-usage for the same architecture where nvcc is on PATH
+#   bench-kernels  bench/bench_kernels.py --backend cupy --misaligned: every kernel at 1e6, 1e7,
+#                  1e8 as 100 back-to-back launches against 100 device copies, the per-launch
+#                  overhead, and sgd_step at 1e8 on aligned, shifted and misaligned views
+#   loss-sync      per-step cost of reading the loss every step (float(loss) / loss.item(), a
+#                  host synchronisation) against never: the package's CuPy MLP (digits-sized
+#                  and 784-1024-1024-10) and a plain PyTorch MLP of the same sizes
+#   exchange-staged  mpiexec -n 2 (master + 1 GPU worker): one exchange of 1e7 floats through
+#                  the center window, staged through pinned buffers, with 262144- and
+#                  4194304-float chunks, and a host (NumPy) worker for comparison
+#   cuda-aware     only where MPIX_Query_cuda_support() says 1 (else SKIP): easgd check and
+#                  sync EASGD training with EASGD_CUDA_MPI=1 (device buffers to Allreduce)
 #   train-digits   2 GPU workers (+ master) train the digits MLP; center error <= 0.06
 #   train-cifar    2 GPU workers train the CIFAR convnet on synthetic CIFAR-10 files written
 #                  by tests/image_files.py; center error < 0.5 (chance: 0.9)
 #   bench-torch    bench/bench_torch.py --device cuda
 # A failing step does not stop the others; the GPU steps fail at once where no GPU is usable,
-# and the MPI ones where MPI is unusable. Exit status: 0 if every step passed, else 1.
+# and the MPI ones where MPI is unusable. A step that prints "SKIP: why" and exits 0 is SKIP
+# (not a failure). Exit status: 0 if every step passed or was skipped, else 1.
 # --dry-run prints what would run and runs nothing.
 #
 # The package is used from the source tree (PYTHONPATH=src): nothing is built, no network.
 # Environment: PYTHON (default python3); DEVICE_CHECK_INSTALL=prefix installs the wheels under a
 # scratch prefix even where this Python's environment is writable; DEVICE_CHECK_FORCE=1 runs
-# the GPU steps even where no GPU is found (to test this script on a CPU machine: they fail).
+# the GPU steps even where no GPU is found (to test this script on a CPU machine: they fail;
+# DEVICE_CHECK_XP=numpy, BENCH_BACKEND=numpy and BENCH_SIZES="1e4 1e5" make loss-sync,
+# exchange-staged and bench-kernels measure the NumPy backend instead, EXCHANGE_N and
+# LOSS_SYNC_STEPS shrink them).
 set -uo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -39,7 +57,7 @@ cd "$REPO" || exit 2
 
 DRY=0
 WHEELS=$REPO/wheels
-BUDGET=420
+BUDGET=480
 OUTDIR=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -48,7 +66,7 @@ while [ $# -gt 0 ]; do
     --wheels=*) WHEELS=${1#*=} ;;
     --budget) BUDGET=$2; shift ;;
     --budget=*) BUDGET=${1#*=} ;;
-    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,52p' "$0"; exit 0 ;;
     -*) echo "device-check: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) OUTDIR=$1 ;;
   esac
@@ -124,7 +142,9 @@ run_step() {
     note=$(grep -v '^[[:space:]]*$' "$log" | tail -n 1 | cut -c1-160)
   fi
   note=$(printf '%s' "$note" | tr -s ' \t' ' ')
-  if [ "$rc" = 0 ]; then
+  if [ "$rc" = 0 ] && grep -q '^SKIP: ' "$log"; then  # ran, and found nothing to do here
+    record "$name" SKIP $(($(date +%s) - t0)) "$(grep '^SKIP: ' "$log" | tail -n 1 | cut -c7-)"
+  elif [ "$rc" = 0 ]; then
     record "$name" PASS $(($(date +%s) - t0)) "$note"
   elif [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
     record "$name" FAIL $(($(date +%s) - t0)) "timed out after ${limit}s${note:+; $note}"
@@ -247,8 +267,246 @@ step_tests_gpu() {
     --junitxml="$WORK/logs/pytest-gpu.xml"
 }
 
+step_kernel_resources() {
+  local cc
+  "$PY" - "$WORK/logs/kernel-resources.json" <<'EOF' || return 1
+import json, sys
+import cupy
+from easgd_mpi.backend.cupy_backend import KERNELS, _kernels_for_device
+ATTRS = ("num_regs", "local_size_bytes", "shared_size_bytes", "const_size_bytes",
+         "max_threads_per_block")
+cupy.cuda.Device(0).use()
+cc = cupy.cuda.Device(0).compute_capability
+fns = _kernels_for_device(0)  # what the backend launches: NVRTC, as CuPy compiles it
+rows = {}
+for name in KERNELS:
+    fn = fns[name]
+    try:
+        attrs = dict(fn.attributes)
+    except Exception:  # an older CuPy: the single properties
+        attrs = {}
+    rows[name] = r = {a: attrs.get(a, getattr(fn, a, None)) for a in ATTRS}
+    print(f"{name:<24} registers {r['num_regs']!s:>4}  local {r['local_size_bytes']!s:>5} B  "
+          f"shared {r['shared_size_bytes']!s:>5} B  const {r['const_size_bytes']!s:>5} B  "
+          f"max threads/block {r['max_threads_per_block']}")
+with open(sys.argv[1], "w") as f:
+    json.dump({"compute_capability": cc, "compiler": "nvrtc", "kernels": rows}, f, indent=1)
+with open(sys.argv[1] + ".cc", "w") as f:
+    f.write(cc)
+regs = [r["num_regs"] for r in rows.values() if r["num_regs"] is not None]
+local = [n for n, r in rows.items() if (r["local_size_bytes"] or 0) > 0]
+print(f"NOTE: NVRTC sm_{cc}: {min(regs, default='?')}-{max(regs, default='?')} registers; "
+      f"local memory (spills) {'in ' + ', '.join(local) if local else 'none'}")
+EOF
+  cc=$(cat "$WORK/logs/kernel-resources.json.cc")
+  if command -v nvcc >/dev/null; then
+    say "nvcc $(nvcc --version | tail -n 1) --resource-usage -arch=sm_$cc (nvcc's defaults):"
+    nvcc --resource-usage -arch="sm_$cc" -cubin -o "$WORK/easgd.cubin" -I kernels \
+      kernels/easgd.cu 2>&1 | grep -E "entry function|registers|stack frame" \
+      || say "nvcc failed (not fatal: the NVRTC figures above are what runs)"
+  else
+    say "nvcc: not on PATH (the NVRTC figures above are what runs)"
+  fi
+}
+
 step_bench_kernels() {
-  "$PY" bench/bench_kernels.py --backend cupy --json "$OUTDIR/kernels-cupy.json"
+  # 100 back-to-back launches per measurement against 100 device copies; --misaligned adds
+  # sgd_step at the largest size (1e8) on shifted and misaligned views.
+  "$PY" bench/bench_kernels.py --backend "${BENCH_BACKEND:-cupy}" --launches 100 --repeats 5 \
+    --misaligned ${BENCH_SIZES:+--sizes $BENCH_SIZES} --json "$OUTDIR/kernels-cupy.json" \
+    || return 1
+  "$PY" - "$OUTDIR/kernels-cupy.json" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+big = max(r["sizes"])
+sgd = {x["variant"]: x for x in r["results"] if x["kernel"] == "sgd_step" and x["n"] == big}
+over = {o["kernel"]: o for o in r["launch_overhead"]}
+ratios = ", ".join(f"{v} {x['fused_over_copy']:.2f}" for v, x in sgd.items())
+worst = min((x for x in r["results"] if x["n"] == big), key=lambda x: x["fused_over_copy"])
+dev = over["sgd_step"]["device_us"]
+print(f"NOTE: sgd_step n={big:.0e} fused/copy: {ratios}; copy {sgd['aligned']['copy_gbps']:.0f} "
+      f"GB/s; lowest at {big:.0e}: {worst['kernel']} {worst['fused_over_copy']:.2f}; launch "
+      f"{over['sgd_step']['host_us']:.1f} us host, "
+      f"{'-' if dev is None else f'{dev:.1f}'} us device")
+EOF
+}
+
+step_loss_sync() {
+  "$PY" - "$WORK/logs/loss-sync.json" <<'EOF'
+# Per-step cost of a host synchronisation on the loss (float(loss) / loss.item() every step),
+# against a loop that never reads it (what the workers do since issue 13, item 3).
+import json, os, statistics, sys, time
+import numpy as np
+from easgd_mpi.config import Config
+from easgd_mpi.models import make_problem
+STEPS, REPEATS = int(os.environ.get("LOSS_SYNC_STEPS", "300")), 3
+cpu = os.environ.get("DEVICE_CHECK_XP") == "numpy"  # to try this script on a CPU machine
+results = []
+
+def timed(run):
+    run(20, False)  # warm-up: compilation, caches, the allocator
+    run(20, True)
+    out = {False: [], True: []}
+    for sync in (False, True, False, True):  # interleaved: drifts hit both alike
+        each = []
+        for _ in range(REPEATS):
+            t0 = time.perf_counter()
+            run(STEPS, sync)
+            each.append((time.perf_counter() - t0) / STEPS)
+        out[sync].append(statistics.median(each))
+    return min(out[False]), min(out[True])
+
+def record(model, params, free, synced):
+    results.append({"model": model, "params": int(params), "step_us": free * 1e6,
+                    "step_synced_us": synced * 1e6, "sync_cost_us": (synced - free) * 1e6})
+
+if cpu:
+    from easgd_mpi.backend import NumpyBackend
+    be, xp = NumpyBackend(), np
+else:
+    import cupy
+    from easgd_mpi.backend.cupy_backend import CupyBackend
+    be, xp = CupyBackend(0), cupy
+sizes = {
+    "64-64-10 (digits)": {},
+    "784-1024-1024-10": {"data.name": "synthetic", "data.features": "784", "data.classes": "10",
+                         "data.samples": "4096", "model.hidden": "[1024, 1024]"},
+}
+for label, overrides in sizes.items():
+    prob = make_problem(Config.from_toml(None, overrides=overrides), xp=xp)
+    n = prob.layout.size
+    host = np.zeros(n, np.float32)
+    prob.init_params(host, 0)
+    x, g = be.asarray(host), be.zeros(n)
+    rng = np.random.default_rng(0)
+    batches = [prob.sample_batch(rng) for _ in range(64)]
+
+    def run(steps, sync, prob=prob, x=x, g=g, batches=batches):
+        for t in range(steps):
+            loss = prob.loss_and_grad(x, batches[t % 64], g)
+            be.sgd_step(x, g, 1e-3, 0.0)
+            if sync:
+                float(loss)
+        be.synchronize()
+
+    record(f"easgd MLP {label}", n, *timed(run))
+try:
+    import torch
+    dev = "cpu" if cpu else "cuda"
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("torch sees no CUDA device")
+    for label, widths in (("64-64-10", [64, 64, 10]), ("784-1024-1024-10", [784, 1024, 1024, 10])):
+        layers = []
+        for a, b in zip(widths[:-1], widths[1:]):
+            layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+        model = torch.nn.Sequential(*layers[:-1]).to(dev)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        xb = torch.randn(128, widths[0], device=dev)
+        yb = torch.randint(0, widths[-1], (128,), device=dev)
+
+        def run(steps, sync, model=model, opt=opt, xb=xb, yb=yb):
+            for _ in range(steps):
+                opt.zero_grad(set_to_none=False)
+                loss = torch.nn.functional.cross_entropy(model(xb), yb)
+                loss.backward()
+                opt.step()
+                if sync:
+                    loss.item()
+            if dev == "cuda":
+                torch.cuda.synchronize()
+
+        record(f"torch MLP {label}", sum(p.numel() for p in model.parameters()), *timed(run))
+except Exception as exc:  # the CuPy figures stand on their own
+    print(f"torch part not run: {exc.__class__.__name__}: {exc}")
+print(f"{'model':<34}{'params':>10}{'step us':>10}{'+sync us':>10}{'cost us':>9}")
+for r in results:
+    print(f"{r['model']:<34}{r['params']:>10}{r['step_us']:>10.1f}{r['step_synced_us']:>10.1f}"
+          f"{r['sync_cost_us']:>9.1f}")
+with open(sys.argv[1], "w") as f:
+    json.dump({"backend": be.name, "steps": STEPS, "results": results}, f, indent=1)
+print("NOTE: per-step cost of reading the loss: " + "; ".join(
+    f"{r['model']} {r['sync_cost_us']:+.0f} us ({r['step_synced_us'] / r['step_us']:.2f}x)"
+    for r in results))
+EOF
+}
+
+step_exchange_staged() {
+  cat >"$WORK/exchange_staged.py" <<'EOF'
+# One elastic exchange of N floats with the center (master + 1 worker): staged through pinned
+# host buffers with small and large chunks, and a host (NumPy) worker at the large chunk.
+import json, os, sys, time
+from easgd_mpi.gpu_binding import bind_gpu
+bind_gpu()  # as `easgd train` does, before MPI starts
+import numpy as np
+from mpi4py import MPI
+from easgd_mpi.algorithms import _ChunkStaging
+from easgd_mpi.backend import NumpyBackend
+from easgd_mpi.center import CenterWindow
+comm = MPI.COMM_WORLD
+rank = comm.Get_rank()
+n = int(float(os.environ.get("EXCHANGE_N", "1e7")))
+reps = int(os.environ.get("EXCHANGE_REPS", "10"))
+host = NumpyBackend()
+gpu = None
+if rank == 1 and os.environ.get("DEVICE_CHECK_XP") != "numpy":
+    from easgd_mpi.backend.cupy_backend import CupyBackend
+    gpu = CupyBackend(0)
+results = []
+for kind, chunk in (("staged", 262144), ("staged", 4194304), ("host", 4194304)):
+    be = (gpu or host) if kind == "staged" else host
+    win = CenterWindow(comm, n, 1, initial=np.zeros(n, np.float32) if rank == 0 else None,
+                       chunk=chunk, alloc_chunk=be.host_empty if rank == 1 else None)
+    if rank == 0:  # the master only keeps MPI progressing, as in training
+        req = comm.Ibarrier()
+        while not req.Test():
+            time.sleep(0.001)
+    else:
+        x = be.asarray(np.random.default_rng(1).standard_normal(n).astype(np.float32))
+        staging = _ChunkStaging(be, win.chunk)
+
+        def compute(lo, hi, c, e, x=x, staging=staging, be=be):
+            staging.run(c, e, lambda cd, ed: be.exchange(x[lo:hi], cd, ed, 0.01))
+
+        win.exchange(compute)  # warm-up
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            win.exchange(compute)
+            be.synchronize()
+            times.append(time.perf_counter() - t0)
+        t = float(np.median(times))
+        r = {"path": kind, "backend": be.name, "staged": bool(staging.staged), "n": n,
+             "chunk": win.chunk, "exchange_ms": t * 1e3, "gbps": 8 * n / t / 1e9}
+        results.append(r)
+        print(f"{kind:<7} {be.name:<6} chunk {r['chunk']:>8}: {r['exchange_ms']:8.2f} ms per "
+              f"exchange, {r['gbps']:6.2f} GB/s (8n bytes)", flush=True)
+        comm.Ibarrier().Wait()
+    win.close()
+if rank == 1:
+    with open(sys.argv[1], "w") as f:
+        json.dump({"n": n, "repeats": reps, "results": results}, f, indent=1)
+    print(f"NOTE: one exchange of {n:.0e} floats: " + "; ".join(
+        f"{r['path']} chunk {r['chunk']} {r['exchange_ms']:.1f} ms ({r['gbps']:.1f} GB/s)"
+        for r in results), flush=True)
+EOF
+  "$(mpiexec_path)" -n 2 "$PY" "$WORK/exchange_staged.py" "$WORK/logs/exchange-staged.json"
+}
+
+step_cuda_aware() {
+  local support
+  support=$("$PY" -c 'from easgd_mpi.comm import cuda_aware_mpi
+print({True: 1, False: 0, None: "unknown"}[cuda_aware_mpi()])' 2>/dev/null | tail -n 1)
+  if [ "$support" != 1 ]; then
+    say "SKIP: MPIX_Query_cuda_support() = ${support:-?}: this MPI is not CUDA-aware, so the" \
+      "CUDA-aware path (EASGD_CUDA_MPI=1) is not run"
+    return 0
+  fi
+  export EASGD_CUDA_MPI=1
+  "$(mpiexec_path)" -n 2 "$PY" -m easgd_mpi check | tee "$WORK/logs/cuda-aware-check.txt"
+  grep -q "allreduce device" "$WORK/logs/cuda-aware-check.txt" \
+    || { say "NOTE: easgd check does not plan device buffers for the Allreduce"; return 1; }
+  train_and_check cuda-aware 0.06 algorithm=sync-easgd steps=1500 lr=0.1 eval_interval=0.5 \
+    checkpoint.interval=0
 }
 
 # train RUN_NAME MIN_ERROR_CHECK --set ... : 2 workers + master, then checks the announce line
@@ -290,8 +548,9 @@ step_bench_torch() {
   "$PY" bench/bench_torch.py --device cuda --steps 40 --repeats 5 --warmup 10 \
     --out "$OUTDIR/torch-cuda.json"
 }
-export -f step_env step_mpi step_easgd_check step_tests_gpu step_bench_kernels \
-  step_train_digits step_train_cifar step_bench_torch
+export -f step_env step_mpi step_easgd_check step_tests_gpu step_kernel_resources \
+  step_bench_kernels step_loss_sync step_exchange_staged step_cuda_aware step_train_digits \
+  step_train_cifar step_bench_torch
 
 # ---- main ------------------------------------------------------------------------------------
 main() {
@@ -332,7 +591,11 @@ except Exception as exc:
   fi
   run_step easgd-check 45 mpi step_easgd_check
   run_step tests-gpu 150 gpu+mpi step_tests_gpu
-  run_step bench-kernels 60 gpu step_bench_kernels
+  run_step kernel-resources 45 gpu step_kernel_resources
+  run_step bench-kernels 90 gpu step_bench_kernels
+  run_step loss-sync 60 gpu step_loss_sync
+  run_step exchange-staged 60 gpu+mpi step_exchange_staged
+  run_step cuda-aware 75 gpu+mpi step_cuda_aware
   run_step train-digits 60 gpu+mpi step_train_digits
   run_step train-cifar 90 gpu+mpi step_train_cifar
   run_step bench-torch 60 gpu+mpi step_bench_torch
@@ -340,15 +603,15 @@ except Exception as exc:
   # ---- summary ----
   local failed=0 name line
   {
-    printf '%-14s %-6s %6s  %s\n' step result secs note
-    printf '%-14s %-6s %6s  %s\n' -------------- ------ ------ ----
+    printf '%-16s %-6s %6s  %s\n' step result secs note
+    printf '%-16s %-6s %6s  %s\n' ---------------- ------ ------ ----
     for name in "${STEPS[@]}"; do
-      printf '%-14s %-6s %6s  %s\n' "$name" "${RESULT[$name]}" "${SECONDS_TAKEN[$name]}" \
+      printf '%-16s %-6s %6s  %s\n' "$name" "${RESULT[$name]}" "${SECONDS_TAKEN[$name]}" \
         "${NOTE[$name]}"
     done
   } >"$OUTDIR/summary.txt"
   for name in "${STEPS[@]}"; do
-    case "${RESULT[$name]}" in PASS|DRY) ;; *) failed=$((failed + 1)) ;; esac
+    case "${RESULT[$name]}" in PASS|DRY|SKIP) ;; *) failed=$((failed + 1)) ;; esac
   done
   {
     printf '{"total_seconds": %d, "failed": %d, "gpu": %s, "steps": [' \
@@ -363,6 +626,18 @@ except Exception as exc:
     printf ']}\n'
   } >"$OUTDIR/summary.json"
   if [ "$DRY" != 1 ]; then
+    # The cost measurements in one file: {step: its JSON} for the steps that wrote one.
+    "$PY" - "$WORK/logs" "$OUTDIR/gpu-costs.json" <<'EOF' || say "could not write gpu-costs.json"
+import json, sys
+from pathlib import Path
+found = {}
+for step in ("kernel-resources", "loss-sync", "exchange-staged"):
+    path = Path(sys.argv[1]) / f"{step}.json"
+    if path.exists():
+        found[step] = json.loads(path.read_text())
+if found:
+    Path(sys.argv[2]).write_text(json.dumps(found, indent=1) + "\n")
+EOF
     tar -czf "$OUTDIR/details.tar.gz" -C "$WORK" --exclude='*.h5' --exclude='cifar-10-batches-py' \
       --exclude='site' logs runs 2>/dev/null || say "could not write details.tar.gz"
   fi

@@ -21,6 +21,7 @@ from .errors import (
     EasgdError,
     ExportError,
     LaunchError,
+    RunFolderError,
 )
 from .flat import Layout
 from .models import MLPProblem, QuadraticProblem, make_problem
@@ -54,5 +55,6 @@ __all__ = [
     "BackendError",
     "LaunchError",
     "ExportError",
+    "RunFolderError",
     "__version__",
 ]

@@ -12,17 +12,20 @@ checkpoints or the new one, never a half-written file under a checkpoint name.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .errors import CheckpointError
+from .errors import CheckpointError, os_reason
 from .flat import Layout
 
 __all__ = [
@@ -93,27 +96,164 @@ class CheckpointData:
 
 
 def save_checkpoint(path: str | os.PathLike, data: CheckpointData) -> Path:
-    """Write ``data`` atomically to ``path``; returns the path."""
+    """Write ``data`` atomically to ``path``; returns the path.
+
+    A write that fails (disk full, quota, file-size limit, I/O error, folder removed) raises a
+    :class:`CheckpointError` naming the file and the system's reason ("No space left on
+    device"), and leaves nothing under the temporary name. HDF5 writes through a Python file
+    object (:class:`_Sink`): the system's error reaches us as it was (writing to a path, h5py
+    reports some as a RuntimeError about something else, after HDF5's own tracebacks), HDF5
+    never sees it fail, and the descriptor is ours to close, so a failed attempt gives its disk
+    space back at once.
+    """
     import h5py  # noqa: PLC0415
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with h5py.File(tmp, "w", libver=("earliest", "v110")) as f:  # HDF5 1.10 tools read it
-            _write(f, data)
-            f.flush()
-        with open(tmp, "rb+") as fh:  # h5py has no fsync: make the bytes durable ourselves
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        _remember(path, True)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"checkpoint {path} could not be written: {exc}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    reason = None
+    with _quiet_hdf5():
+        sink = None
+        try:
+            sink = _Sink(tmp)
+            with h5py.File(sink, "w", libver=("earliest", "v110")) as f:  # HDF5 1.10 tools
+                _write(f, data)
+                f.flush()
+            sink.sync()  # h5py has no fsync: make the bytes durable ourselves
+            if sink.error is not None:
+                raise sink.error
+            sink.close()
+            os.replace(tmp, path)
+        except BaseException as exc:  # cleaned up here; a system error is reported below
+            found = sink.error if sink is not None and sink.error is not None else exc
+            if sink is not None:
+                sink.abandon()
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            if not isinstance(found, OSError):
+                raise  # not a failed write: a bug, or an interrupt
+            reason = os_reason(found)
+        if reason is not None:
+            gc.collect()  # HDF5 objects of the failed file close here, where nothing prints
+    if reason is not None:
+        raise CheckpointError(f"checkpoint {path} could not be written: {reason}")
+    _fsync_dir(path.parent)
+    _remember(path, True)
     return path
+
+
+class _Sink:
+    """The file HDF5 writes, as a Python file object that never fails under HDF5.
+
+    The first system error is kept and from then on the file is only pretended: writes are
+    counted, not made; reads give zeros. HDF5 so finishes and closes the file on its normal
+    path; its error paths are never taken (a write error there can leave it printing
+    tracebacks, or crash it, long after the file is gone). The caller looks at :attr:`error`.
+    """
+
+    def __init__(self, path: Path):
+        self.error: OSError | None = None
+        self._fh = open(path, "wb+", buffering=0)  # noqa: SIM115 - closed by close/abandon
+        self._pos = 0
+        self._end = 0
+
+    def _failed(self, exc: OSError) -> None:
+        if self.error is None:
+            self.error = exc
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        size = len(view)
+        if self.error is None:
+            try:
+                while view:  # a regular file writes short only at the limit: then it raises
+                    view = view[self._fh.write(view) :]
+            except OSError as exc:
+                self._failed(exc)
+        self._pos += size
+        self._end = max(self._end, self._pos)
+        return size
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._end}[whence]
+        self._pos = base + offset
+        if self.error is None:
+            try:
+                self._fh.seek(self._pos)
+            except OSError as exc:
+                self._failed(exc)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        got = 0
+        if self.error is None:
+            try:
+                got = self._fh.readinto(view) or 0
+            except OSError as exc:
+                self._failed(exc)
+        view[got:] = bytes(len(view) - got)  # past the end (or pretended): zeros, as HDF5 expects
+        self._pos += len(view)
+        if got != len(view):
+            self.seek(self._pos)
+        return len(view)
+
+    def read(self, size: int = -1) -> bytes:
+        size = max(0, self._end - self._pos) if size is None or size < 0 else size
+        buffer = bytearray(size)
+        self.readinto(buffer)
+        return bytes(buffer)
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self._pos if size is None else size
+        if self.error is None:
+            try:
+                self._fh.truncate(size)
+            except OSError as exc:
+                self._failed(exc)
+        self._end = size
+        return size
+
+    def flush(self) -> None:
+        pass  # unbuffered: every write is with the system already
+
+    def sync(self) -> None:
+        if self.error is None:
+            try:
+                os.fsync(self._fh.fileno())
+            except OSError as exc:
+                self._failed(exc)
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def abandon(self) -> None:
+        with contextlib.suppress(OSError):
+            self._fh.close()
+
+
+@contextlib.contextmanager
+def _quiet_hdf5():
+    """No HDF5 diagnostics on stderr from a failed write: HDF5's automatic error printing off in
+    this thread (h5py does it at import, for the importing thread only), and the "Exception
+    ignored" lines of h5py objects that cannot close a failed file dropped."""
+    import h5py  # noqa: PLC0415
+
+    with contextlib.suppress(AttributeError, RuntimeError):
+        h5py._errors.silence_errors()
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if "h5py" not in repr(unraisable.object) and "h5py" not in repr(unraisable.exc_value):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
 
 
 def _write(f, d: CheckpointData) -> None:

@@ -117,7 +117,18 @@ def _parse_overrides(pairs: list[str]) -> dict:
     return overrides
 
 
+def _bind_gpu_before_mpi() -> None:
+    """Narrow CUDA_VISIBLE_DEVICES to this rank's GPU (none for the master) before mpi4py is
+    imported: a CUDA-aware MPI opens a context on every visible GPU at MPI_Init. Opt out with
+    EASGD_BIND_GPUS=0; never fails (src/easgd_mpi/gpu_binding.py)."""
+    from .gpu_binding import bind_gpu  # noqa: PLC0415
+
+    bind_gpu()
+
+
 def _cmd_train(args) -> int:
+    _bind_gpu_before_mpi()  # run_or_abort imports mpi4py: this must come first
+
     def run() -> int:
         from mpi4py import MPI  # noqa: PLC0415
 
@@ -199,20 +210,49 @@ def _cmd_plot(args) -> int:
 
 
 def _cmd_check(args) -> int:
+    _bind_gpu_before_mpi()  # as `easgd train` does, so the report shows what training gets
+
     def run() -> int:
         import json  # noqa: PLC0415
+        import os  # noqa: PLC0415
 
         from mpi4py import MPI  # noqa: PLC0415
 
         from .diagnostics import describe_rank, format_report  # noqa: PLC0415
+        from .gpu_binding import RECORD_VAR  # noqa: PLC0415
 
         world = MPI.COMM_WORLD
-        infos = world.gather(describe_rank(world), root=0)
+        info = describe_rank(world)
+        info["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")  # None: unset
+        info["gpu_binding"] = os.environ.get(RECORD_VAR, "")
+        infos = world.gather(info, root=0)
         if world.Get_rank() == 0:
-            print(json.dumps(infos, indent=2) if args.json else format_report(infos), flush=True)
+            if args.json:
+                text = json.dumps(infos, indent=2)
+            else:
+                text = _with_bindings(format_report(infos), infos)
+            print(text, flush=True)
         return 0
 
     return run_or_abort(run)
+
+
+def _with_bindings(report: str, infos: list[dict]) -> str:
+    """``easgd check``'s text with each rank's CUDA_VISIBLE_DEVICES and GPU binding appended
+    to that rank's line (one line per rank after the MPI line)."""
+    lines = report.splitlines()
+    extra = []
+    for info in infos:
+        visible = info["cuda_visible_devices"]
+        extra.append(
+            f"CUDA_VISIBLE_DEVICES={'(unset)' if visible is None else visible}; "
+            f"GPU binding: {info['gpu_binding'] or 'none'}"
+        )
+    if len(lines) == len(infos) + 1:
+        pairs = zip(lines[1:], extra, strict=True)
+        return "\n".join([lines[0], *(f"{ln}; {x}" for ln, x in pairs)])
+    pairs = zip(infos, extra, strict=True)
+    return "\n".join([*lines, *(f"rank {i['rank']}: {x}" for i, x in pairs)])
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ Every error a user can cause (bad config, bad data, bad checkpoint, bad launch) 
 anything else is a bug and aborts the MPI job with a traceback.
 """
 
+import os
+
 __all__ = [
     "EasgdError",
     "ConfigError",
@@ -13,6 +15,8 @@ __all__ = [
     "BackendError",
     "LaunchError",
     "ExportError",
+    "RunFolderError",
+    "os_reason",
 ]
 
 
@@ -44,3 +48,16 @@ class LaunchError(EasgdError):
 
 class ExportError(EasgdError):
     """An export target cannot be written (``easgd export``)."""
+
+
+class RunFolderError(EasgdError):
+    """The run folder cannot be used: another run holds it, or a file in it cannot be written."""
+
+
+def os_reason(exc: OSError) -> str:
+    """The operating system's reason for a failed file operation, as ``strerror`` words
+    ("No space left on device", "File too large"), without the file name or the errno."""
+    if getattr(exc, "errno", None):
+        # h5py builds its OSErrors with HDF5's long text as strerror: the errno is the reason.
+        return os.strerror(exc.errno)
+    return getattr(exc, "strerror", None) or str(exc) or exc.__class__.__name__

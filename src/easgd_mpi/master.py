@@ -6,6 +6,7 @@ the RMA windows and sleeps briefly, so on an oversubscribed node it leaves the c
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from .checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
+from .errors import CheckpointError, os_reason
 from .metrics import format_progress
 
 __all__ = ["run_master", "MasterResult"]
@@ -28,7 +30,9 @@ _POLL = 0.002
 
 
 class MasterResult(dict):
-    """The last metrics record plus ``stopped`` (ended by a signal before the budget)."""
+    """The last metrics record plus ``stopped`` (ended by a signal before the budget) and
+    ``failure`` (the :class:`CheckpointError` of a final checkpoint that could not be written,
+    else None)."""
 
 
 class _Run:
@@ -101,8 +105,19 @@ class _Run:
             if hasattr(self.problem, "local_state")
             else {},
         )
-        path = save_checkpoint(checkpoint_path(self.run_dir, self.sequence), data)
-        prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep, report=self.out)
+        path = checkpoint_path(self.run_dir, self.sequence)
+        try:
+            save_checkpoint(path, data)
+        except CheckpointError:
+            self.sequence -= 1  # nothing was written: the next try takes the same number
+            raise
+        try:  # pruning only after a checkpoint is safe: a failed one never costs a good one
+            prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep, report=self.out)
+        except OSError as exc:
+            _warn(
+                f"easgd: warning: an older checkpoint ({exc.filename or self.run_dir}) cannot "
+                f"be removed: {os_reason(exc)}"
+            )
         return path
 
 
@@ -135,11 +150,18 @@ def run_master(
         if pending is not None and np.all(table["ack"] == pending):
             if final:
                 record = run.evaluate()  # the final center, after every worker's last exchange
-                path = run.checkpoint(table, read_center=False)
+                try:
+                    path, failure = run.checkpoint(table, read_center=False), None
+                except CheckpointError as exc:  # the job fails, after every rank has left
+                    path, failure = None, exc
                 channel.release()
-                out(f"easgd: checkpoint {path}")
+                if path is not None:
+                    out(f"easgd: checkpoint {path}")
                 break
-            run.checkpoint(table)
+            try:
+                run.checkpoint(table)
+            except CheckpointError as exc:  # training goes on; the next interval tries again
+                _warn(f"easgd: warning: {exc}; training goes on, the next try is in {interval:g}s")
             pending = None
         if pending is None:
             if table["finished"].all():
@@ -154,4 +176,14 @@ def run_master(
             next_eval = now + cfg.eval_interval
         time.sleep(_POLL)
     reached = bool(np.all(table["steps"] >= cfg.steps))
-    return MasterResult(record, stopped=stopping and not reached, checkpoint=str(path))
+    return MasterResult(
+        record,
+        stopped=stopping and not reached,
+        checkpoint=None if path is None else str(path),
+        failure=failure,
+    )
+
+
+def _warn(line: str) -> None:
+    sys.stderr.write(line + "\n")  # one write: ranks share the launcher's stderr
+    sys.stderr.flush()

@@ -2,37 +2,87 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import sys
 from pathlib import Path
+
+from .errors import os_reason
 
 __all__ = ["MetricsLog", "format_error", "format_progress", "read_metrics"]
 
 
 class MetricsLog:
-    """Appends one JSON object per line and flushes it, so a crash loses at most one line."""
+    """Appends one JSON object per line and flushes it, so a crash loses at most one line.
 
-    def __init__(self, path: str | os.PathLike, history: list[dict] | None = None):
+    A write that fails (disk full, quota, file-size limit, I/O error, folder removed) never
+    stops training: one warning names the file and the reason, and the file gets no more
+    lines, so it stays a gap-free prefix of the run's records. Every checkpoint holds all the
+    records, and a resumed run rewrites the file from them.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, history: list[dict] | None = None, warn=None
+    ) -> None:
         """``history``: records of a resumed run; the file is rewritten to hold exactly those
-        (lines written after the checkpoint that is resumed are dropped), atomically."""
+        (lines written after the checkpoint that is resumed are dropped), atomically.
+        ``warn`` gets the one warning line (default: stderr)."""
         self.path = Path(path)
-        if history is not None:
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            with open(tmp, "w", encoding="utf-8") as fh:
-                for record in history:
-                    fh.write(json.dumps(_jsonable(record)) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - lives for the run
+        self._warn = warn or _stderr
+        self._fh = None
+        self.failed = False
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            if history is not None:
+                with open(tmp, "w", encoding="utf-8") as fh:
+                    for record in history:
+                        fh.write(json.dumps(_jsonable(record)) + "\n")
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, self.path)
+            self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - lives for the run
+        except OSError as exc:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            self._fail(exc)
 
     def write(self, record: dict) -> None:
-        self._fh.write(json.dumps(_jsonable(record), sort_keys=False) + "\n")
-        self._fh.flush()
+        if self._fh is None:
+            return
+        try:
+            self._fh.write(json.dumps(_jsonable(record), sort_keys=False) + "\n")
+            self._fh.flush()
+            if os.fstat(self._fh.fileno()).st_nlink == 0:  # the file (or its folder) was removed
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(self.path))
+        except OSError as exc:
+            self._fail(exc)
 
     def close(self) -> None:
-        self._fh.close()
+        if self._fh is None:
+            return
+        try:
+            self._fh.close()
+        except OSError as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: OSError) -> None:
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            try:
+                fh.close()  # flushes the unwritten line again: it fails again, and closes
+            except OSError:
+                pass
+        if not self.failed:
+            self.failed = True
+            self._warn(
+                f"easgd: warning: metrics file {self.path} cannot be written: {os_reason(exc)}; "
+                f"training goes on and the file gets no more lines (every checkpoint holds the "
+                f"metrics; a resumed run rewrites the file from them)"
+            )
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -65,6 +115,11 @@ def format_progress(rec: dict, error_is_rate: bool = True) -> str:
         f"center loss {rec['center_loss']:.4f}  error {error_txt:>7}  "
         f"|x-c| {rec['distance']:.4g}"
     )
+
+
+def _stderr(line: str) -> None:
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _jsonable(value):

@@ -7,7 +7,9 @@ after that, rank 0 serves the center and ranks 1..p train.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import sys
 import time
@@ -30,10 +32,19 @@ from .comm import (
     node_sum,
 )
 from .config import Config
-from .errors import BackendError, CheckpointError, ConfigError
+from .errors import (
+    BackendError,
+    CheckpointError,
+    ConfigError,
+    EasgdError,
+    RunFolderError,
+    os_reason,
+)
 from .master import run_master
 from .metrics import MetricsLog, format_error
 from .models import make_problem
+from .runlock import acquire as lock_run_folder
+from .runlock import release as release_run_folder
 from .snapshots import StateChannel
 from .worker import run_worker, wait_for_all
 
@@ -164,10 +175,29 @@ def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
         wait_for_all(roles.world)
     channel.close()
     center.close()
+
+    def finish():
+        # The outcome on disk (rank 0). A final checkpoint or marker that cannot be written
+        # fails the job on every rank, with no marker; the folder's lock goes either way.
+        if not roles.is_master:
+            return None
+        try:
+            failure = final.pop("failure", None)
+            if failure is not None:
+                raise failure
+            stopped = final.pop("stopped")
+            _write_marker(Path(run_dir), "PREEMPTED" if stopped else "COMPLETED")
+            return stopped
+        finally:
+            release_run_folder(run_dir)
+
+    try:
+        stopped = agree_or_fail(roles.world, finish)
+    except EasgdError:
+        roles.free()
+        raise
     summary = None
     if roles.is_master:
-        stopped = final.pop("stopped")
-        _write_marker(Path(run_dir), "PREEMPTED" if stopped else "COMPLETED")
         summary = {
             "run_dir": str(run_dir),
             "algorithm": cfg.algorithm,
@@ -306,10 +336,19 @@ def _stop_signals():
             signal.signal(sig, old)
 
 
+#: Markers of how a run ended; a starting run clears those of an earlier segment.
+_MARKERS = ("PREEMPTED", "COMPLETED")
+
+
 def _write_marker(run_dir: Path, name: str) -> None:
-    for old in ("PREEMPTED", "COMPLETED"):
-        (run_dir / old).unlink(missing_ok=True)
-    (run_dir / name).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
+    try:
+        for old in _MARKERS:
+            action, target = "remove", run_dir / old
+            target.unlink(missing_ok=True)
+        action, target = "write", run_dir / name
+        target.write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
+    except OSError as exc:
+        raise RunFolderError(f"cannot {action} {target}: {os_reason(exc)}") from None
 
 
 def _choose_backend(cfg, roles):
@@ -318,9 +357,19 @@ def _choose_backend(cfg, roles):
         return NumpyBackend(), "", None
     if cfg.device == "off":
         return NumpyBackend(), "device = off", None
+    from .gpu_binding import bound_gpu  # noqa: PLC0415
+
     # The index among the workers on this node picks the GPU: the master, which holds none,
-    # does not shift the numbering, whatever the launcher's local rank says.
+    # does not shift the numbering, whatever the launcher's local rank says. (Collective over
+    # the workers: every worker takes part, bound or not.)
     local_worker = node_position(roles.workers)[0]
+    bound = bound_gpu()
+    if bound is not None:
+        # Bound before MPI started (gpu_binding: the same numbering): CUDA_VISIBLE_DEVICES holds
+        # this worker's GPU alone, device 0 in here. The start-up line names the node's GPU.
+        backend, why = select_backend(prefer_gpu=True, device_id=0)
+        label = int(bound) if bound.isdigit() else bound
+        return backend, why, label if getattr(backend, "is_gpu", False) else None
     backend, why = select_backend(prefer_gpu=True, device_id=local_worker)
     return backend, why, getattr(backend, "device_id", None)
 
@@ -335,20 +384,48 @@ def _build_problem(cfg, problem, xp):
 
 
 def _make_run_dir(cfg, checkpoint) -> str:
+    """Create or reuse the run folder and lock it for this run (rank 0; docs/CHECKPOINT.md).
+
+    The lock comes before anything is written there, so a second run on the folder changes
+    nothing of the first's. Markers of an earlier segment are cleared: a run that fails later
+    leaves none behind.
+    """
     if cfg.run_dir:
         path = Path(cfg.run_dir)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunFolderError(f"run folder {path} cannot be created: {os_reason(exc)}") from None
     else:
         base = Path(cfg.output) / time.strftime("%Y%m%d-%H%M%S")
         path, k = base, 1
-        while path.exists():
-            path, k = Path(f"{base}-{k}"), k + 1
+        while True:  # created exclusively: two runs started in the same second never share one
+            try:
+                path.mkdir(parents=True)
+                break
+            except FileExistsError:
+                path, k = Path(f"{base}-{k}"), k + 1
+            except OSError as exc:
+                raise RunFolderError(
+                    f"run folder {path} cannot be created: {os_reason(exc)}"
+                ) from None
+    lock_run_folder(path)
+    tmp = path / ".config.toml.tmp"
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
+        for name in _MARKERS:
+            action, target = "remove", path / name
+            target.unlink(missing_ok=True)
+        action, target = "write", path / "config.toml"
+        tmp.write_text(cfg.to_toml(), encoding="utf-8")
+        os.replace(tmp, target)
         if checkpoint is None:  # a fresh run in a reused folder starts a fresh metrics file
-            (path / "metrics.jsonl").unlink(missing_ok=True)
+            action, target = "remove", path / "metrics.jsonl"
+            target.unlink(missing_ok=True)
     except OSError as exc:
-        raise ConfigError(f"run folder {path} cannot be created: {exc.strerror}") from None
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        release_run_folder(path)
+        raise RunFolderError(f"cannot {action} {target}: {os_reason(exc)}") from None
     return str(path)
 
 

@@ -5,8 +5,9 @@ the environment variables it documents, with small settings for a 2-core machine
 steps, 2 to 4 workers, oversubscribed. Checked for every job: Slurm says COMPLETED with exit
 0:0; all ranks formed ONE MPI world of the requested size (the master's first line names the
 worker count: separate worlds of size 1 would each fail with "world size 1"); the layout the
-template prints (master on the first node with no GPU visible, workers seeing their node's
-GPUs); the run folder's metrics reach steps x workers; and the final checkpoint.
+template prints (master on the first node with no GPU visible, each worker bound to one GPU of
+its node, distinct among the node's workers: issue 13, item 7); the run folder's metrics reach
+steps x workers; and the final checkpoint.
 
 Checks marked [issue 4] need HDF5 checkpoints, `--resume auto`, the stop-on-signal handling
 and the COMPLETED/PREEMPTED markers (the checkpoint work).
@@ -70,12 +71,33 @@ def describe(cluster, job_id: str, run_dir: Path, submit_dir: Path) -> str:
     return "\n".join(parts)
 
 
+LAYOUT = re.compile(
+    r"^easgd-layout: rank (\d+) node (\S+) CUDA_VISIBLE_DEVICES=(\S*) binding: (.*)$", flags=re.M
+)
+
+
 def layout(job_out: str) -> dict[int, tuple[str, str]]:
     """rank -> (node, CUDA_VISIBLE_DEVICES) from the templates' easgd-layout lines."""
-    found = re.findall(
-        r"^easgd-layout: rank (\d+) node (\S+) CUDA_VISIBLE_DEVICES=(\S*)$", job_out, flags=re.M
-    )
-    return {int(r): (node, cvd) for r, node, cvd in found}
+    return {int(r): (node, cvd) for r, node, cvd, _ in LAYOUT.findall(job_out)}
+
+
+def bindings(job_out: str) -> dict[int, str]:
+    """rank -> the GPU binding the templates' wrapper recorded (EASGD_GPU_BINDING)."""
+    return {int(r): record for r, _, _, record in LAYOUT.findall(job_out)}
+
+
+def check_one_gpu_each(ranks: dict[int, tuple[str, str]], gpus=("0", "1")) -> None:
+    """[issue 13, item 7] every worker sees exactly one GPU, distinct among the workers of a
+    node while the node has enough of them (round-robin after that); the master sees none."""
+    assert ranks[0][1] == "", ranks
+    by_node: dict[str, list[str]] = {}
+    for rank in sorted(ranks):
+        if rank:
+            by_node.setdefault(ranks[rank][0], []).append(ranks[rank][1])
+    for node, seen in by_node.items():
+        assert all(v in gpus for v in seen), (node, seen)  # one GPU, not a list
+        expected = [gpus[i % len(gpus)] for i in range(len(seen))]
+        assert seen == expected, (node, seen)
 
 
 def check_finished_run(cluster, job_id, info, run_dir, submit_dir, workers, steps, announcements=1):
@@ -115,7 +137,14 @@ def test_single_node(cluster, tmp_path):
     ranks = layout(out)
     assert sorted(ranks) == [0, 1, 2, 3], out
     assert ranks[0] == ("n1", ""), out  # the master sees no GPU
-    assert all(ranks[r] == ("n1", "0,1") for r in (1, 2, 3)), out
+    # one GPU per worker, bound before MPI starts; 3 workers on 2 GPUs share round-robin
+    assert [ranks[r] for r in (1, 2, 3)] == [("n1", "0"), ("n1", "1"), ("n1", "0")], out
+    check_one_gpu_each(ranks)
+    records = bindings(out)
+    assert records[0].endswith("(Slurm srun): master -> no GPU (hides 0,1)"), out
+    assert records[3] == (
+        "world rank 3, local rank 3 (Slurm srun): worker 2 on this node -> GPU 0 of 0,1"
+    ), out
     # Slurm's own log only points at the run folder
     slurm_log = (tmp_path / f"slurm-easgd-{job}.out").read_text()
     assert f"output in {run_dir}/job.out" in slurm_log
@@ -141,13 +170,25 @@ def test_multi_node(cluster, tmp_path, flavour):
     run_dir = tmp_path / "runs" / f"easgd-mn-{job}"
     out = check_finished_run(cluster, job, info, run_dir, tmp_path, workers=4, steps=STEPS)
     assert info.get("NodeList") == "n[1-2]", info
-    assert layout(out) == {
+    # each worker bound to its own GPU on its node before MPI starts (issue 13, item 7)
+    ranks = layout(out)
+    assert ranks == {
         0: ("n1", ""),
-        1: ("n1", "0,1"),
-        2: ("n1", "0,1"),
-        3: ("n2", "0,1"),
-        4: ("n2", "0,1"),
+        1: ("n1", "0"),
+        2: ("n1", "1"),
+        3: ("n2", "0"),
+        4: ("n2", "1"),
     }, out
+    check_one_gpu_each(ranks)
+    via = {"pmi2": "Slurm srun", "mpiexec": "MPICH Hydra"}[flavour]
+    records = bindings(out)
+    assert records[0] == f"world rank 0, local rank 0 ({via}): master -> no GPU (hides 0,1)", out
+    assert records[3] == (
+        f"world rank 3, local rank 0 ({via}): worker 0 on this node -> GPU 0 of 0,1"
+    ), out
+    assert records[2] == (
+        f"world rank 2, local rank 2 ({via}): worker 1 on this node -> GPU 1 of 0,1"
+    ), out
 
 
 def test_module_lines_and_bad_flavour_do_not_hang(cluster, tmp_path):
@@ -223,6 +264,9 @@ def test_preemptible_requeues_and_resumes(cluster, tmp_path):
     assert "got SIGUSR1" in first, why
     assert re.search(r"^easgd-job: .* easgd exited with 0$", first, flags=re.M), why
     assert "start 2:" in second and "--resume auto" in second, why
+    for start in (first, second):  # both starts bind each worker to its own GPU
+        ranks = layout(start)
+        assert ranks == {0: ("n1", ""), 1: ("n1", "0"), 2: ("n1", "1")}, why
 
     # [issue 4] the second start resumed from the checkpoint written on the signal: its first
     # evaluation already counts the first start's steps, and the metrics never go back.

@@ -1,0 +1,177 @@
+"""Bind each rank to its GPU before MPI starts (``CUDA_VISIBLE_DEVICES`` per rank).
+
+A CUDA-enabled MPI library opens a context on every GPU the process can see when MPI starts
+(about 0.5 GB per GPU per rank), and with 8 GPUs and 9 ranks on a node that is 36 GB lost. So
+``easgd train`` and ``easgd check`` narrow ``CUDA_VISIBLE_DEVICES`` from the launcher's
+environment *before* mpi4py is imported:
+
+* the master (world rank 0) holds no GPU: ``CUDA_VISIBLE_DEVICES=""``;
+* a worker keeps one GPU: the one numbered by its index among the workers on its node (what
+  ``training._choose_backend`` picked before this existed, so the choice does not change),
+  round-robin when a node has more workers than GPUs. Inside the process that GPU is device 0.
+
+The node-local rank comes from the launcher: MPICH's Hydra (``MPI_LOCALRANKID``, ``PMI_RANK``),
+Open MPI (``OMPI_COMM_WORLD_LOCAL_RANK``), MVAPICH (``MV2_COMM_WORLD_LOCAL_RANK``) or Slurm's
+srun (``SLURM_LOCALID``, ``SLURM_PROCID``; ``SLURM_GTIDS`` says whether rank 0 shares the node).
+The launcher-specific variables go first: Hydra started by Slurm inherits the SLURM_* variables
+of its proxies, which describe the proxies, not the ranks. Without ``SLURM_GTIDS`` the master is
+taken to share a node with the ranks numbered from 0 on that node, i.e. ranks placed in blocks
+by node (mpiexec's default, the jobs/ templates' host files); a cyclic placement would pair
+workers with GPUs differently (set ``EASGD_BIND_GPUS=0`` there).
+
+Nothing changes when ``EASGD_BIND_GPUS=0``, when the launcher is unknown (e.g. a plain
+``python`` start), when no GPU is visible, or when a worker already sees exactly one GPU (a job
+template or ``--gpus-per-task=1`` narrowed it: never remapped twice). What was done is recorded
+in ``EASGD_GPU_BINDING`` (e.g. ``world rank 3, local rank 2 (MPICH Hydra): worker 1 on this node
+-> GPU 1 of 0,1,2,3``) for ``easgd check`` and the start-up line. The jobs/ templates do the same
+in bash (their RANK_WRAPPER) and write the same record.
+
+This module must not import mpi4py, CuPy or anything that initialises CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["RECORD_VAR", "OPT_OUT_VAR", "Launch", "detect_launch", "plan", "bind_gpu", "bound_gpu"]
+
+#: Where the binding is recorded (read by ``easgd check`` and the start-up line).
+RECORD_VAR = "EASGD_GPU_BINDING"
+#: ``EASGD_BIND_GPUS=0`` switches the binding off.
+OPT_OUT_VAR = "EASGD_BIND_GPUS"
+_OFF = {"0", "no", "false", "off"}
+_RECORD_GPU = re.compile(r"-> GPU (\S+) of ")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What the launcher says about this rank."""
+
+    launcher: str  # in words, for the record
+    rank: int  # world rank
+    local_rank: int  # index among all ranks on this node
+    master_here: bool  # whether world rank 0 runs on this node
+
+    @property
+    def worker_on_node(self) -> int:
+        """Index among the *workers* on this node (the master does not shift it)."""
+        return max(0, self.local_rank - (1 if self.master_here else 0))
+
+
+def _int(environ, name: str) -> int | None:
+    value = environ.get(name, "").strip()
+    return int(value) if value.isdigit() else None
+
+
+def detect_launch(environ=os.environ) -> Launch | None:
+    """This rank's launcher, world rank and node-local rank; None when no launcher says."""
+    # (launcher, world rank variable, local rank variable), most specific first.
+    for launcher, rank_var, local_var in (
+        ("MPICH Hydra", "PMI_RANK", "MPI_LOCALRANKID"),
+        ("Open MPI", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK"),
+        ("MVAPICH", "MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_LOCAL_RANK"),
+    ):
+        rank, local = _int(environ, rank_var), _int(environ, local_var)
+        if rank is not None and local is not None:
+            return Launch(launcher, rank, local, master_here=rank == local)
+    # srun: SLURM_STEP_ID tells a task of a job step from the batch shell itself.
+    rank, local = _int(environ, "SLURM_PROCID"), _int(environ, "SLURM_LOCALID")
+    if rank is not None and local is not None and "SLURM_STEP_ID" in environ:
+        gtids = environ.get("SLURM_GTIDS", "")
+        ids = [t.strip() for t in gtids.split(",") if t.strip()]
+        here = "0" in ids if ids else rank == local
+        return Launch("Slurm srun", rank, local, master_here=here)
+    rank, local = _int(environ, "PMI_RANK"), _int(environ, "PMI_LOCAL_RANK")
+    if rank is not None and local is not None:
+        return Launch("PMI", rank, local, master_here=rank == local)
+    return None
+
+
+def _count_node_gpus() -> int:
+    """NVIDIA GPUs on this node, without initialising CUDA: the driver's /proc entries, else
+    ``nvidia-smi -L``; 0 when neither says."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    try:
+        if gpus.is_dir():
+            return sum(1 for p in gpus.iterdir() if p.is_dir())
+    except OSError:
+        pass
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return 0
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def plan(environ=os.environ, count_gpus: Callable[[], int] = _count_node_gpus):
+    """``(new CUDA_VISIBLE_DEVICES, record)`` for this rank, or ``(None, "")`` to leave it.
+
+    Pure apart from ``count_gpus``, which is asked only when ``CUDA_VISIBLE_DEVICES`` is unset.
+    """
+    if environ.get(OPT_OUT_VAR, "").strip().lower() in _OFF:
+        return None, ""
+    launch = detect_launch(environ)
+    if launch is None:
+        return None, ""
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        gpus = [str(i) for i in range(max(0, int(count_gpus())))]
+    else:
+        gpus = [g.strip() for g in visible.split(",") if g.strip()]
+    if not gpus:
+        return None, ""
+    where = f"world rank {launch.rank}, local rank {launch.local_rank} ({launch.launcher})"
+    listed = ",".join(gpus)
+    if launch.rank == 0:
+        return "", f"{where}: master -> no GPU (hides {listed})"
+    if len(gpus) == 1:
+        return None, ""  # already this worker's one GPU (a job template, --gpus-per-task=1)
+    index = launch.worker_on_node
+    gpu = gpus[index % len(gpus)]
+    return gpu, f"{where}: worker {index} on this node -> GPU {gpu} of {listed}"
+
+
+def bind_gpu(
+    environ: MutableMapping[str, str] | None = None,
+    count_gpus: Callable[[], int] = _count_node_gpus,
+) -> str:
+    """Narrow ``CUDA_VISIBLE_DEVICES`` to this rank's GPU (none for the master) before MPI
+    starts; returns the record written to ``EASGD_GPU_BINDING`` ("" when nothing changed).
+
+    Never raises: a binding that cannot be worked out leaves the environment as it was.
+    """
+    env = os.environ if environ is None else environ
+    try:
+        if env.get(OPT_OUT_VAR, "").strip().lower() in _OFF:
+            env.pop(RECORD_VAR, None)  # switched off: no record may claim otherwise
+            return ""
+        visible, record = plan(env, count_gpus)
+        if visible is None:
+            return ""
+        env["CUDA_VISIBLE_DEVICES"] = visible
+        env[RECORD_VAR] = record
+        return record
+    except Exception:  # noqa: BLE001 - binding is an optimisation; it must never fail a run
+        return ""
+
+
+def bound_gpu(environ=os.environ) -> str | None:
+    """The GPU this worker was bound to (as named in the node's list), or None.
+
+    Only when the record and ``CUDA_VISIBLE_DEVICES`` agree (exactly that one GPU visible), so
+    a stale record inherited from elsewhere is ignored. The bound GPU is device 0 in here.
+    """
+    found = _RECORD_GPU.search(environ.get(RECORD_VAR, ""))
+    visible = [g.strip() for g in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    if found is None or visible != [found.group(1)]:
+        return None
+    return found.group(1)
