@@ -53,6 +53,11 @@ MOMENTUM_ALGORITHMS = ("eamsgd",)
 #: Algorithms that keep a velocity (Nesterov) only when momentum > 0; see Config.keeps_velocity.
 OPTIONAL_MOMENTUM_ALGORITHMS = ("sync-easgd", "allreduce-sgd")
 
+#: Default exchange chunks (floats): CPU workers overlap small chunks best; a GPU worker pays one
+#: stream synchronisation per chunk, so it takes large ones.
+CPU_CHUNK = 1 << 18
+GPU_CHUNK = 1 << 22
+
 DATASETS = ("digits", "synthetic", "file", "cifar10", "mnist")
 #: Data sets read from files named by data.path.
 FILE_DATASETS = ("file", "cifar10", "mnist")
@@ -149,8 +154,9 @@ class Config:
     #: Explicit run folder (default: <output>/<timestamp>).
     run_dir: str = ""
     lock_mode: str = "shared"
-    #: Floats per RMA transfer in the pipelined exchange.
-    chunk: int = 262144
+    #: Floats per RMA transfer in the pipelined exchange; 0 = auto: 262144 (1 MiB) on a CPU
+    #: worker, 4194304 (16 MiB) on a GPU worker, where each chunk costs one synchronisation.
+    chunk: int = 0
     #: Use a GPU on workers that have one ("auto") or never ("off").
     device: str = "auto"
     #: BLAS threads per rank (0 = this node's cores divided by its ranks).
@@ -230,6 +236,12 @@ class Config:
         beta = 0.9 if self.beta is None else self.beta
         return beta / workers
 
+    def resolve_chunk(self, on_gpu: bool) -> int:
+        """Floats per exchange transfer: ``chunk``, or the default of the worker's device."""
+        if self.chunk:
+            return self.chunk
+        return GPU_CHUNK if on_gpu else CPU_CHUNK
+
     def resolve_beta(self, workers: int) -> float:
         return self.resolve_alpha(workers) * workers
 
@@ -279,7 +291,8 @@ class Config:
         _check_positive("eval_interval", self.eval_interval)
         _check_choice("lock_mode", self.lock_mode, LOCK_MODES)
         _check_choice("device", self.device, ("auto", "off"))
-        _check_int("chunk", self.chunk, low=1024)
+        if self.chunk != 0:
+            _check_int("chunk", self.chunk, low=1024)
         _check_int("threads", self.threads, low=0)
         if not self.output:
             raise ConfigError("config: output must name a folder")

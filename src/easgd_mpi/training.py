@@ -121,7 +121,7 @@ def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
         p,
         initial=initial,
         lock_mode=cfg.lock_mode,
-        chunk=cfg.chunk,
+        chunk=cfg.resolve_chunk(backend.is_gpu),
         # Pinned host chunks on a GPU: the one-sided operations never see device memory.
         alloc_chunk=backend.host_empty,
         initial_status=None
@@ -235,7 +235,8 @@ def _check_memory(cfg, roles, prob, backend) -> None:
         states = (2 if cfg.keeps_velocity else 1) * p if cfg.checkpoint.worker_states else 0
         need = n_bytes * (3 + states)  # window, snapshot, checkpoint copy, worker states
     else:
-        need = 4 * 4 * cfg.chunk if backend.is_gpu else n_bytes * 6  # x, g, v, y + scratch
+        # x, g, v, y + scratch on the host; a GPU worker's host side is its pinned chunks.
+        need = 4 * 4 * cfg.resolve_chunk(True) if backend.is_gpu else n_bytes * 6
     node_need, ranks = node_sum(roles.world, need)
 
     def check():

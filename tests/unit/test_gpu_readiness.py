@@ -51,3 +51,13 @@ def test_chunks_are_multiples_of_64_floats():
     assert round_chunk(262144) == 262144
     assert round_chunk(100_003) == 99_968
     assert round_chunk(10) == 64
+
+
+def test_default_chunk_is_large_on_a_gpu_worker():
+    from easgd_mpi.config import Config
+
+    cfg = Config().validate()
+    assert cfg.resolve_chunk(on_gpu=False) == 262144
+    assert cfg.resolve_chunk(on_gpu=True) == 4194304
+    cfg.set("chunk", 8192)
+    assert cfg.resolve_chunk(on_gpu=True) == cfg.resolve_chunk(on_gpu=False) == 8192
