@@ -417,8 +417,15 @@ class Downpour(WorkerAlgorithm):
 
     def _push_and_copy(self) -> None:
         b = self.backend
-        if self._buffers_base is not None:  # Δ of the buffers: their change since the copy
-            self.acc[self.m :] = self.x[self.m :] - self._buffers_base
+        if self._buffers_base is not None:
+            # Δ of the buffers: their change since the copy, divided by p. Running statistics
+            # are averages, not sums of updates: p workers each adding their whole change
+            # would move the center's statistics p times too far (a variance can go negative).
+            p = max(1, int(getattr(self.center, "n_workers", 1)))
+            delta = self.acc[self.m :]
+            delta[...] = self.x[self.m :] - self._buffers_base
+            if p > 1:
+                b.scale(delta, 1.0 / p)
         # ‖Δ‖: how far this worker moved away from the center it last copied.
         self.distance = math.sqrt(b.sum_squares(self.acc))
         if not b.all_finite(self.acc):

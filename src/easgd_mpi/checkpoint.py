@@ -314,7 +314,12 @@ def _metric_keys(records: list[dict]) -> list[str]:
 
 
 def _num(v) -> float:
-    return float("nan") if v is None else float(v)
+    # Every NaN is the canonical one: a NaN computed with its sign bit set (x86's default NaN)
+    # reads back from HDF5 as "no value" and must hash the same as when it was written.
+    if v is None:
+        return float("nan")
+    v = float(v)
+    return float("nan") if v != v else v
 
 
 def _checksum(d: CheckpointData) -> str:

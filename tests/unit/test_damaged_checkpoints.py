@@ -88,3 +88,17 @@ def test_resume_auto_on_a_folder_of_damaged_checkpoints_exits_2(mpiexec, clean_e
     assert len(errors) == 3 and all("every checkpoint in" in ln for ln in errors)
     assert "checkpoint-000001.h5" in errors[0] and "Traceback" not in proc.stderr
     assert not (run_dir / "metrics.jsonl").exists()
+
+
+def test_a_negative_nan_metric_round_trips(tmp_path):
+    """x86 computes 0/0 as a NaN with its sign bit set; HDF5 gives it back as "no value"."""
+    from easgd_mpi.checkpoint import load_checkpoint
+
+    negative_nan = -np.float64("nan")
+    assert np.signbit(negative_nan)
+    path = write(tmp_path, 1)
+    data = load_checkpoint(path)
+    data.metrics = [{"time": 1.0, "center_loss": float(negative_nan), "steps": 3}]
+    save_checkpoint(path, data)
+    back = load_checkpoint(path)
+    assert back.metrics[0]["center_loss"] is None and back.metrics[0]["steps"] == 3
