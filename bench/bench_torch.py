@@ -203,7 +203,6 @@ def main(argv=None) -> int:
             initial=x0,
             chunk=args.chunk,
             alloc_chunk=backend.host_empty,
-            before_mpi=backend.synchronize,
         )
         windows.append(window)
         algo = make_algorithm(cfg, prob, backend, window, 0.9, worker_rng(args.seed, 0))

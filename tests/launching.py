@@ -14,8 +14,24 @@ def train_command(mpiexec, n, run_dir, *sets, resume=None) -> list[str]:
     return cmd
 
 
-def run(cmd, env, timeout=120) -> subprocess.CompletedProcess:
+def run(cmd, env, timeout=120, cwd=None) -> subprocess.CompletedProcess:
     """Run to completion (a hang fails the test at ``timeout``), output captured."""
     return subprocess.run(
-        cmd, capture_output=True, text=True, env=env, timeout=timeout, stdin=subprocess.DEVNULL
+        cmd,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
     )
+
+
+def assert_one_line_per_rank(proc, ranks, fragment):
+    """Bad input: exit 2, exactly one error line per rank naming ``fragment``, no traceback."""
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == ranks, proc.stderr
+    assert all(ln.startswith("easgd: error: [rank ") for ln in lines), proc.stderr
+    assert all(fragment in ln for ln in lines), proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -392,6 +392,10 @@ class Downpour(WorkerAlgorithm):
         # Buffers past the trainable prefix are not stepped: their update is measured as the
         # change since the last copy of the center (``_buffers_base``).
         self._buffers_base = self.backend.zeros(n - self.m) if self.m < n else None
+        # Running statistics are averages, not sums of updates: each of the p workers pushes
+        # 1/p of its buffers' change (p whole changes would move the center's statistics p
+        # times too far; a variance can go negative).
+        self._buffers_share = 1.0 / max(1, int(getattr(self.center, "n_workers", 1)))
 
     def pull_center(self) -> None:
         super().pull_center()
@@ -417,15 +421,11 @@ class Downpour(WorkerAlgorithm):
 
     def _push_and_copy(self) -> None:
         b = self.backend
-        if self._buffers_base is not None:
-            # Δ of the buffers: their change since the copy, divided by p. Running statistics
-            # are averages, not sums of updates: p workers each adding their whole change
-            # would move the center's statistics p times too far (a variance can go negative).
-            p = max(1, int(getattr(self.center, "n_workers", 1)))
+        if self._buffers_base is not None:  # Δ of the buffers: their change since the copy
             delta = self.acc[self.m :]
             delta[...] = self.x[self.m :] - self._buffers_base
-            if p > 1:
-                b.scale(delta, 1.0 / p)
+            if self._buffers_share != 1.0:
+                b.scale(delta, self._buffers_share)
         # ‖Δ‖: how far this worker moved away from the center it last copied.
         self.distance = math.sqrt(b.sum_squares(self.acc))
         if not b.all_finite(self.acc):

@@ -62,7 +62,6 @@ class CenterWindow:
         lock_mode: str = "shared",
         chunk: int = 1 << 18,
         alloc_chunk: Callable[[int], object] | None = None,
-        before_mpi: Callable[[], None] | None = None,
         initial_status: dict[str, np.ndarray] | None = None,
     ):
         from mpi4py import MPI  # noqa: PLC0415
@@ -76,7 +75,6 @@ class CenterWindow:
         self.n_workers = int(n_workers)
         self.lock_mode = lock_mode
         self.chunk = max(1, min(round_chunk(chunk), self.n or 1))
-        self._before_mpi = before_mpi or (lambda: None)
         is_owner = self.rank == MASTER
 
         itemsize = np.dtype(np.float32).itemsize
@@ -156,7 +154,6 @@ class CenterWindow:
                 if acc_reqs[buf] is not None:
                     acc_reqs[buf].Wait()  # e[buf] is still the origin of accumulate k-2
                 compute(lo, hi, self._c[buf][: hi - lo], self._e[buf][: hi - lo])
-                self._before_mpi()
                 acc_reqs[buf] = self._win.Raccumulate(
                     self._e[buf][: hi - lo], MASTER, target=(lo, hi - lo, MPI.FLOAT), op=MPI.SUM
                 )

@@ -25,10 +25,8 @@ EXPORT_FORMATS = (".pt", ".pth", ".npz")
 def center_tensors(checkpoint) -> dict[str, np.ndarray]:
     """Name → array of the center (copies, shaped as the model's tensors), then the
     per-process tensors the checkpoint stores."""
-    out = {}
-    for spec in checkpoint.layout.specs:
-        flat = checkpoint.center[spec.offset : spec.offset + spec.size]
-        out[spec.name] = np.array(flat, dtype=np.float32).reshape(spec.shape)
+    views = checkpoint.layout.views(checkpoint.center)
+    out = {name: np.array(view, dtype=np.float32) for name, view in views.items()}
     for name, value in checkpoint.local_tensors.items():
         out[name] = np.array(value)
     return out

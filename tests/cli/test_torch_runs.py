@@ -18,26 +18,14 @@ from easgd_mpi.checkpoint import list_checkpoints, load_checkpoint  # noqa: E402
 from easgd_mpi.config import Config  # noqa: E402
 from easgd_mpi.models import make_problem  # noqa: E402
 from image_files import write_cifar_folder, write_cifar_tar, write_mnist  # noqa: E402
+from launching import assert_one_line_per_rank, run, train_command  # noqa: E402
 
 # Small and fast on 2 cores: batch 8, the paper's 28×28 crops, a few dozen steps.
 CIFAR_FAST = ["batch_size=8", "lr=0.02", "eval_interval=1", "checkpoint.interval=0"]
 
 
 def train(mpiexec, n, run_dir, sets, env, cwd, resume=None, timeout=240):
-    cmd = [mpiexec, "-n", str(n), sys.executable, "-m", "easgd_mpi", "train"]
-    for s in (f"run_dir={run_dir}", *sets):
-        cmd += ["--set", s]
-    if resume:
-        cmd += ["--resume", resume]
-    return subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
+    return run(train_command(mpiexec, n, run_dir, *sets, resume=resume), env, timeout, cwd=cwd)
 
 
 def records(run_dir):
@@ -188,15 +176,6 @@ def test_mnist_idx_files_train_an_mlp_and_a_torch_model(mpiexec, clean_env, tmp_
         assert records(run_dir)[-1]["center_error"] < 0.5, (model, records(run_dir)[-1])
 
 
-def _one_line_per_rank(proc, ranks, fragment):
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == ranks, proc.stderr
-    assert all(ln.startswith("easgd: error: [rank ") for ln in lines), proc.stderr
-    assert all(fragment in ln for ln in lines), proc.stderr
-    assert "Traceback" not in proc.stderr
-
-
 BAD_FACTORIES = [
     ("does not import", "import nosuchpackage_xyz\ndef build(cfg): pass\n", "does not import"),
     ("returns a non-module", "def build(cfg):\n    return 42\n", "not a torch.nn.Module"),
@@ -226,7 +205,7 @@ def test_bad_model_factories(label, source, fragment, mpiexec, clean_env, tmp_pa
     env = {**clean_env, "PYTHONPATH": str(tmp_path)}
     sets = ["model.name=torch", "model.factory=badnets:build", "steps=5"]
     proc = train(mpiexec, 3, tmp_path / "run", sets, env, tmp_path, timeout=120)
-    _one_line_per_rank(proc, 3, fragment)
+    assert_one_line_per_rank(proc, 3, fragment)
 
 
 def test_missing_torch_is_one_line_saying_what_to_install(mpiexec, clean_env, tmp_path):
@@ -244,7 +223,7 @@ def test_missing_torch_is_one_line_saying_what_to_install(mpiexec, clean_env, tm
         tmp_path,
         timeout=120,
     )
-    _one_line_per_rank(proc, 3, "pip install 'easgd-mpi[torch]'")
+    assert_one_line_per_rank(proc, 3, "pip install 'easgd-mpi[torch]'")
 
 
 def test_bad_cifar_files_are_one_line_per_rank(mpiexec, clean_env, tmp_path):
@@ -252,10 +231,10 @@ def test_bad_cifar_files_are_one_line_per_rank(mpiexec, clean_env, tmp_path):
     (folder / "data_batch_3").unlink()
     sets = ["model.name=cifar-convnet", "data.name=cifar10", f"data.path={folder}", "steps=5"]
     proc = train(mpiexec, 3, tmp_path / "run", sets, clean_env, tmp_path, timeout=120)
-    _one_line_per_rank(proc, 3, "data_batch_3")
+    assert_one_line_per_rank(proc, 3, "data_batch_3")
     (folder / "data_batch_3").write_bytes(b"\x80\x02}q\x00(U\x04data")  # a truncated pickle
     proc = train(mpiexec, 3, tmp_path / "run", sets, clean_env, tmp_path, timeout=120)
-    _one_line_per_rank(proc, 3, "data_batch_3")
+    assert_one_line_per_rank(proc, 3, "data_batch_3")
 
 
 def test_the_pytorch_example_runs_and_exports(mpiexec, clean_env, tmp_path):
@@ -295,6 +274,6 @@ def test_a_poisoned_cifar_batch_never_runs(mpiexec, clean_env, tmp_path):
     (folder / "data_batch_2").write_bytes(pickle.dumps(payload, protocol=2))
     sets = ["model.name=cifar-convnet", "data.name=cifar10", f"data.path={folder}", "steps=5"]
     proc = train(mpiexec, 3, tmp_path / "run", sets, clean_env, tmp_path, timeout=120)
-    _one_line_per_rank(proc, 3, "asks to load")
+    assert_one_line_per_rank(proc, 3, "asks to load")
     assert "data_batch_2" in proc.stderr and "not a CIFAR-10 batch" in proc.stderr
     assert not marker.exists()

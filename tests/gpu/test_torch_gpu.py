@@ -56,9 +56,7 @@ def test_module_views_the_cupy_buffers_and_matches_the_cpu():
     from easgd_mpi.backend.cupy_backend import CupyBackend
     from easgd_mpi.config import Config
     from easgd_mpi.data.sampling import worker_rng
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-    from test_torch_adapter import LocalCenter
+    from local_center import LocalCenter
 
     cfg = Config()
     for key, value in {"algorithm": "eamsgd", "momentum": 0.9, "lr": 0.05, "tau": 3}.items():

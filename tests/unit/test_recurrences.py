@@ -17,6 +17,7 @@ from easgd_mpi.backend import NumpyBackend
 from easgd_mpi.config import Config
 from easgd_mpi.data.sampling import worker_rng
 from easgd_mpi.models import QuadraticProblem
+from local_center import LocalCenter
 
 H = np.array([0.5, 1.0, 1.5, 2.0])
 M = np.array([1.0, -1.0, 0.5, 0.25])
@@ -28,34 +29,6 @@ TOL = 1e-5
 
 def optimum(worker: int) -> np.ndarray:
     return M + SHIFT * (worker + 1)
-
-
-class LocalCenter:
-    """The center as a host array, with CenterWindow's chunked exchange interface."""
-
-    def __init__(self, initial, chunk=3):
-        self.value = np.array(initial, dtype=np.float32)
-        self.n = self.value.size
-        self.chunk = chunk  # several chunks even for this small vector
-        self.lock = threading.Lock()
-
-    def exchange(self, compute):
-        with self.lock:
-            for lo in range(0, self.n, self.chunk):
-                hi = min(lo + self.chunk, self.n)
-                c = self.value[lo:hi].copy()
-                e = np.empty_like(c)
-                compute(lo, hi, c, e)
-                self.value[lo:hi] += e
-        return 8 * self.n
-
-    def read(self, out):
-        with self.lock:
-            out[...] = self.value
-
-    def add(self, delta):
-        with self.lock:
-            self.value += delta
 
 
 class ThreadAllreduce:
@@ -116,7 +89,7 @@ def run(cfg, p):
     probs = [WorkerQuadratic(cfg.quadratic, i) for i in range(p)]
     x0 = probs[0].layout.zeros()
     probs[0].init_params(x0, 0)
-    center = LocalCenter(x0)
+    center = LocalCenter(x0, chunk=3)
     shared = {"slots": [None] * p, "barrier": threading.Barrier(p, timeout=30)}
     algos = []
     for i, prob in enumerate(probs):

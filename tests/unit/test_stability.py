@@ -24,32 +24,9 @@ from easgd_mpi.config import (
 from easgd_mpi.data.sampling import worker_rng
 from easgd_mpi.errors import ConfigError
 from easgd_mpi.models import QuadraticProblem
+from local_center import LocalCenter
 
 OPTIMUM = 1.0  # start 0: the initial error is 1
-
-
-class LocalCenter:
-    """The center as a host array, with CenterWindow's chunked exchange interface."""
-
-    def __init__(self, initial, chunk=64):
-        self.value = np.array(initial, dtype=np.float32)
-        self.n = self.value.size
-        self.chunk = chunk
-
-    def exchange(self, compute):
-        for lo in range(0, self.n, self.chunk):
-            hi = min(lo + self.chunk, self.n)
-            c = self.value[lo:hi].copy()
-            e = np.empty_like(c)
-            compute(lo, hi, c, e)
-            self.value[lo:hi] += e
-        return 8 * self.n
-
-    def read(self, out):
-        out[...] = self.value
-
-    def add(self, delta):
-        self.value += delta
 
 
 class LockstepAllreduce:
@@ -120,7 +97,7 @@ def iterate(cfg, workers, steps, spread=0.1):
     prob0 = QuadraticProblem(cfg.quadratic)
     x0 = prob0.layout.zeros()
     prob0.init_params(x0, 0)
-    center = LocalCenter(x0)
+    center = LocalCenter(x0, chunk=64)
     n = prob0.dim
     collective = cfg.algorithm in ("sync-easgd", "allreduce-sgd")
     assert collective or workers == 1, "asynchronous rules: p = 1 (deterministic)"

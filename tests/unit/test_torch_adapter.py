@@ -7,6 +7,8 @@ deterministic; the rules, the fused NumPy kernels and the adapter are the real o
 import numpy as np
 import pytest
 
+from local_center import LocalCenter
+
 torch = pytest.importorskip("torch", reason="the torch extra is installed by `make test`")
 
 from easgd_mpi.algorithms import make_algorithm  # noqa: E402
@@ -16,30 +18,6 @@ from easgd_mpi.data import load_dataset  # noqa: E402
 from easgd_mpi.data.sampling import worker_rng  # noqa: E402
 from easgd_mpi.errors import ConfigError  # noqa: E402
 from easgd_mpi.models import MLPProblem, TorchProblem  # noqa: E402
-
-
-class LocalCenter:
-    """The center as a host array, with CenterWindow's chunked exchange interface."""
-
-    def __init__(self, initial, chunk=100):
-        self.value = np.array(initial, dtype=np.float32)
-        self.n = self.value.size
-        self.chunk = chunk
-
-    def exchange(self, compute):
-        for lo in range(0, self.n, self.chunk):
-            hi = min(lo + self.chunk, self.n)
-            c = self.value[lo:hi].copy()
-            e = np.empty_like(c)
-            compute(lo, hi, c, e)
-            self.value[lo:hi] += e
-        return 8 * self.n
-
-    def read(self, out):
-        out[...] = self.value
-
-    def add(self, delta):
-        self.value += delta
 
 
 def config(**values):
@@ -192,7 +170,9 @@ def test_batchnorm_updates_land_in_the_workers_state_for_eamsgd():
     prob = on_digits(model, data)
     x0 = prob.layout.zeros()
     prob.init_params(x0, 0)
-    algo = make_algorithm(cfg, prob, NumpyBackend(), LocalCenter(x0), 0.5, worker_rng(0, 0))
+    algo = make_algorithm(
+        cfg, prob, NumpyBackend(), LocalCenter(x0, chunk=100), 0.5, worker_rng(0, 0)
+    )
     algo.pull_center()
     m = prob.n_trainable
     before = algo.x[m:].copy()

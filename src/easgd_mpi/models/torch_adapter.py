@@ -17,6 +17,7 @@ PyTorch is imported only when a torch model is asked for (the ``torch`` extra).
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable
 
 import numpy as np
@@ -361,8 +362,6 @@ def _follow_cupy_stream(torch, xp) -> None:
 
 def _use_rank_threads(torch) -> None:
     """One rank's share of the cores (set by easgd's start-up as OMP_NUM_THREADS)."""
-    import os  # noqa: PLC0415
-
     threads = os.environ.get("OMP_NUM_THREADS", "")
     if threads.isdigit() and int(threads) > 0 and torch.get_num_threads() != int(threads):
         torch.set_num_threads(int(threads))
