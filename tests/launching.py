@@ -35,3 +35,15 @@ def assert_one_line_per_rank(proc, ranks, fragment):
     assert all(ln.startswith("easgd: error: [rank ") for ln in lines), proc.stderr
     assert all(fragment in ln for ln in lines), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def start(cmd, env) -> subprocess.Popen:
+    """Start a launch in the background, output captured (``communicate`` collects it)."""
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )

@@ -31,3 +31,7 @@ class LocalCenter:
     def add(self, delta):
         with self.lock:
             self.value += delta
+
+    def write(self, values):
+        with self.lock:
+            self.value[...] = values

@@ -160,12 +160,22 @@ class WorkerAlgorithm(ABC):
         else:
             self.distance = math.sqrt(total_sq) / self.alpha if self.alpha > 0 else 0.0
 
-    def restore(self, x_host, v_host, exchanges: int, resets: int) -> None:
-        """Continue from a checkpoint: local state and counters."""
+    def saved_rows(self) -> list:
+        """What a checkpoint stores of this worker (``Config.state_rows``): x, then v."""
+        return [self.x] if self.v is None else [self.x, self.v]
+
+    def cut_center(self):
+        """The center at this moment, where this worker holds it exactly (the synchronous
+        rules); None for the asynchronous rules, whose center is the window itself."""
+        return None
+
+    def restore(self, x_host, second_host, exchanges: int, resets: int) -> None:
+        """Continue from a checkpoint: x, the second saved row (v; DOWNPOUR: its pending sum)
+        and the counters."""
         if x_host is not None:
             self.backend.from_host(np.ascontiguousarray(x_host, np.float32), self.x)
-        if v_host is not None and self.v is not None:
-            self.backend.from_host(np.ascontiguousarray(v_host, np.float32), self.v)
+        if second_host is not None and self.v is not None:
+            self.backend.from_host(np.ascontiguousarray(second_host, np.float32), self.v)
         self.exchanges, self.resets = int(exchanges), int(resets)
         self.backend.synchronize()
 
@@ -237,7 +247,6 @@ class _Synchronous(WorkerAlgorithm):
         self.allreduce = allreduce
         self.y = self.backend.zeros(n) if self.uses_momentum else None
         self._writes_center = allreduce.rank == 0
-        self._mirror_tmp = self.backend.zeros(self.center.chunk) if self._writes_center else None
 
     def _gradient(self) -> float:
         """g ← ∇f at x (plain) or at x + δv (Nesterov); returns the minibatch loss."""
@@ -258,31 +267,20 @@ class _Synchronous(WorkerAlgorithm):
         else:
             b.sgd_step(self.x[:m], self.g[:m], cfg.lr, cfg.weight_decay)
 
-    def _mirror_center(self, source) -> float:
-        """Window ← ``source`` (first worker only); returns ‖source − old window‖.
+    def _mirror_center(self, source) -> None:
+        """Window ← ``source`` exactly (first worker only; element-wise atomic ``REPLACE``).
 
-        This is an elastic exchange with α = 1 seen from ``source``: e = source − x̃ is
-        accumulated, so the window lands on ``source`` to rounding and any earlier rounding is
-        corrected, not compounded. The master's snapshot, an element-wise atomic read, sees each
-        element either before or after the round, as with the asynchronous rules.
+        The master's snapshot sees each element either before or after the round, as with the
+        asynchronous rules, and a checkpoint of the window is the workers' center bit for bit
+        (an exact resume restarts every replica from it).
         """
         if not self._writes_center:
-            return 0.0
-        b, tmp = self.backend, self._mirror_tmp
-        total_sq = 0.0
-
-        def compute(lo, hi, c, e):
-            nonlocal total_sq
-
-            def kernel(c_chunk, e_chunk):
-                s = tmp[: hi - lo]
-                s[...] = source[lo:hi]  # a scratch copy: exchange() also moves its x
-                b.exchange(s, c_chunk, e_chunk, 1.0)
-
-            total_sq += self._staging.run(c, e, kernel)
-
-        self.bytes += self.center.exchange(compute)
-        return math.sqrt(total_sq)
+            return
+        if self._center_host is None:
+            self.center.write(source)
+        else:
+            self.center.write(self.backend.to_host(source, self._center_host))
+        self.bytes += 4 * self.problem.layout.size
 
 
 class SyncEASGD(_Synchronous):
@@ -308,6 +306,9 @@ class SyncEASGD(_Synchronous):
         super().pull_center()
         self._read_center(self.c)  # the replica starts as (and stays equal to) the window
         self.backend.synchronize()
+
+    def cut_center(self):
+        return self.c
 
     def step(self, t: int) -> float:
         cfg, b = self.cfg, self.backend
@@ -359,6 +360,9 @@ class AllreduceSGD(_Synchronous):
 
     name = "allreduce-sgd"
 
+    def cut_center(self):
+        return self.x  # every worker's x is the center of this rule
+
     def step(self, t: int) -> float:
         loss = self._gradient()
         if not self.backend.all_finite(self.g):
@@ -396,14 +400,33 @@ class Downpour(WorkerAlgorithm):
         # 1/p of its buffers' change (p whole changes would move the center's statistics p
         # times too far; a variance can go negative).
         self._buffers_share = 1.0 / max(1, int(getattr(self.center, "n_workers", 1)))
+        self._pending = None  # the checkpoint row, made at the first checkpoint
 
     def pull_center(self) -> None:
         super().pull_center()
         self._remember_buffers()
 
-    def restore(self, *args, **kwargs) -> None:
-        super().restore(*args, **kwargs)
-        self._remember_buffers()
+    def saved_rows(self) -> list:
+        """x and the pending row: the update sum not yet pushed, and past the trainable part
+        the buffers' base (their value at the last copy), so a resume pushes the same Δ."""
+        if self._pending is None:
+            self._pending = self.backend.zeros(self.problem.layout.size)
+        pending, m = self._pending, self.m
+        pending[:m] = self.acc[:m]
+        if self._buffers_base is not None:
+            pending[m:] = self._buffers_base
+        return [self.x, pending]
+
+    def restore(self, x_host, second_host, exchanges: int, resets: int) -> None:
+        super().restore(x_host, None, exchanges, resets)
+        if second_host is None:  # a checkpoint without it: nothing pending, base = x
+            self._remember_buffers()
+            return
+        pending = np.ascontiguousarray(second_host, np.float32)
+        self.backend.from_host(pending[: self.m], self.acc[: self.m])
+        if self._buffers_base is not None:
+            self.backend.from_host(pending[self.m :], self._buffers_base)
+        self.backend.synchronize()
 
     def _remember_buffers(self) -> None:
         if self._buffers_base is not None:

@@ -22,10 +22,9 @@ from collections.abc import Callable
 import numpy as np
 
 from .comm import MASTER
+from .config import LOCK_MODES
 
 __all__ = ["CenterWindow", "STATUS_FIELDS", "LOCK_MODES", "CHUNK_MULTIPLE", "round_chunk"]
-
-LOCK_MODES = ("shared", "exclusive")
 
 #: Per-worker status slots in the status window, in order.
 STATUS_FIELDS = ("steps", "exchanges", "loss", "distance", "resets", "bytes", "done", "spare")
@@ -181,11 +180,20 @@ class CenterWindow:
 
     def add(self, delta: np.ndarray) -> None:
         """Atomic x̃ ← x̃ + delta (host array)."""
+        self._accumulate_whole(delta, self._MPI.SUM)
+
+    def write(self, values: np.ndarray) -> None:
+        """Atomic x̃ ← values (host array), element by element (``REPLACE``): the synchronous
+        rules set the window to the workers' common center exactly, so a checkpoint of the
+        window is their center bit for bit."""
+        self._accumulate_whole(values, self._MPI.REPLACE)
+
+    def _accumulate_whole(self, values: np.ndarray, op) -> None:
         self._lock()
         try:
             for lo, hi in self._bounds():
                 self._win.Accumulate(
-                    delta[lo:hi], MASTER, target=(lo, hi - lo, self._MPI.FLOAT), op=self._MPI.SUM
+                    values[lo:hi], MASTER, target=(lo, hi - lo, self._MPI.FLOAT), op=op
                 )
             self._win.Flush(MASTER)
         finally:

@@ -63,6 +63,12 @@ class CheckpointData:
     #: Worker states: x float32 [p, n]; v float32 [p, n] for momentum methods; absent if not kept.
     worker_x: np.ndarray | None = None
     worker_v: np.ndarray | None = None
+    #: DOWNPOUR: each worker's update sum not yet pushed (past the trainable part: the
+    #: buffers' value at its last copy of the center), float32 [p, n].
+    worker_pending: np.ndarray | None = None
+    #: Seconds between each worker's saved state and the checkpoint (large for a worker that
+    #: stopped answering: its last saved state is stored), float64 [p]; None in older files.
+    worker_state_age: np.ndarray | None = None
     #: Per-worker random-number generator state (JSON text of numpy's bit_generator.state).
     worker_rng: list[str] = field(default_factory=list)
     #: Run-wide counters: wall_time (s of training so far), sequence (checkpoint number).
@@ -294,6 +300,10 @@ def _write(f, d: CheckpointData) -> None:
         workers.create_dataset("x", data=d.worker_x, chunks=(1, d.layout.size or 1))
     if d.worker_v is not None:
         workers.create_dataset("v", data=d.worker_v, chunks=(1, d.layout.size or 1))
+    if d.worker_pending is not None:
+        workers.create_dataset("pending", data=d.worker_pending, chunks=(1, d.layout.size or 1))
+    if d.worker_state_age is not None:
+        workers.create_dataset("state_age", data=np.asarray(d.worker_state_age, np.float64))
     workers.create_dataset("rng_state", data=np.array(d.worker_rng, dtype=object), dtype=text)
 
     met = f.create_group("metrics")
@@ -332,6 +342,11 @@ def _checksum(d: CheckpointData) -> str:
     for arr in (d.worker_x, d.worker_v):
         h.update(b"-" if arr is None else np.ascontiguousarray(arr, np.float32).tobytes())
     h.update("\n".join(d.worker_rng).encode())
+    # Added after format 1 was first written: hashed only when present, so older files verify.
+    if d.worker_pending is not None:
+        h.update(b"pending:" + np.ascontiguousarray(d.worker_pending, np.float32).tobytes())
+    if d.worker_state_age is not None:
+        h.update(b"age:" + np.ascontiguousarray(d.worker_state_age, np.float64).tobytes())
     if d.trainable_size is not None:
         h.update(f"trainable:{int(d.trainable_size)}".encode())
     for name, value in sorted(d.local_tensors.items()):
@@ -424,6 +439,8 @@ def _read(f, path: Path) -> CheckpointData:
         worker_counters=counters,
         worker_x=workers["x"][()] if "x" in workers else None,
         worker_v=workers["v"][()] if "v" in workers else None,
+        worker_pending=workers["pending"][()] if "pending" in workers else None,
+        worker_state_age=workers["state_age"][()] if "state_age" in workers else None,
         worker_rng=rng,
         wall_time=float(f.attrs["wall_time"]),
         sequence=int(f.attrs["sequence"]),
@@ -635,7 +652,14 @@ def summarize(data: CheckpointData, path=None) -> dict:
             k: {"dtype": str(np.asarray(v).dtype), "shape": list(np.shape(v))}
             for k, v in data.local_tensors.items()
         },
-        "worker_state": {"x": data.worker_x is not None, "v": data.worker_v is not None},
+        "worker_state": {
+            "x": data.worker_x is not None,
+            "v": data.worker_v is not None,
+            "pending": data.worker_pending is not None,
+        },
+        "worker_state_age": None
+        if data.worker_state_age is None
+        else [round(float(a), 3) for a in data.worker_state_age],
         "worker_center_distance": distances,
         "last_metrics": data.metrics[-1] if data.metrics else None,
         "metrics_records": len(data.metrics),
@@ -676,6 +700,9 @@ def format_summary(s: dict) -> str:
         )
     else:
         lines.append("worker states: not stored")
+    ages = s.get("worker_state_age")
+    if ages is not None:
+        lines.append("age of each worker's saved state (s): " + ", ".join(f"{a:.2f}" for a in ages))
     last = s["last_metrics"]
     if last:
         lines.append(

@@ -10,8 +10,8 @@ import argparse
 import sys
 
 from . import __version__
-from .comm import AgreedError, run_or_abort
-from .errors import ConfigError, EasgdError
+from .comm import run_or_abort
+from .errors import AgreedError, ConfigError, EasgdError
 
 __all__ = ["main", "build_parser"]
 
@@ -130,18 +130,17 @@ def _cmd_train(args) -> int:
     _bind_gpu_before_mpi()  # run_or_abort imports mpi4py: this must come first
 
     def run() -> int:
-        from mpi4py import MPI  # noqa: PLC0415
-
-        from .comm import agree_or_fail  # noqa: PLC0415
+        from .comm import agree_or_fail, broadcast, rank_and_size, world_comm  # noqa: PLC0415
         from .config import Config  # noqa: PLC0415
         from .training import resolve_resume, train  # noqa: PLC0415
 
-        world = MPI.COMM_WORLD
+        world = world_comm()
+        rank, size = rank_and_size(world)
         say = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
 
         def find_checkpoint():
             # Rank 0 alone reads checkpoints; the others get the config text.
-            if args.resume is None or world.Get_rank() != 0:
+            if args.resume is None or rank != 0:
                 return None
             run_dir = Config.from_toml(
                 args.config, overrides=_parse_overrides(args.overrides)
@@ -153,17 +152,17 @@ def _cmd_train(args) -> int:
                 args.config, overrides=_parse_overrides(args.overrides), base_toml=base_toml
             )
 
-        if world.Get_size() < 2:
+        if size < 2:
             cfg = load(None)  # a config error is the more useful message, so it goes first
             checkpoint = None
         else:
             checkpoint = agree_or_fail(world, find_checkpoint)
-            base = world.bcast(checkpoint.config_toml if checkpoint else None)
+            base = broadcast(world, checkpoint.config_toml if checkpoint else None)
             cfg = agree_or_fail(world, lambda: load(base))
         try:
             train(cfg, comm=world, out=say, resume=checkpoint)
         except EasgdError as exc:
-            if world.Get_size() < 2:
+            if size < 2:
                 raise AgreedError(str(exc)) from None
             raise
         return 0
@@ -216,17 +215,22 @@ def _cmd_check(args) -> int:
         import json  # noqa: PLC0415
         import os  # noqa: PLC0415
 
-        from mpi4py import MPI  # noqa: PLC0415
-
+        from .comm import (  # noqa: PLC0415
+            agree_or_fail,
+            cuda_mpi_mode,
+            gather_to_master,
+            world_comm,
+        )
         from .diagnostics import describe_rank, format_report  # noqa: PLC0415
         from .gpu_binding import RECORD_VAR  # noqa: PLC0415
 
-        world = MPI.COMM_WORLD
+        world = world_comm()
+        agree_or_fail(world, cuda_mpi_mode)  # a bad EASGD_CUDA_MPI: one line per rank, exit 2
         info = describe_rank(world)
         info["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")  # None: unset
         info["gpu_binding"] = os.environ.get(RECORD_VAR, "")
-        infos = world.gather(info, root=0)
-        if world.Get_rank() == 0:
+        infos = gather_to_master(world, info)
+        if infos is not None:
             if args.json:
                 text = json.dumps(infos, indent=2)
             else:

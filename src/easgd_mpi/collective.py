@@ -3,14 +3,17 @@
 Sync EASGD averages the workers' parameters and all-reduce SGD their gradients; both need the
 element-wise mean of one flat float32 vector over the workers-only communicator
 (:attr:`Roles.workers`; the master never joins). Like :mod:`easgd_mpi.center`, this module knows
-MPI and flat buffers, not models or update rules.
+MPI and flat buffers, not models or update rules. The workers' other reduction, the vote of a
+collective rule on when to stop (:func:`agree_epoch_and_stop`), lives here too.
 """
 
 from __future__ import annotations
 
 import os
 
-__all__ = ["WorkerAllreduce", "allreduce_bytes"]
+import numpy as np
+
+__all__ = ["WorkerAllreduce", "allreduce_bytes", "agree_epoch_and_stop"]
 
 #: Polls of a pending all-reduce before this rank starts to give up its core between polls.
 _SPIN_POLLS = 50
@@ -24,6 +27,21 @@ def allreduce_bytes(n: int, p: int) -> int:
     the runs' ``bytes`` comparable with the 8n bytes of an elastic exchange.
     """
     return 0 if p <= 1 else int(round(16 * n * (p - 1) / p))
+
+
+def agree_epoch_and_stop(workers, epoch: int, stop: bool) -> tuple[int, bool]:
+    """(the smallest checkpoint epoch any worker has seen, whether any worker must stop).
+
+    Collective over the workers-only communicator: the workers of a synchronous rule call it at
+    the same round, so they copy their states for the same checkpoint and leave the loop at the
+    same step (a worker that left alone would leave the others waiting in their next all-reduce
+    forever). One ``Allreduce(MIN)`` of two integers; a stop is voted as −1.
+    """
+    from mpi4py import MPI  # noqa: PLC0415
+
+    votes = np.array([epoch, -int(stop)], dtype=np.int64)
+    workers.Allreduce(MPI.IN_PLACE, votes, op=MPI.MIN)
+    return int(votes[0]), bool(votes[1] < 0)
 
 
 class WorkerAllreduce:

@@ -1,32 +1,49 @@
 """MPI start-up: roles, node-local rank, agreement on errors, abort on failure.
 
 Rank 0 is the master, ranks 1..p are workers. Everything here is about the MPI world; nothing
-about models or updates.
+about models or updates. With center.py, snapshots.py and collective.py this is one of the four
+modules that call MPI (DESIGN.md §3): the command line, ``train()`` and ``easgd check`` reach the
+world through the small functions below (world, broadcast, gather, the end-of-run barrier).
 """
 
 from __future__ import annotations
 
+import enum
 import os
 import sys
+import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from .errors import EasgdError, LaunchError
+from .errors import AgreedError, BackendError, EasgdError, LaunchError
 
 __all__ = [
+    "EXIT_STALLED",
+    "end_job",
     "MASTER",
     "Roles",
     "AgreedError",
     "make_roles",
+    "world_comm",
+    "rank_and_size",
+    "broadcast",
+    "gather_to_master",
+    "send_object",
+    "receive_object",
+    "wait_for_all",
+    "library_versions",
     "agree_or_fail",
     "local_rank",
     "node_position",
     "node_sum",
+    "CUDA_MPI_VAR",
+    "CudaMpi",
+    "cuda_mpi_mode",
     "gpu_transfer_plan",
+    "allreduce_on_device",
     "cuda_aware_mpi",
-    "cuda_mpi_requested",
     "limit_blas_threads",
     "run_or_abort",
     "report_error",
@@ -87,6 +104,63 @@ def make_roles(comm=None) -> Roles:
     return Roles(world=world, workers=workers, rank=rank, size=world.Get_size())
 
 
+def world_comm():
+    """``MPI.COMM_WORLD``, for the command line (importing mpi4py initialises MPI, so this runs
+    only after the GPU binding, which must precede it)."""
+    return _mpi().COMM_WORLD
+
+
+def rank_and_size(comm) -> tuple[int, int]:
+    """(this rank, number of ranks) of ``comm``."""
+    return comm.Get_rank(), comm.Get_size()
+
+
+def broadcast(comm, value: Any, root: int = MASTER) -> Any:
+    """``root``'s ``value`` on every rank of ``comm`` (pickled: start-up decisions, a config's
+    text, the run's summary; never model-sized buffers). Collective."""
+    return comm.bcast(value, root=root)
+
+
+def gather_to_master(comm, value: Any) -> list | None:
+    """Every rank's ``value``, in rank order, on the master (None elsewhere). Collective."""
+    return comm.gather(value, root=MASTER)
+
+
+def send_object(comm, value: Any, dest: int, tag: int) -> None:
+    """Send one pickled object to rank ``dest`` (the master's per-worker start-up data)."""
+    comm.send(value, dest=dest, tag=tag)
+
+
+def receive_object(comm, source: int, tag: int) -> Any:
+    """The object that :func:`send_object` sent from ``source`` with ``tag``."""
+    return comm.recv(source=source, tag=tag)
+
+
+def wait_for_all(comm, poll: float = 0.002) -> None:
+    """The end-of-run barrier of every rank of ``comm``, without busy-spinning a core.
+
+    A blocking ``Barrier`` polls in MPICH's progress loop: a rank that finished early would take
+    a core from the ranks still working on a node with fewer cores than ranks. A non-blocking
+    barrier tested every ``poll`` seconds costs nothing while it waits.
+    """
+    request = comm.Ibarrier()
+    while not request.Test():
+        time.sleep(poll)
+
+
+def library_versions() -> dict[str, str]:
+    """The MPI library (the first line of its version string), the MPI standard it implements,
+    and mpi4py's version: what ``easgd check`` reports."""
+    import mpi4py  # noqa: PLC0415
+
+    MPI = _mpi()
+    return {
+        "mpi_library": MPI.Get_library_version().strip().splitlines()[0],
+        "mpi_standard": "{}.{}".format(*MPI.Get_version()),
+        "mpi4py": mpi4py.__version__,
+    }
+
+
 def local_rank(comm=None) -> int:
     """This rank's index on its node: Slurm's, the launcher's, or a shared-memory split."""
     for var in (
@@ -102,8 +176,44 @@ def local_rank(comm=None) -> int:
     return node_position(_mpi().COMM_WORLD if comm is None else comm)[0]
 
 
-class AgreedError(EasgdError):
-    """An input error that every rank raises at the same point: exit cleanly, no abort."""
+#: The environment variable that chooses whether a GPU worker's all-reduce hands device buffers
+#: to MPI. Read by :func:`cuda_mpi_mode` only.
+CUDA_MPI_VAR = "EASGD_CUDA_MPI"
+
+
+class CudaMpi(enum.Enum):
+    """The three settings of ``EASGD_CUDA_MPI``."""
+
+    AUTO = "auto"  # unset (or empty): the library decides, MPIX_Query_cuda_support() = 1
+    OFF = "off"  # 0: never; device data is staged through pinned host memory
+    ON = "on"  # 1: always, unless the library itself says it cannot take device buffers
+
+
+_CUDA_MPI_VALUES = {"": CudaMpi.AUTO, "0": CudaMpi.OFF, "1": CudaMpi.ON}
+
+_STAGED = "staged (pinned host)"
+_DEVICE = "device (CUDA-aware)"
+#: What the plan says when EASGD_CUDA_MPI=1 asks for what the library denies.
+_DENIED = (
+    f"refused: {CUDA_MPI_VAR}=1 but this MPI library reports no CUDA support "
+    f"(MPIX_Query_cuda_support() = 0)"
+)
+
+
+def cuda_mpi_mode(env: Mapping[str, str] | None = None) -> CudaMpi:
+    """``EASGD_CUDA_MPI`` of ``env`` (default: this process's environment) as a :class:`CudaMpi`.
+
+    Unset or empty: AUTO, ``0``: OFF, ``1``: ON. Any other value is a :class:`LaunchError`
+    naming the variable: a typo must not silently choose the transfer path.
+    """
+    raw = (os.environ if env is None else env).get(CUDA_MPI_VAR)
+    try:
+        return _CUDA_MPI_VALUES["" if raw is None else raw.strip()]
+    except KeyError:
+        raise LaunchError(
+            f"{CUDA_MPI_VAR}={raw!r} is not a setting: use 1 (device buffers to MPI), 0 (stage "
+            f"through pinned host memory) or leave it unset (ask the MPI library)"
+        ) from None
 
 
 def cuda_aware_mpi() -> bool | None:
@@ -127,28 +237,45 @@ def cuda_aware_mpi() -> bool | None:
     return None
 
 
-def cuda_mpi_requested() -> bool:
-    """``EASGD_CUDA_MPI=1`` asks for device buffers to go to MPI directly (default off)."""
-    return os.environ.get("EASGD_CUDA_MPI", "0").strip() == "1"
-
-
-def gpu_transfer_plan(is_gpu: bool, requested: bool, supported: bool | None) -> dict[str, str]:
+def gpu_transfer_plan(is_gpu: bool, mode: CudaMpi, supported: bool | None) -> dict[str, str]:
     """How each kind of transfer of a worker reaches MPI: the one place that decides.
 
     One-sided operations (the center's exchange, reads, DOWNPOUR's push) and the checkpoint
     state copies always go through pinned host buffers on a GPU: Open MPI documents one-sided
     operations and non-blocking reductions as unsupported on device memory even when it is
-    CUDA-aware. Only the synchronous rules' blocking ``Allreduce`` takes device buffers, and
-    only when CUDA-aware MPI is requested (``EASGD_CUDA_MPI=1``) and not denied by the library.
+    CUDA-aware. Only the synchronous rules' blocking ``Allreduce`` may take device buffers:
+    with ``mode`` AUTO when the library says it can (``supported`` True), with ON unless it says
+    it cannot (``supported`` False: then the plan's all-reduce entry says "refused" and why),
+    never with OFF.
     """
     if not is_gpu:
         return {"center": "host", "allreduce": "host", "states": "host"}
-    device_ok = requested and supported is not False
-    return {
-        "center": "staged (pinned host)",
-        "allreduce": "device (CUDA-aware)" if device_ok else "staged (pinned host)",
-        "states": "staged (pinned host)",
-    }
+    if mode is CudaMpi.ON:
+        allreduce = _DENIED if supported is False else _DEVICE
+    elif mode is CudaMpi.AUTO and supported is True:
+        allreduce = _DEVICE
+    else:
+        allreduce = _STAGED
+    return {"center": _STAGED, "allreduce": allreduce, "states": _STAGED}
+
+
+def allreduce_on_device(is_gpu: bool) -> bool:
+    """Whether this worker's all-reduce hands device buffers to MPI, as the plan decides.
+
+    Reads ``EASGD_CUDA_MPI`` on every rank (a bad value fails everywhere alike) and asks the
+    library only when its answer matters. A plan that refuses (``EASGD_CUDA_MPI=1`` with a
+    library that reports no CUDA support) is a :class:`BackendError`: the user asked for device
+    buffers, and staging them instead would hide that the request cannot be met.
+    """
+    mode = cuda_mpi_mode()
+    supported = cuda_aware_mpi() if is_gpu and mode is not CudaMpi.OFF else None
+    allreduce = gpu_transfer_plan(is_gpu, mode, supported)["allreduce"]
+    if allreduce == _DENIED:
+        raise BackendError(
+            f"{_DENIED.removeprefix('refused: ')}: set {CUDA_MPI_VAR}=0, or leave it unset, to "
+            f"stage through pinned host memory"
+        )
+    return allreduce == _DEVICE
 
 
 def node_position(comm) -> tuple[int, int]:
@@ -280,3 +407,21 @@ def _abort(code: int) -> None:
     except Exception:  # noqa: BLE001
         pass
     os._exit(code)
+
+
+#: Exit code of a job stopped with its final checkpoint written while a worker did not answer
+#: (stopped, hung GPU, frozen node): the master ends every rank, since that one never reaches
+#: the end. Distinct from 1 (a bug) and 2 (bad input or a failed final checkpoint).
+EXIT_STALLED = 3
+
+
+def end_job(code: int) -> None:
+    """End every rank of the job now with exit ``code`` (``MPI_Abort``); never returns.
+
+    For a master that has saved everything while some rank cannot be waited for."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The launcher forwards output through pipes that an abort may cut before they are
+    # drained: give it a moment, so the line that says why the job ended reaches the user.
+    time.sleep(0.5)
+    _abort(code)

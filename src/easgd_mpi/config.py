@@ -1,7 +1,8 @@
 """Configuration: one dataclass, defaults, TOML files, environment, CLI overrides, validation.
 
-Precedence (DESIGN.md §7): ``--set`` on the command line > config file > ``EASGD_*`` environment
-variables > defaults. Every key is documented in README.md ("Config reference").
+Precedence (one rule, in :meth:`Config.from_toml`): ``--set`` on the command line > config file
+> ``EASGD_*`` environment variables > a resumed checkpoint's config > defaults. Every key is
+documented in README.md ("Config reference").
 
 The elastic strength is given as exactly one of ``rho`` (α = ηρ), ``alpha`` or ``beta``
 (α = β/p); which one the user chose is kept, because α can only be resolved once the number of
@@ -22,7 +23,6 @@ from typing import Any
 
 import numpy as np
 
-from .center import LOCK_MODES
 from .errors import ConfigError
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "MOMENTUM_ALGORITHMS",
     "OPTIONAL_MOMENTUM_ALGORITHMS",
     "TORCH_MODELS",
+    "LOCK_MODES",
 ]
 
 #: Algorithms the worker loop knows (DESIGN.md §2).
@@ -52,6 +53,9 @@ ELASTIC_ALGORITHMS = ("easgd", "eamsgd", "sync-easgd")
 MOMENTUM_ALGORITHMS = ("eamsgd",)
 #: Algorithms that keep a velocity (Nesterov) only when momentum > 0; see Config.keeps_velocity.
 OPTIONAL_MOMENTUM_ALGORITHMS = ("sync-easgd", "allreduce-sgd")
+#: How workers lock the center's window (``lock_mode``); the window itself (center.py) takes them
+#: from here, so this module imports nothing that touches MPI (DESIGN.md §3).
+LOCK_MODES = ("shared", "exclusive")
 
 #: Default exchange chunks (floats): CPU workers overlap small chunks best; a GPU worker pays one
 #: stream synchronisation per chunk, so it takes large ones.
@@ -130,6 +134,11 @@ class CheckpointConfig:
     #: Store every worker's x (and v): resume continues each worker exactly. Off: only the
     #: center and counters are stored, and resumed workers start from the center.
     worker_states: bool = True
+    #: Seconds the master waits for every worker's state before it writes a checkpoint with
+    #: the states at hand (a stopped or hung worker then keeps its older saved state). Also
+    #: bounds a stop: after SIGTERM/SIGUSR1 the final checkpoint is written within this wait
+    #: plus the time of one write, even while a worker is stopped (docs/CHECKPOINT.md).
+    state_wait: float = 5.0
 
 
 @dataclass
@@ -182,25 +191,59 @@ class Config:
         environ: Mapping[str, str] | None = None,
         base_toml: str | None = None,
     ) -> Config:
-        """Defaults, then ``EASGD_*`` environment, then ``base_toml`` (a resumed checkpoint's
-        config), then the TOML file, then ``overrides``.
+        """The one precedence rule, lowest first: defaults, ``base_toml`` (a resumed
+        checkpoint's config), ``EASGD_*`` environment, the TOML file, then ``overrides``.
 
-        ``overrides`` maps dotted keys (``"data.name"``) to values, or to strings as they come
-        from ``--set key=value`` (parsed as TOML values, falling back to plain strings).
+        Everything the user states for this launch wins over what the checkpoint recorded; the
+        checkpoint wins over the defaults. ``overrides`` maps dotted keys (``"data.name"``) to
+        values, or to strings as they come from ``--set key=value`` (parsed as TOML values,
+        falling back to plain strings). Which layer set each key is kept for
+        :meth:`changes_from`.
         """
         cfg = cls()
-        _apply_environment(cfg, os.environ if environ is None else environ)
+        layers = []
         if base_toml is not None:
             try:
-                _apply_mapping(cfg, tomllib.loads(base_toml), "checkpoint config", prefix="")
+                base = tomllib.loads(base_toml)
             except tomllib.TOMLDecodeError as exc:
                 raise ConfigError(f"the checkpoint's config is not valid TOML: {exc}") from None
+            layers.append(
+                ("the checkpoint", lambda: _apply_mapping(cfg, base, "checkpoint config", ""))
+            )
+        env = os.environ if environ is None else environ
+        layers.append(("the environment", lambda: _apply_environment(cfg, env)))
         if path is not None:
-            _apply_mapping(cfg, _read_toml(Path(path)), str(path), prefix="")
-        for key, value in (overrides or {}).items():
-            cfg.set(key, value, source="--set")
+            layers.append(
+                (str(path), lambda: _apply_mapping(cfg, _read_toml(Path(path)), str(path), ""))
+            )
+        layers.append(
+            ("--set", lambda: [cfg.set(k, v, source="--set") for k, v in (overrides or {}).items()])
+        )
+        sources: dict[str, str] = {}
+        for name, apply in layers:
+            before = _flatten(cfg.to_dict())
+            apply()
+            after = _flatten(cfg.to_dict())
+            sources.update(
+                {k: name for k in after.keys() | before.keys() if after.get(k) != before.get(k)}
+            )
+        cfg._sources = sources
         cfg.validate()
         return cfg
+
+    def changes_from(self, base_toml: str) -> list[str]:
+        """What this config changes of a checkpoint's (``key old → new (where from)``), for the
+        start-up line of a resumed run."""
+        base = _flatten(Config.from_dict(tomllib.loads(base_toml), "checkpoint config").to_dict())
+        mine = _flatten(self.to_dict())
+        sources = getattr(self, "_sources", {})
+        return [
+            f"{key} {_toml_value(base[key]) if key in base else 'unset'} → "
+            f"{_toml_value(mine[key]) if key in mine else 'unset'}"
+            f" ({sources.get(key, 'this launch')})"
+            for key in sorted(base.keys() | mine.keys())
+            if base.get(key) != mine.get(key)
+        ]
 
     def set(self, dotted_key: str, value: Any, source: str = "--set") -> None:
         """Set one key by its dotted name; strings are parsed as TOML values."""
@@ -251,6 +294,17 @@ class Config:
         return self.algorithm in MOMENTUM_ALGORITHMS or (
             self.algorithm in OPTIONAL_MOMENTUM_ALGORITHMS and self.momentum > 0
         )
+
+    @property
+    def state_rows(self) -> tuple[str, ...]:
+        """The vectors each worker saves in a checkpoint: x, then v (a velocity) or pending
+        (DOWNPOUR's update sum not yet pushed, with the buffers' base after the trainable part).
+        """
+        if self.keeps_velocity:
+            return ("x", "v")
+        if self.algorithm == "downpour":
+            return ("x", "pending")
+        return ("x",)
 
     # ---- validation ---------------------------------------------------------------------
     def validate(self, workers: int | None = None) -> Config:
@@ -365,6 +419,11 @@ class Config:
                 f"config: checkpoint.interval = {self.checkpoint.interval} must be >= 0"
             )
         _check_int("checkpoint.keep", self.checkpoint.keep, low=1)
+        wait = self.checkpoint.state_wait
+        if not (isinstance(wait, (int, float)) and 0 < wait <= 600):
+            raise ConfigError(
+                f"config: checkpoint.state_wait = {wait} must be > 0 and <= 600 (seconds)"
+            )
 
         if workers is not None:
             self._validate_stability(workers)
@@ -625,6 +684,17 @@ def _apply_environment(cfg: Config, environ: Mapping[str, str]) -> None:
         key = name[len("EASGD_") :].lower().replace("__", ".")
         if key in known:
             cfg.set(key, value, source=f"environment variable {name}")
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"data": {"name": x}}`` → ``{"data.name": x}``."""
+    flat: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, prefix + key + "."))
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
 def _all_keys(obj, prefix: str = "") -> list[str]:

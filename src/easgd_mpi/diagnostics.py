@@ -5,23 +5,28 @@ from __future__ import annotations
 
 import socket
 
+from .comm import CUDA_MPI_VAR
+
 __all__ = ["describe_rank", "format_report"]
 
 
 def describe_rank(comm) -> dict:
-    """Facts about this rank; collective only in the node split used for the local rank."""
-    import mpi4py  # noqa: PLC0415
-    from mpi4py import MPI  # noqa: PLC0415
+    """Facts about this rank; collective only in the node split used for the local rank.
 
+    A bad ``EASGD_CUDA_MPI`` raises :class:`LaunchError` before anything collective (``easgd
+    check`` agrees on it first, so every rank fails alike)."""
     from .backend import select_backend  # noqa: PLC0415
     from .comm import (  # noqa: PLC0415
         cuda_aware_mpi,
-        cuda_mpi_requested,
+        cuda_mpi_mode,
         gpu_transfer_plan,
+        library_versions,
         local_rank,
+        rank_and_size,
     )
 
-    rank, size = comm.Get_rank(), comm.Get_size()
+    mode = cuda_mpi_mode()
+    rank, size = rank_and_size(comm)
     node_local = local_rank(comm)
     info = {
         "rank": rank,
@@ -29,10 +34,11 @@ def describe_rank(comm) -> dict:
         "role": "master" if rank == 0 else f"worker {rank - 1}",
         "host": socket.gethostname(),
         "local_rank": node_local,
-        "mpi_library": MPI.Get_library_version().strip().splitlines()[0],
-        "mpi_standard": "{}.{}".format(*MPI.Get_version()),
-        "mpi4py": mpi4py.__version__,
-        "cuda_aware_mpi": cuda_mpi_requested(),
+        **library_versions(),
+        # What EASGD_CUDA_MPI says (auto, off, on) and whether this rank's all-reduce will
+        # take device buffers (the plan's decision; never on the master or a CPU worker).
+        "cuda_mpi_mode": mode.value,
+        "cuda_aware_mpi": False,
         "mpi_cuda_support": cuda_aware_mpi(),
     }
     try:
@@ -56,9 +62,8 @@ def describe_rank(comm) -> dict:
     else:
         backend, why = select_backend(prefer_gpu=True, device_id=None)
         info["backend"] = backend.name if not why else f"{backend.name} ({why})"
-        info["transfers"] = gpu_transfer_plan(
-            backend.is_gpu, cuda_mpi_requested(), info["mpi_cuda_support"]
-        )
+        info["transfers"] = gpu_transfer_plan(backend.is_gpu, mode, info["mpi_cuda_support"])
+        info["cuda_aware_mpi"] = info["transfers"]["allreduce"].startswith("device")
     return info
 
 
@@ -81,6 +86,10 @@ def _torch_text(t: dict) -> str:
     if not t.get("version"):
         return "PyTorch not installed (torch models need the torch extra)"
     return f"PyTorch {t['version']} ({'CUDA' if t['cuda'] else 'CPU only'})"
+
+
+#: How ``easgd check`` names each setting of EASGD_CUDA_MPI.
+_MODE_TEXT = {"auto": "unset: the library decides", "off": "= 0", "on": "= 1"}
 
 
 def _support(flag: bool | None) -> str:
@@ -109,7 +118,8 @@ def format_report(infos: list[dict]) -> str:
         lines.append(
             f"rank {info['rank']} ({info['role']}) on {info['host']}, local rank "
             f"{info['local_rank']}: {devs}; CuPy {gpu.get('cupy_version') or 'not installed'}; "
-            f"CUDA-aware MPI {'on' if info['cuda_aware_mpi'] else 'off'} (EASGD_CUDA_MPI; "
+            f"CUDA-aware MPI {'on' if info['cuda_aware_mpi'] else 'off'} "
+            f"({CUDA_MPI_VAR} {_MODE_TEXT[info.get('cuda_mpi_mode', 'auto')]}; "
             f"library support: {_support(info['mpi_cuda_support'])}); "
             f"kernels from {gpu.get('kernel_source_dir')} {kern}"
             + (f" ({gpu['kernel_error']})" if gpu.get("kernel_error") else "")

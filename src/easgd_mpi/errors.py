@@ -16,6 +16,8 @@ __all__ = [
     "LaunchError",
     "ExportError",
     "RunFolderError",
+    "AgreedError",
+    "PlotError",
     "os_reason",
 ]
 
@@ -52,6 +54,18 @@ class ExportError(EasgdError):
 
 class RunFolderError(EasgdError):
     """The run folder cannot be used: another run holds it, or a file in it cannot be written."""
+
+
+class PlotError(EasgdError):
+    """A metrics path cannot be read or plotted (``easgd plot``)."""
+
+
+class AgreedError(EasgdError):
+    """An input error that every rank raises at the same point: exit cleanly, no abort.
+
+    Raised by :func:`easgd_mpi.comm.agree_or_fail` (which also re-exports it) with the message
+    of the first rank that failed.
+    """
 
 
 def os_reason(exc: OSError) -> str:

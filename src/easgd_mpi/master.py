@@ -20,6 +20,7 @@ from .checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
+from .config import SYNC_ALGORITHMS
 from .errors import CheckpointError, os_reason
 from .metrics import format_progress
 
@@ -30,9 +31,11 @@ _POLL = 0.002
 
 
 class MasterResult(dict):
-    """The last metrics record plus ``stopped`` (ended by a signal before the budget) and
+    """The last metrics record plus ``stopped`` (ended by a signal before the budget),
     ``failure`` (the :class:`CheckpointError` of a final checkpoint that could not be written,
-    else None)."""
+    else None) and ``abandoned`` (world ranks of workers that never answered the stop: the
+    final checkpoint holds their last saved state and the job must be aborted, since they
+    will not reach the end)."""
 
 
 class _Run:
@@ -40,6 +43,7 @@ class _Run:
         self.cfg, self.problem, self.center, self.channel = cfg, problem, center, channel
         self.metrics, self.run_dir, self.out = metrics, Path(run_dir), out
         self.p = roles.n_workers
+        self.first_worker_rank = roles.size - roles.n_workers
         self.start = time.monotonic()
         self.time_offset = resume.wall_time if resume else 0.0
         self.records = list(resume.metrics) if resume else []
@@ -55,9 +59,43 @@ class _Run:
                 f"run's are numbered from {self.sequence + 1}"
             )
         self.snapshot = np.empty(center.n, dtype=np.float32)
+        # When the master first saw each (worker, epoch) state: its age goes into checkpoints.
+        # Epoch 0 is the state a worker starts from (this segment's start, or the resumed one).
+        start_age = resume.worker_state_age if resume is not None else None
+        self.seen = {
+            (i, 0): self.elapsed() - (0.0 if start_age is None else float(start_age[i]))
+            for i in range(self.p)
+        }
+        self.warned: set[int] = set()
 
     def elapsed(self) -> float:
         return self.time_offset + time.monotonic() - self.start
+
+    def rank_of(self, slot: int) -> int:
+        return self.first_worker_rank + slot
+
+    def note_answers(self, table) -> None:
+        now = self.elapsed()
+        for i, ack in enumerate(table["ack"]):
+            self.seen.setdefault((i, int(ack)), now)
+
+    def warn_laggards(self, late: np.ndarray, waited: float) -> None:
+        """One warning per worker that has not answered within the wait."""
+        for i in np.flatnonzero(late):
+            if int(i) in self.warned:
+                continue
+            self.warned.add(int(i))
+            _warn(
+                f"easgd: warning: worker rank {self.rank_of(int(i))} has not answered the "
+                f"master for {waited:.1f}s (stopped, hung GPU or frozen node?): checkpoints "
+                f"keep its last saved state and record its age"
+                + (
+                    " (the workers of a synchronous rule wait for each other: one stalled "
+                    "worker holds them all)"
+                    if self.cfg.algorithm in SYNC_ALGORITHMS
+                    else ""
+                )
+            )
 
     def evaluate(self) -> dict:
         self.center.read(self.snapshot)  # atomic snapshot; workers keep going meanwhile
@@ -79,12 +117,26 @@ class _Run:
         self.out(format_progress(record, getattr(self.problem, "error_is_rate", True)))
         return record
 
-    def checkpoint(self, table, read_center: bool = True) -> Path:
-        """Write the next checkpoint; ``read_center`` False reuses the snapshot just evaluated
-        (at the end, when no worker moves the center any more)."""
-        if read_center:
+    def checkpoint(self, table, epoch: int, read_center: bool = True) -> Path:
+        """Write the next checkpoint from the states at hand for ``epoch``.
+
+        The synchronous rules take one common round (each worker's half that answered the
+        oldest epoch still held by all); the asynchronous ones each worker's latest state.
+        Where the first worker saved the center of its cut, that is the center stored, so
+        center, states, counters and generators are one consistent cut. Otherwise the window
+        is read now (``read_center`` False reuses the snapshot just evaluated: at the end, when
+        no worker moves the center any more).
+        """
+        common = int(table["ack"].min()) if self.cfg.algorithm in SYNC_ALGORITHMS else None
+        cut = self.channel.cut(table, common)
+        (x, second), cut_center = self.channel.states(cut)
+        if cut_center is not None:
+            self.snapshot[:] = cut_center
+        elif read_center:
             self.center.read(self.snapshot)
-        x, v = self.channel.states()
+        now = self.elapsed()
+        age = np.array([now - self.seen.get((i, int(a)), now) for i, a in enumerate(cut["ack"])])
+        second_name = self.cfg.state_rows[1] if len(self.cfg.state_rows) > 1 else None
         self.sequence += 1
         data = CheckpointData(
             config_toml=self.cfg.to_toml(),
@@ -92,12 +144,14 @@ class _Run:
             layout=self.problem.layout,
             center=self.snapshot.copy(),
             worker_counters={
-                k: np.asarray(table[k], np.int64) for k in ("steps", "exchanges", "resets")
+                k: np.asarray(cut[k], np.int64) for k in ("steps", "exchanges", "resets")
             },
             worker_x=x,
-            worker_v=v,
-            worker_rng=self.channel.rng_states(table),
-            wall_time=self.elapsed(),
+            worker_v=second if second_name == "v" else None,
+            worker_pending=second if second_name == "pending" else None,
+            worker_rng=self.channel.rng_states(cut),
+            worker_state_age=np.maximum(age, 0.0),
+            wall_time=now,
             sequence=self.sequence,
             metrics=self.records,
             trainable_size=getattr(self.problem, "n_trainable", None),
@@ -133,43 +187,70 @@ def run_master(
     resume: CheckpointData | None = None,
     stop_flag=None,
 ) -> MasterResult:
-    """Serve until every worker has finished (or a stop); returns the last metrics record."""
+    """Serve until every worker has finished (or a stop); returns the last metrics record.
+
+    Waits for the workers' states are bounded by ``checkpoint.state_wait``: past it a periodic
+    checkpoint is written with the states at hand, and a stop writes its final checkpoint
+    without the workers that did not answer (they are returned as ``abandoned``).
+    """
     run = _Run(cfg, roles, problem, center, channel, metrics, run_dir, out, resume)
     stop_flag = stop_flag or (lambda: False)
-    interval = cfg.checkpoint.interval
+    interval, wait = cfg.checkpoint.interval, cfg.checkpoint.state_wait
     next_eval = time.monotonic()
     next_checkpoint = time.monotonic() + interval if interval > 0 else float("inf")
     epoch, pending, final, stopping = 0, None, False, False
+    requested_at = stop_deadline = float("inf")
+    abandoned: list[int] = []
     while True:
         now = time.monotonic()
         table = channel.table()
+        run.note_answers(table)
         if not stopping and (stop_flag() or table["wants_stop"].any()):
             stopping = True
+            stop_deadline = now + wait
             channel.stop()
             out("easgd: stop requested (signal): writing a final checkpoint")
-        if pending is not None and np.all(table["ack"] == pending):
-            if final:
+            if not final:  # the final checkpoint replaces a periodic one still waiting
+                pending = None
+        if pending is not None:
+            answered = table["ack"] == pending
+            late = now - requested_at > wait
+            # The final checkpoint of a stop goes ahead once the wait is over with the workers
+            # that finished; a stalled one (not finished) keeps its last saved state.
+            ready = answered.all() or (late and (not final or answered[table["finished"]].all()))
+            if ready and not answered.all():
+                run.warn_laggards(~answered, now - requested_at)
+            if ready and final:
                 record = run.evaluate()  # the final center, after every worker's last exchange
                 try:
-                    path, failure = run.checkpoint(table, read_center=False), None
+                    path, failure = run.checkpoint(table, pending, read_center=False), None
                 except CheckpointError as exc:  # the job fails, after every rank has left
                     path, failure = None, exc
+                abandoned = [run.rank_of(int(i)) for i in np.flatnonzero(~table["finished"])]
                 channel.release()
                 if path is not None:
                     out(f"easgd: checkpoint {path}")
                 break
-            try:
-                run.checkpoint(table)
-            except CheckpointError as exc:  # training goes on; the next interval tries again
-                _warn(f"easgd: warning: {exc}; training goes on, the next try is in {interval:g}s")
-            pending = None
+            if ready:
+                try:
+                    run.checkpoint(table, pending)
+                except CheckpointError as exc:  # training goes on; the next interval tries again
+                    _warn(
+                        f"easgd: warning: {exc}; training goes on, the next try is in {interval:g}s"
+                    )
+                pending = None
         if pending is None:
-            if table["finished"].all():
+            if table["finished"].all() or (stopping and now >= stop_deadline):
+                if stopping and not table["finished"].all():
+                    run.warn_laggards(~table["finished"], now - stop_deadline + wait)
                 epoch, pending, final = epoch + 1, epoch + 1, True
                 channel.request(epoch)
+                # Workers that finished answer within a poll; the stop's wait is already spent.
+                requested_at = now - (wait if stopping and now >= stop_deadline else 0.0)
             elif now >= next_checkpoint:
                 epoch, pending = epoch + 1, epoch + 1
                 channel.request(epoch)
+                requested_at = now
                 next_checkpoint = now + interval
         if now >= next_eval:
             run.evaluate()
@@ -181,6 +262,7 @@ def run_master(
         stopped=stopping and not reached,
         checkpoint=None if path is None else str(path),
         failure=failure,
+        abandoned=abandoned,
     )
 
 

@@ -14,7 +14,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import EasgdError
+from .errors import PlotError
 from .metrics import read_metrics
 
 __all__ = ["PlotError", "Run", "load_run", "plot_runs"]
@@ -24,10 +24,6 @@ _METRICS = "metrics.jsonl"
 _ROWS = (("center_error", "center test error"), ("center_loss", "center loss"))
 #: (record key, axis label) of the x axes, one column of panels each.
 _COLUMNS = (("time", "wall time (s)"), ("steps", "worker steps (all workers)"))
-
-
-class PlotError(EasgdError):
-    """A metrics path cannot be read or plotted."""
 
 
 @dataclass

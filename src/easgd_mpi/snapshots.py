@@ -5,35 +5,66 @@ rank 0, all in one long ``Lock_all`` epoch like the center:
 
 - *control* (int64): the checkpoint epoch the master asks for, a stop flag (end training now),
   and a release flag (the final checkpoint has every state: finished workers may leave);
-- *meta* (int64, one row per worker): the epoch the worker last answered, its counters at that
-  moment (steps, exchanges, resets), whether it finished or wants the run stopped, and the
-  words of its random-number generator state;
-- *states* (float32, p rows of n or 2n): the worker's x (and v), written with
-  ``Accumulate(REPLACE)`` when it answers an epoch.
+- *meta* (int64, one block per worker): whether it finished or wants the run stopped, which of
+  its two halves holds its latest complete state, and per half the epoch answered, its counters
+  at that moment (steps, exchanges, resets) and the words of its random-number generator state;
+- *states* (float32): per worker two halves of its saved rows (x, and v or DOWNPOUR's pending
+  sum), written with ``Accumulate(REPLACE)``; and two halves of one "cut center" row, written
+  by the first worker where the rule defines the center at the moment of the cut (the
+  synchronous rules: the workers' common replica; a single worker: the window, which nobody
+  else moves).
 
 A worker looks at *control* every 50 ms (the collective rules: every ~16 steps, on the same
-round on every worker, deciding together); when the epoch is new it copies its state into its
-row — training pauses only for that copy — then writes its *meta* row. The master reads the
-rows only after every worker has answered the epoch, and asks for no new epoch until it has
-read them, so a row is never read while it is written.
+round on every worker, deciding together); when the epoch is new it copies its state into the
+half it did not write last time — training pauses only for that copy — then writes that half's
+meta block, then flips its *latest* word to it. The half named *latest* is therefore always
+complete and is not written again until the worker answers a newer epoch, which the master
+asks for only after it has read what it needs: a worker that is stopped (SIGSTOP, a hung GPU)
+and wakes while the master reads writes the other half. So the master can write a checkpoint
+with the states at hand after a bounded wait (``checkpoint.state_wait``) instead of waiting
+for a stalled worker, and every state it stores is whole and matches its counters.
+
+Before any worker answers, the master fills half 0 of every worker with the state it starts
+from (the center and a zero velocity, or the resumed checkpoint's rows), so a worker that never
+answers still has a state at hand.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import numpy as np
 
 from .comm import MASTER
 
-__all__ = ["StateChannel", "encode_rng", "decode_rng"]
+__all__ = ["StateChannel", "InitialStates", "encode_rng", "decode_rng"]
 
 # control slots: the epoch asked for; stop training; release finished workers (run is over)
 _EPOCH, _STOP, _RELEASE, _CONTROL = 0, 1, 2, 4
-# meta slots per worker
-_ACK, _STEPS, _EXCH, _RESETS, _FINISHED, _WANTS_STOP, _RNG0 = range(7)
+# meta: per worker a common block, then two half blocks
+_FINISHED, _WANTS_STOP, _LATEST, _COMMON = 0, 1, 2, 4
+_ACK, _STEPS, _EXCH, _RESETS, _RNG0 = range(5)
 _RNG_WORDS = 6
-_META = _RNG0 + _RNG_WORDS + 3  # room to grow
+_HALF = _RNG0 + _RNG_WORDS + 1  # room to grow
+_META = _COMMON + 2 * _HALF
+#: Largest float count per MPI message (keeps each under 2^31 bytes).
+_MESSAGE = 1 << 22
+
+
+@dataclass
+class InitialStates:
+    """What the master stores as every worker's state before the worker first answers.
+
+    ``rows[r]`` is one row kind (x, then v or the pending sum): an [n] vector every worker
+    starts from, or [p, n] (one per worker, from a checkpoint). ``center`` is the cut center
+    row (or None), ``counters`` maps steps/exchanges/resets to [p] arrays, ``rng_words`` is [p, 6].
+    """
+
+    rows: list
+    center: np.ndarray | None
+    counters: dict
+    rng_words: np.ndarray
 
 
 def encode_rng(rng: np.random.Generator) -> np.ndarray:
@@ -61,9 +92,22 @@ def decode_rng(words) -> dict:
 
 
 class StateChannel:
-    """Collective: every rank constructs it. ``keep_states`` False: counters only, no x/v."""
+    """Collective: every rank constructs it.
 
-    def __init__(self, comm, n: int, n_workers: int, keep_states: bool, with_v: bool):
+    ``rows``: how many vectors each worker saves (0: counters only, no states; 1: x; 2: x and
+    v or the pending sum). ``cut_center``: whether the first worker also saves the center of
+    its cut. ``initial`` (master only): see :class:`InitialStates`.
+    """
+
+    def __init__(
+        self,
+        comm,
+        n: int,
+        n_workers: int,
+        rows: int,
+        cut_center: bool = False,
+        initial: InitialStates | None = None,
+    ):
         from mpi4py import MPI  # noqa: PLC0415
 
         self._MPI = MPI
@@ -71,29 +115,62 @@ class StateChannel:
         self.rank = comm.Get_rank()
         self.n = int(n)
         self.p = int(n_workers)
-        self.rows = (2 if with_v else 1) if keep_states else 0
+        self.rows = int(rows)
+        self.cut_center = bool(cut_center) and self.rows > 0
         owner = self.rank == MASTER
         self._control = MPI.Win.Allocate(_CONTROL * 8 if owner else 0, 8, comm=comm)
         self._meta = MPI.Win.Allocate(self.p * _META * 8 if owner else 0, 8, comm=comm)
-        state_bytes = self.p * self.rows * self.n * 4
-        self._states = MPI.Win.Allocate(state_bytes if owner else 0, 4, comm=comm)
+        # [p][2 halves][rows][n], then [2 halves][n] for the cut center
+        self._center_base = self.p * 2 * self.rows * self.n
+        floats = self._center_base + (2 * self.n if self.cut_center else 0)
+        self._states = MPI.Win.Allocate(floats * 4 if owner else 0, 4, comm=comm)
         if owner:
             np.frombuffer(self._control.tomemory(), np.int64)[:] = 0
-            np.frombuffer(self._meta.tomemory(), np.int64)[:] = 0
-            self._state_mem = np.frombuffer(
-                self._states.tomemory(), np.float32, count=self.p * self.rows * self.n
-            )
+            self._meta_mem = np.frombuffer(self._meta.tomemory(), np.int64).reshape(self.p, _META)
+            self._meta_mem[:] = 0
+            self._state_mem = np.frombuffer(self._states.tomemory(), np.float32, count=floats)
+            if initial is not None:
+                self._fill(initial)
         self._ctl_buf = np.zeros(_CONTROL, np.int64)
         self._ctl_origin = np.zeros(_CONTROL, np.int64)  # NO_OP still wants an origin
-        self._row = np.zeros(_META, np.int64)
+        self._half_row = np.zeros(_HALF, np.int64)
+        self._common_row = np.zeros(_COMMON, np.int64)
         self._table_buf = np.zeros(self.p * _META, np.int64)
         self._table_origin = np.zeros_like(self._table_buf)
         self._acked = 0
-        self._host = None  # a worker's pinned staging buffer, made at its first GPU copy
+        self._latest = 0  # the half the master filled; a worker's first answer writes half 1
+        self._host = None  # a worker's staging buffer, made at its first copy that needs one
         comm.Barrier()
         for win in (self._control, self._meta, self._states):
             win.Lock_all()
         comm.Barrier()
+
+    def _fill(self, initial: InitialStates) -> None:
+        """Half 0 of every worker: the state it starts from (master, before the first lock)."""
+        for r, row in enumerate(initial.rows[: self.rows]):
+            row = np.asarray(row, np.float32)
+            for i in range(self.p):
+                self._row_view(i, 0, r)[:] = row[i] if row.ndim == 2 else row
+        if self.cut_center and initial.center is not None:
+            self._center_view(0)[:] = initial.center
+        meta = self._meta_mem
+        meta[:, _LATEST] = 0
+        half0 = meta[:, _COMMON : _COMMON + _HALF]
+        half0[:, _STEPS] = initial.counters["steps"]
+        half0[:, _EXCH] = initial.counters["exchanges"]
+        half0[:, _RESETS] = initial.counters["resets"]
+        half0[:, _RNG0 : _RNG0 + _RNG_WORDS] = initial.rng_words
+
+    def _row_offset(self, slot: int, half: int, row: int) -> int:
+        return ((slot * 2 + half) * self.rows + row) * self.n
+
+    def _row_view(self, slot: int, half: int, row: int) -> np.ndarray:
+        lo = self._row_offset(slot, half, row)
+        return self._state_mem[lo : lo + self.n]
+
+    def _center_view(self, half: int) -> np.ndarray:
+        lo = self._center_base + half * self.n
+        return self._state_mem[lo : lo + self.n]
 
     def close(self) -> None:
         for win in (self._control, self._meta, self._states):
@@ -132,42 +209,65 @@ class StateChannel:
         finished: bool = False,
         wants_stop: bool = False,
     ) -> None:
-        """Copy the state for ``epoch`` if not done yet, then report counters and flags."""
+        """Save the state for ``epoch`` if not done yet (into the other half), then report the
+        flags and which half is the latest."""
         if epoch == self._acked and not (wants_stop or finished):
             return
         MPI = self._MPI
-        if epoch != self._acked and self.rows:
-            self._write_state(slot, algo)
-        self._acked = epoch
-        row = self._row
-        row[_ACK], row[_STEPS], row[_EXCH] = epoch, steps, algo.exchanges
-        row[_RESETS], row[_FINISHED], row[_WANTS_STOP] = algo.resets, finished, wants_stop
-        row[_RNG0 : _RNG0 + _RNG_WORDS] = encode_rng(rng)
+        if epoch != self._acked:
+            half = 1 - self._latest
+            if self.rows:
+                self._write_state(slot, half, algo)
+            row = self._half_row
+            row[_ACK], row[_STEPS], row[_EXCH] = epoch, steps, algo.exchanges
+            row[_RESETS] = algo.resets
+            row[_RNG0 : _RNG0 + _RNG_WORDS] = encode_rng(rng)
+            target = slot * _META + _COMMON + half * _HALF
+            self._meta.Accumulate(
+                [row, MPI.INT64_T], MASTER, target=(target, _HALF, MPI.INT64_T), op=MPI.REPLACE
+            )
+            self._meta.Flush(MASTER)  # the half is complete before it is named the latest
+            self._latest, self._acked = half, epoch
+        common = self._common_row
+        common[_FINISHED], common[_WANTS_STOP], common[_LATEST] = finished, wants_stop, self._latest
         self._meta.Accumulate(
-            [row, MPI.INT64_T], MASTER, target=(slot * _META, _META, MPI.INT64_T), op=MPI.REPLACE
+            [common, MPI.INT64_T],
+            MASTER,
+            target=(slot * _META, _COMMON, MPI.INT64_T),
+            op=MPI.REPLACE,
         )
         self._meta.Flush(MASTER)
 
-    def _write_state(self, slot: int, algo) -> None:
-        MPI = self._MPI
-        arrays = [algo.x] + ([algo.v] if self.rows == 2 else [])
+    def _write_state(self, slot: int, half: int, algo) -> None:
         b = algo.backend
-        for r, arr in enumerate(arrays):
-            src = arr
-            if b.is_gpu:  # staged through pinned memory (allocated once)
+        for r, arr in enumerate(algo.saved_rows()[: self.rows]):
+            self._put(self._row_offset(slot, half, r), self._host_copy(b, arr))
+        if self.cut_center and slot == 0:
+            cut = algo.cut_center()
+            if cut is None:  # an asynchronous rule with one worker: nobody else moves the center
                 if self._host is None:
                     self._host = b.host_empty(self.n)
-                src = b.to_host(arr, self._host)
-            base = (slot * self.rows + r) * self.n
-            chunk = 1 << 22  # keeps each MPI message under 2^31 bytes
-            for lo in range(0, self.n, chunk):
-                hi = min(lo + chunk, self.n)
-                self._states.Accumulate(
-                    src[lo:hi],
-                    MASTER,
-                    target=(base + lo, hi - lo, MPI.FLOAT),
-                    op=MPI.REPLACE,
-                )
+                algo.center.read(self._host)
+                cut = self._host
+            else:
+                cut = self._host_copy(b, cut)
+            self._put(self._center_base + half * self.n, cut)
+
+    def _host_copy(self, b, arr):
+        if not b.is_gpu:
+            return arr
+        if self._host is None:  # pinned, allocated once
+            self._host = b.host_empty(self.n)
+        return b.to_host(arr, self._host)
+
+    def _put(self, base: int, src) -> None:
+        MPI = self._MPI
+        for lo in range(0, self.n, _MESSAGE):
+            hi = min(lo + _MESSAGE, self.n)
+            self._states.Accumulate(
+                src[lo:hi], MASTER, target=(base + lo, hi - lo, MPI.FLOAT), op=MPI.REPLACE
+            )
+        # Complete before the next put may reuse the host staging buffer.
         self._states.Flush(MASTER)
 
     # ---- master side --------------------------------------------------------------------
@@ -189,36 +289,69 @@ class StateChannel:
         self._control.Flush(MASTER)
 
     def table(self) -> dict[str, np.ndarray]:
-        """The workers' meta rows (atomic read; the master calls it every poll, so no
-        allocation beyond the small result and no decoding: see :meth:`rng_states`)."""
+        """The workers' meta blocks (atomic read; the master calls it every poll, so no
+        decoding: see :meth:`rng_states`). ``ack``, ``steps``, ... are the latest half's;
+        ``half`` says which half that is and ``other_ack`` the epoch of the other one."""
         MPI = self._MPI
         out = self._table_buf
         self._meta.Get_accumulate(
             [self._table_origin, MPI.INT64_T], [out, MPI.INT64_T], MASTER, op=MPI.NO_OP
         )
         self._meta.Flush(MASTER)
-        rows = out.reshape(self.p, _META).copy()
+        meta = out.reshape(self.p, _META).copy()
+        half = meta[:, _LATEST].clip(0, 1)
+        return self._describe(meta, half) | {
+            "finished": meta[:, _FINISHED].astype(bool),
+            "wants_stop": meta[:, _WANTS_STOP].astype(bool),
+            "other_ack": self._describe(meta, 1 - half)["ack"],
+            "meta": meta,
+        }
+
+    @staticmethod
+    def _describe(meta: np.ndarray, half: np.ndarray) -> dict[str, np.ndarray]:
+        rows = np.take_along_axis(
+            meta[:, _COMMON:].reshape(-1, 2, _HALF), half[:, None, None], axis=1
+        )[:, 0, :]
         return {
+            "half": half,
             "ack": rows[:, _ACK],
             "steps": rows[:, _STEPS],
             "exchanges": rows[:, _EXCH],
             "resets": rows[:, _RESETS],
-            "finished": rows[:, _FINISHED].astype(bool),
-            "wants_stop": rows[:, _WANTS_STOP].astype(bool),
             "rng_words": rows[:, _RNG0 : _RNG0 + _RNG_WORDS],
         }
 
-    @staticmethod
-    def rng_states(table) -> list[str]:
-        """Each worker's generator state, as JSON text, from a :meth:`table`."""
-        return [json.dumps(decode_rng(words)) for words in table["rng_words"]]
+    def cut(self, table, epoch: int | None = None) -> dict[str, np.ndarray]:
+        """Which half of each worker a checkpoint takes, with that half's counters.
 
-    def states(self) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """Copies of every worker's x (and v) as [p, n]; call only when all acked the epoch."""
-        if not self.rows:
-            return None, None
+        ``epoch`` None: each worker's latest state (the asynchronous rules: each worker resumes
+        exactly where it was). An epoch: the half of each worker that answered it, where one
+        has (the synchronous rules: one common round for all; a worker one epoch ahead still
+        has it in its other half); a worker that has not reached it contributes its latest.
+        """
+        half = table["half"].copy()
+        if epoch is not None:
+            other = table["other_ack"] == epoch
+            half[(table["ack"] != epoch) & other] ^= 1
+        return self._describe(table["meta"], half)
+
+    @staticmethod
+    def rng_states(cut) -> list[str]:
+        """Each worker's generator state, as JSON text, from a :meth:`table` or :meth:`cut`."""
+        return [json.dumps(decode_rng(words)) for words in cut["rng_words"]]
+
+    def states(self, cut) -> tuple[list[np.ndarray | None], np.ndarray | None]:
+        """Copies of the halves named by ``cut``: each row kind as [p, n] (None past ``rows``),
+        and the first worker's cut center (None where not saved)."""
         self._states.Sync()  # the workers' flushed writes, visible to this process's loads
-        mem = self._state_mem.reshape(self.p, self.rows, self.n)
-        x = mem[:, 0, :].copy()
-        v = mem[:, 1, :].copy() if self.rows == 2 else None
-        return x, v
+        rows = []
+        for r in range(2):
+            if r >= self.rows:
+                rows.append(None)
+                continue
+            out = np.empty((self.p, self.n), np.float32)
+            for i in range(self.p):
+                out[i] = self._row_view(i, int(cut["half"][i]), r)
+            rows.append(out)
+        center = self._center_view(int(cut["half"][0])).copy() if self.cut_center else None
+        return rows, center

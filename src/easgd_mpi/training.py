@@ -22,18 +22,23 @@ from .backend import NumpyBackend, select_backend
 from .center import CenterWindow
 from .checkpoint import CheckpointData, check_matches, load_checkpoint, newest_valid_checkpoint
 from .comm import (
+    EXIT_STALLED,
     agree_or_fail,
-    cuda_aware_mpi,
-    cuda_mpi_requested,
-    gpu_transfer_plan,
+    allreduce_on_device,
+    broadcast,
+    end_job,
+    gather_to_master,
     limit_blas_threads,
     make_roles,
     node_position,
     node_sum,
+    receive_object,
+    send_object,
+    wait_for_all,
 )
-from .config import Config
+from .config import SYNC_ALGORITHMS, Config
+from .data.sampling import worker_rng
 from .errors import (
-    BackendError,
     CheckpointError,
     ConfigError,
     EasgdError,
@@ -45,8 +50,8 @@ from .metrics import MetricsLog, format_error
 from .models import make_problem
 from .runlock import acquire as lock_run_folder
 from .runlock import release as release_run_folder
-from .snapshots import StateChannel
-from .worker import run_worker, wait_for_all
+from .snapshots import InitialStates, StateChannel, encode_rng
+from .worker import run_worker
 
 __all__ = ["train", "resolve_resume", "STOP_SIGNALS"]
 
@@ -72,15 +77,7 @@ def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
         cfg.validate(workers=p)
         backend, why_cpu, device_id = _choose_backend(cfg, roles)
         prob = _build_problem(cfg, problem, backend.xp)
-        requested = backend.is_gpu and cuda_mpi_requested()
-        if requested and cuda_aware_mpi() is False:
-            raise BackendError(
-                "EASGD_CUDA_MPI=1 but this MPI library reports no CUDA support "
-                "(MPIX_Query_cuda_support() = 0): unset EASGD_CUDA_MPI to stage through "
-                "pinned host memory"
-            )
-        plan = gpu_transfer_plan(backend.is_gpu, requested, True if requested else None)
-        return backend, why_cpu, device_id, prob, plan["allreduce"].startswith("device")
+        return backend, why_cpu, device_id, prob, allreduce_on_device(backend.is_gpu)
 
     backend, why_cpu, device_id, prob, direct_mpi = agree_or_fail(roles.world, setup)
     alpha = cfg.resolve_alpha(p)
@@ -99,12 +96,12 @@ def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
         return data
 
     checkpoint = agree_or_fail(roles.world, open_checkpoint)
-    resuming = roles.world.bcast(checkpoint is not None)
+    resuming = broadcast(roles.world, checkpoint is not None)
     run_dir = agree_or_fail(
         roles.world, lambda: _make_run_dir(cfg, checkpoint) if roles.is_master else None
     )
-    run_dir = roles.world.bcast(run_dir)
-    devices = roles.world.gather((backend.name, why_cpu, device_id))
+    run_dir = broadcast(roles.world, run_dir)
+    devices = gather_to_master(roles.world, (backend.name, why_cpu, device_id))
 
     initial = None
     if roles.is_master:
@@ -132,8 +129,11 @@ def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
         roles.world,
         prob.layout.size,
         p,
-        keep_states=cfg.checkpoint.worker_states,
-        with_v=cfg.keeps_velocity,
+        rows=len(cfg.state_rows) if cfg.checkpoint.worker_states else 0,
+        # Where the center of a cut is known exactly: the synchronous rules' common replica,
+        # or the window of a single worker (nobody else moves it).
+        cut_center=cfg.algorithm in SYNC_ALGORITHMS or p == 1,
+        initial=_initial_states(cfg, prob, p, initial, checkpoint) if roles.is_master else None,
     )
     worker_resume = _scatter_worker_states(roles, checkpoint, resuming)
 
@@ -158,6 +158,8 @@ def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
                 )
             finally:
                 metrics.close()
+            if final["abandoned"]:
+                _end_stalled(final, run_dir, say, cfg.checkpoint.state_wait)
         else:
             run_worker(
                 cfg,
@@ -216,7 +218,7 @@ def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
             f"{format_error(summary['center_error'], getattr(prob, 'error_is_rate', True))}, "
             f"loss {summary['center_loss']:.4f}; run folder {run_dir}"
         )
-    summary = roles.world.bcast(summary)
+    summary = broadcast(roles.world, summary)
     roles.free()
     return summary
 
@@ -300,20 +302,83 @@ def _scatter_worker_states(roles, data, resuming: bool) -> dict | None:
         return None
     if roles.is_master:
         for i in range(roles.n_workers):
-            roles.world.send(
+            send_object(
+                roles.world,
                 {
                     "steps": int(data.worker_counters["steps"][i]),
                     "exchanges": int(data.worker_counters["exchanges"][i]),
                     "resets": int(data.worker_counters["resets"][i]),
                     "rng": json.loads(data.worker_rng[i]),
                     "x": None if data.worker_x is None else data.worker_x[i],
-                    "v": None if data.worker_v is None else data.worker_v[i],
+                    "second": _second_row(data, i),
                 },
                 dest=i + 1,
                 tag=7,
             )
         return None
-    return roles.world.recv(source=0, tag=7)
+    return receive_object(roles.world, source=0, tag=7)
+
+
+def _initial_states(cfg, prob, p: int, center: np.ndarray, data) -> InitialStates:
+    """The state every worker starts this segment from, as the master stores it before any
+    worker answers (snapshots.py): a worker that never answers is saved as it started."""
+    n = prob.layout.size
+    if data is None:
+        second = np.zeros(n, np.float32)
+        m = int(getattr(prob, "n_trainable", n))
+        if cfg.algorithm == "downpour":  # nothing pending; the buffers' base is the center's
+            second[m:] = center[m:]
+        return InitialStates(
+            rows=[center, second],
+            center=center,
+            counters={k: np.zeros(p, np.int64) for k in ("steps", "exchanges", "resets")},
+            rng_words=np.stack([encode_rng(worker_rng(cfg.seed, i)) for i in range(p)]),
+        )
+    words = []
+    for text in data.worker_rng:
+        rng = np.random.Generator(np.random.PCG64())
+        rng.bit_generator.state = json.loads(text)
+        words.append(encode_rng(rng))
+    second = data.worker_v if data.worker_v is not None else data.worker_pending
+    return InitialStates(
+        rows=[
+            center if data.worker_x is None else data.worker_x,
+            np.zeros(n, np.float32) if second is None else second,
+        ],
+        center=center,
+        counters=data.worker_counters,
+        rng_words=np.stack(words),
+    )
+
+
+def _end_stalled(final: dict, run_dir, say, wait: float) -> None:
+    """The master after a stop that some worker never answered: the final checkpoint holds
+    that worker's last saved state; mark the folder, let it go, and end every rank (the stalled
+    one would never reach the end of the run)."""
+    ranks = ", ".join(str(r) for r in final["abandoned"])
+    if final.get("failure") is None:
+        with contextlib.suppress(EasgdError):
+            _write_marker(Path(run_dir), "PREEMPTED")
+    release_run_folder(run_dir)
+    outcome = (
+        f"the final checkpoint {final['checkpoint']} holds their last saved states"
+        if final.get("checkpoint")
+        else f"the final checkpoint failed: {final['failure']}"
+    )
+    say(
+        f"easgd: worker rank(s) {ranks} did not answer the stop within {wait:g}s "
+        f"(checkpoint.state_wait): {outcome}; ending the job (exit {EXIT_STALLED})"
+    )
+    sys.stdout.flush()
+    end_job(EXIT_STALLED)
+
+
+def _second_row(data: CheckpointData, i: int):
+    """Worker i's second saved row: its velocity, or DOWNPOUR's pending sum (or None)."""
+    for rows in (data.worker_v, data.worker_pending):
+        if rows is not None:
+            return rows[i]
+    return None
 
 
 @contextmanager
@@ -446,8 +511,10 @@ def _announce(say, cfg, p, alpha, devices, run_dir, prob, checkpoint) -> None:
         f"run folder {run_dir}"
     )
     if checkpoint is not None:
+        changes = cfg.changes_from(checkpoint.config_toml)
         say(
             f"easgd: resuming from checkpoint #{checkpoint.sequence}: "
-            f"{checkpoint.total_steps:,d} worker steps, {checkpoint.wall_time:.1f}s done"
+            f"{checkpoint.total_steps:,d} worker steps, {checkpoint.wall_time:.1f}s done; "
+            + ("config changes: " + ", ".join(changes) if changes else "config as the checkpoint's")
         )
     sys.stdout.flush()

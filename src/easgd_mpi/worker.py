@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-
 from .algorithms import make_algorithm
+from .collective import agree_epoch_and_stop
 from .data.sampling import worker_rng
 
 __all__ = ["run_worker"]
@@ -36,7 +35,8 @@ def run_worker(
     """Train this worker's copy up to ``cfg.steps`` local steps (or until told to stop).
 
     ``resume`` (from a checkpoint): ``steps``, ``exchanges``, ``resets``, ``rng`` (a numpy
-    bit-generator state), ``x`` and ``v`` (host arrays or None). ``stop_flag()`` is true once
+    bit-generator state), ``x`` and ``second`` (v or DOWNPOUR's pending sum; host arrays or
+    None). ``stop_flag()`` is true once
     this process got a stop signal. Returns this worker's final counters.
     """
     slot = roles.worker_index
@@ -49,7 +49,7 @@ def run_worker(
     if resume is not None:
         first = int(resume["steps"])
         rng.bit_generator.state = resume["rng"]
-        algo.restore(resume.get("x"), resume.get("v"), resume["exchanges"], resume["resets"])
+        algo.restore(resume.get("x"), resume.get("second"), resume["exchanges"], resume["resets"])
 
     stop_flag = stop_flag or (lambda: False)
     # Workers of a collective rule must leave the loop, and copy their states, at the same
@@ -76,7 +76,7 @@ def run_worker(
             wants_stop = stop_flag()
             epoch, stop, _ = channel.peek()
             if collective:
-                epoch, stop = _agree(roles.workers, epoch, stop or wants_stop)
+                epoch, stop = agree_epoch_and_stop(roles.workers, epoch, stop or wants_stop)
             channel.answer(slot, algo, rng, steps, epoch, wants_stop=wants_stop)
             if stop or wants_stop:
                 stopped = True
@@ -92,15 +92,6 @@ def run_worker(
     return {"steps": steps, "exchanges": algo.exchanges, "resets": algo.resets, "stopped": stopped}
 
 
-def _agree(workers, epoch: int, stop: bool) -> tuple[int, bool]:
-    """The epoch every worker has seen (the smallest) and whether any worker must stop."""
-    from mpi4py import MPI  # noqa: PLC0415
-
-    votes = np.array([epoch, -int(stop)], dtype=np.int64)
-    workers.Allreduce(MPI.IN_PLACE, votes, op=MPI.MIN)
-    return int(votes[0]), bool(votes[1] < 0)
-
-
 def _publish(center, slot, algo, steps, loss, done):
     # The loss stays where the model computed it (a 0-d device array on a GPU) until here:
     # converting it every step would make the host wait for the GPU on every step.
@@ -114,10 +105,3 @@ def _publish(center, slot, algo, steps, loss, done):
         bytes=algo.bytes,
         done=1.0 if done else 0.0,
     )
-
-
-def wait_for_all(comm, poll: float = 0.002) -> None:
-    """Join the end-of-run barrier without busy-spinning a core (MPICH polls in Wait)."""
-    request = comm.Ibarrier()
-    while not request.Test():
-        time.sleep(poll)

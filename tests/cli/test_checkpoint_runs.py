@@ -13,7 +13,7 @@ import pytest
 
 from easgd_mpi.checkpoint import list_checkpoints, load_checkpoint
 from easgd_mpi.metrics import read_metrics
-from launching import run, train_command
+from launching import run, start, train_command
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -81,13 +81,9 @@ def test_sigkill_of_a_worker_then_resume_auto_loses_at_most_one_interval(
         f"checkpoint.interval={interval}",
         "checkpoint.keep=5",
     )
-    proc = subprocess.Popen(
+    proc = start(
         cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=clean_env,
-        stdin=subprocess.DEVNULL,
+        clean_env,
     )
     try:
         deadline = time.monotonic() + 60
@@ -153,7 +149,7 @@ def test_sigterm_writes_a_final_checkpoint_and_exits_0(
     algorithm, extra, mpiexec, clean_env, tmp_path
 ):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(
+    proc = start(
         train_command(
             mpiexec,
             3,
@@ -164,11 +160,7 @@ def test_sigterm_writes_a_final_checkpoint_and_exits_0(
             "eval_interval=0.25",
             "checkpoint.interval=0.5",
         ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=clean_env,
-        stdin=subprocess.DEVNULL,
+        clean_env,
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

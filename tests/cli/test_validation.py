@@ -12,6 +12,7 @@ import pytest
 from easgd_mpi.config import ALGORITHMS, ELASTIC_ALGORITHMS, Config
 from easgd_mpi.data import load_dataset
 from easgd_mpi.errors import ConfigError, DataError
+from launching import assert_one_line_per_rank, run
 
 
 def config(**values) -> Config:
@@ -188,3 +189,17 @@ def test_refused_on_every_rank_with_one_line_and_exit_2(
     assert all(fragment in ln for ln in lines), proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (tmp_path / "runs").exists()  # nothing started
+
+
+@pytest.mark.parametrize("command", ["train", "check"])
+def test_a_bad_cuda_mpi_setting_is_one_line_per_rank(
+    command, mpiexec, easgd_cmd, clean_env, tmp_path
+):
+    args = ["--set", "steps=20"] if command == "train" else []
+    proc = run(
+        [mpiexec, "-n", "3", *easgd_cmd, command, *args],
+        {**clean_env, "EASGD_CUDA_MPI": "yes"},
+        cwd=tmp_path,
+    )
+    assert_one_line_per_rank(proc, 3, "EASGD_CUDA_MPI='yes' is not a setting: use 1")
+    assert not (tmp_path / "runs").exists()

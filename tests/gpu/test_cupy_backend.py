@@ -1,7 +1,8 @@
 """CupyBackend against the NumPy reference, on a real GPU.
 
-Skipped where CuPy or a usable GPU is missing, unless EASGD_TEST_GPU=1 (set on GPU CI runners),
-which turns a missing GPU into a failure so a broken driver cannot pass as "skipped".
+Skipped where CuPy or a usable GPU is missing (tests/gpu/conftest.py names which), unless
+EASGD_TEST_GPU=1 (set on GPU CI runners), which turns a missing GPU into a failure so a broken
+driver cannot pass as "skipped".
 
 Every fused kernel runs on awkward lengths and on views at element offsets 0-3 of larger device
 buffers (equal offsets take the float4 path after a scalar head; different offsets per array
@@ -13,17 +14,16 @@ test allows a relative error of 1e-6 and an absolute error of the smallest norma
 
 from __future__ import annotations
 
-import os
 import zlib
 
 import numpy as np
 import pytest
 
 from easgd_mpi.backend import NumpyBackend, cupy_backend
-from easgd_mpi.backend.cupy_backend import KERNELS, CupyBackend, gpu_available
+from easgd_mpi.backend.cupy_backend import KERNELS, CupyBackend
 from easgd_mpi.errors import BackendError
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("usable_gpu")]
 
 LENGTHS = [0, 1, 3, 4 * 1024 + 1, 1_000_003]
 OFFSETS = ["0", "1", "2", "3", "mixed"]
@@ -37,12 +37,7 @@ ATOL = float(np.finfo(np.float32).tiny)  # a flushed subnormal (CuPy: -ftz=true)
 
 
 @pytest.fixture(scope="module")
-def backend() -> CupyBackend:
-    ok, why = gpu_available()
-    if not ok:
-        if os.environ.get("EASGD_TEST_GPU") == "1":
-            pytest.fail(f"EASGD_TEST_GPU=1 but no usable GPU: {why}")
-        pytest.skip(f"no usable GPU: {why}")
+def backend(usable_gpu) -> CupyBackend:
     return CupyBackend(device_id=0)
 
 
@@ -124,8 +119,9 @@ def test_bad_arrays_are_rejected(backend, cp, make, match):
 
 
 def test_array_on_another_device_is_rejected(backend, cp):
-    if cp.cuda.runtime.getDeviceCount() < 2:
-        pytest.skip("needs two GPUs")
+    count = cp.cuda.runtime.getDeviceCount()
+    if count < 2:
+        pytest.skip(f"needs two GPUs, CuPy sees {count}")
     with cp.cuda.Device(1):
         other = cp.zeros(8, cp.float32)
     with pytest.raises(BackendError, match="GPU 1"):

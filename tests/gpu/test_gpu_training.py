@@ -1,8 +1,9 @@
 """Training on GPUs under the venv's real mpiexec: same accuracy as on the CPU, and the staged
 and CUDA-aware exchanges give the same center.
 
-Skipped without a usable GPU, unless EASGD_TEST_GPU=1 turns that into a failure. The CUDA-aware
-case also needs an MPI library that reports CUDA support (MPIX_Query_cuda_support).
+Skipped without a usable GPU (tests/gpu/conftest.py names what is missing), unless
+EASGD_TEST_GPU=1 turns that into a failure. The CUDA-aware case also needs an MPI library that
+reports CUDA support (MPIX_Query_cuda_support).
 """
 
 from __future__ import annotations
@@ -12,21 +13,11 @@ import os
 import numpy as np
 import pytest
 
-from easgd_mpi.backend.cupy_backend import gpu_available
 from easgd_mpi.checkpoint import list_checkpoints, load_checkpoint
 from easgd_mpi.metrics import read_metrics
 from launching import run, train_command
 
-pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(scope="module", autouse=True)
-def needs_gpu():
-    ok, why = gpu_available()
-    if not ok:
-        if os.environ.get("EASGD_TEST_GPU") == "1":
-            pytest.fail(f"EASGD_TEST_GPU=1 but no usable GPU: {why}")
-        pytest.skip(f"no usable GPU: {why}")
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("usable_gpu")]
 
 
 def train(mpiexec, n, run_dir, *sets, env_extra=None):
@@ -53,8 +44,14 @@ def test_staged_and_cuda_aware_exchanges_give_the_same_center(mpiexec, tmp_path,
 
     from easgd_mpi.comm import cuda_aware_mpi
 
-    if not cuda_aware_mpi():
-        pytest.skip("this MPI library reports no CUDA support (MPIX_Query_cuda_support)")
+    support = cuda_aware_mpi()
+    if not support:
+        pytest.skip(
+            "this MPI library reports no CUDA support (MPIX_Query_cuda_support() = 0)"
+            if support is False
+            else "this MPI library does not say whether it takes GPU buffers "
+            "(no MPIX_Query_cuda_support)"
+        )
     # Deterministic set-ups: one async worker, or the synchronous rule, on exact gradients.
     n = 2 if algorithm == "easgd" else 3
     sets = [

@@ -1,8 +1,8 @@
 """PyTorch models on a GPU worker: the module views the CuPy buffers (DLPack, no copies), the
 fused CUDA kernels update it, and it learns what the CPU run learns.
 
-Skipped without a usable GPU and a CUDA build of PyTorch, unless EASGD_TEST_GPU=1 turns that
-into a failure.
+Skipped without a usable GPU and a CUDA build of PyTorch (tests/gpu/conftest.py names what is
+missing), unless EASGD_TEST_GPU=1 turns that into a failure.
 """
 
 from __future__ import annotations
@@ -16,21 +16,12 @@ import pytest
 
 from launching import run, train_command
 
-pytestmark = pytest.mark.gpu
-torch = pytest.importorskip("torch")
+try:
+    import torch
+except ImportError:  # the torch_on_gpu fixture skips every test and says so
+    torch = None
 
-
-@pytest.fixture(scope="module", autouse=True)
-def needs_gpu():
-    from easgd_mpi.backend.cupy_backend import gpu_available
-
-    ok, why = gpu_available()
-    if ok and not torch.cuda.is_available():
-        ok, why = False, f"PyTorch {torch.__version__} has no CUDA"
-    if not ok:
-        if os.environ.get("EASGD_TEST_GPU") == "1":
-            pytest.fail(f"EASGD_TEST_GPU=1 but no usable GPU for PyTorch: {why}")
-        pytest.skip(f"no usable GPU: {why}")
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("torch_on_gpu")]
 
 
 def _problem(xp, batchnorm=False):

@@ -121,3 +121,27 @@ def test_stable_values_pass():
         **{"model.name": "quadratic", "alpha": "0.6", "lr": "0.5", "quadratic.curvature": "1"}
     ).validate(workers=4)
     load(beta="0.9").validate(workers=1)
+
+
+def test_resume_precedence_is_one_rule_and_the_changes_are_listed(tmp_path):
+    """defaults < the checkpoint's config < environment < file < --set, with the source of
+    every change named for the start-up line of a resumed run."""
+    base = Config.from_toml(None, overrides={"steps": 100, "lr": 0.03, "tau": 8}, environ={})
+    base_toml = base.to_toml()
+    file = tmp_path / "c.toml"
+    file.write_text("tau = 2\nsteps = 300\n")
+
+    only_base = Config.from_toml(None, environ={}, base_toml=base_toml)
+    assert (only_base.steps, only_base.lr, only_base.tau) == (100, 0.03, 8)
+    assert only_base.changes_from(base_toml) == []
+
+    env = {"EASGD_STEPS": "200", "EASGD_LR": "0.02"}
+    cfg = Config.from_toml(file, overrides={"steps": 400}, environ=env, base_toml=base_toml)
+    assert cfg.lr == 0.02  # the environment beats the checkpoint
+    assert cfg.tau == 2  # the file beats both
+    assert cfg.steps == 400  # --set beats everything
+    assert cfg.changes_from(base_toml) == [
+        "lr 0.03 → 0.02 (the environment)",
+        "steps 100 → 400 (--set)",
+        f"tau 8 → 2 ({file})",
+    ]

@@ -1,10 +1,13 @@
 """Where a GPU is visible but unusable for the kernels, workers fall back to NumPy and say why;
 the one place that decides how each transfer reaches MPI."""
 
+import pytest
+
 import easgd_mpi.backend as backend_pkg
+from easgd_mpi import comm
 from easgd_mpi.backend import NumpyBackend, cupy_backend
-from easgd_mpi.comm import gpu_transfer_plan
-from easgd_mpi.errors import BackendError
+from easgd_mpi.comm import CUDA_MPI_VAR, CudaMpi, cuda_mpi_mode, gpu_transfer_plan
+from easgd_mpi.errors import BackendError, LaunchError
 
 
 def test_broken_nvrtc_falls_back_to_numpy_with_the_reason(monkeypatch):
@@ -19,14 +22,71 @@ def test_broken_nvrtc_falls_back_to_numpy_with_the_reason(monkeypatch):
 
 
 def test_one_sided_transfers_never_take_device_buffers():
-    for requested in (False, True):
+    for mode in CudaMpi:
         for supported in (None, False, True):
-            plan = gpu_transfer_plan(True, requested, supported)
+            plan = gpu_transfer_plan(True, mode, supported)
             assert plan["center"] == plan["states"] == "staged (pinned host)"
-    assert gpu_transfer_plan(True, True, True)["allreduce"] == "device (CUDA-aware)"
-    assert gpu_transfer_plan(True, True, False)["allreduce"] == "staged (pinned host)"
-    assert gpu_transfer_plan(True, False, True)["allreduce"] == "staged (pinned host)"
-    assert set(gpu_transfer_plan(False, True, True).values()) == {"host"}
+            assert set(gpu_transfer_plan(False, mode, supported).values()) == {"host"}
+
+
+@pytest.mark.parametrize(
+    "mode, supported, allreduce",
+    [
+        (CudaMpi.AUTO, True, "device (CUDA-aware)"),
+        (CudaMpi.AUTO, None, "staged (pinned host)"),
+        (CudaMpi.AUTO, False, "staged (pinned host)"),
+        (CudaMpi.OFF, True, "staged (pinned host)"),
+        (CudaMpi.ON, True, "device (CUDA-aware)"),
+        (CudaMpi.ON, None, "device (CUDA-aware)"),  # the library does not say: the user does
+        (CudaMpi.ON, False, "refused: EASGD_CUDA_MPI=1 but this MPI library reports no CUDA"),
+    ],
+)
+def test_the_plan_decides_the_allreduce(mode, supported, allreduce):
+    assert gpu_transfer_plan(True, mode, supported)["allreduce"].startswith(allreduce)
+
+
+@pytest.mark.parametrize(
+    "value, mode",
+    [(None, CudaMpi.AUTO), ("", CudaMpi.AUTO), ("0", CudaMpi.OFF), (" 1 ", CudaMpi.ON)],
+)
+def test_cuda_mpi_setting_has_three_states(value, mode):
+    assert cuda_mpi_mode({} if value is None else {CUDA_MPI_VAR: value}) is mode
+
+
+@pytest.mark.parametrize("value", ["yes", "true", "2", "auto", "on"])
+def test_any_other_cuda_mpi_setting_is_one_line_naming_the_variable(value):
+    with pytest.raises(LaunchError) as info:
+        cuda_mpi_mode({CUDA_MPI_VAR: value})
+    text = str(info.value)
+    assert text.startswith(f"EASGD_CUDA_MPI={value!r} is not a setting") and "\n" not in text
+
+
+@pytest.mark.parametrize(
+    "env, gpu, supported, device",
+    [
+        ({}, True, True, True),
+        ({}, True, None, False),
+        ({"EASGD_CUDA_MPI": "0"}, True, True, False),
+        ({"EASGD_CUDA_MPI": "1"}, True, None, True),
+        ({"EASGD_CUDA_MPI": "1"}, False, True, False),
+    ],
+)
+def test_allreduce_on_device_follows_the_plan(monkeypatch, env, gpu, supported, device):
+    monkeypatch.delenv(CUDA_MPI_VAR, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(comm, "cuda_aware_mpi", lambda: supported)
+    assert comm.allreduce_on_device(gpu) is device
+
+
+def test_a_refused_request_for_device_buffers_is_an_error(monkeypatch):
+    monkeypatch.setenv(CUDA_MPI_VAR, "1")
+    monkeypatch.setattr(comm, "cuda_aware_mpi", lambda: False)
+    with pytest.raises(BackendError, match="reports no CUDA support .* set EASGD_CUDA_MPI=0"):
+        comm.allreduce_on_device(True)
+    monkeypatch.setenv(CUDA_MPI_VAR, "maybe")
+    with pytest.raises(LaunchError, match="EASGD_CUDA_MPI='maybe'"):
+        comm.allreduce_on_device(False)  # every rank reads the setting, GPU or not
 
 
 def test_finiteness_is_decided_in_float64_like_on_the_gpu():

@@ -1,0 +1,205 @@
+"""The package's structure rules (DESIGN.md §3), checked on the source with ``ast``.
+
+* MPI is imported and called only in comm.py, center.py, snapshots.py and collective.py;
+  every other module reaches MPI through their functions.
+* Every exception class is defined in errors.py.
+* config.py reaches none of the modules that touch MPI or run training, not even indirectly.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "src" / "easgd_mpi"
+MPI_MODULES = {"comm", "center", "snapshots", "collective"}
+NOT_FROM_CONFIG = MPI_MODULES | {"training", "worker", "master"}
+
+#: Methods of MPI communicators, windows and requests (mpi4py's names). A call of one of these
+#: on anything but an imported module (``threading.Lock()`` is not MPI) is an MPI call.
+MPI_METHODS = frozenset(
+    """
+    Abort Accumulate Allgather Allgatherv Allocate Allocate_shared Allreduce Alltoall Barrier
+    Bcast Compare_and_swap Create Create_dynamic Disconnect Dup Fence Fetch_and_op Flush
+    Flush_all Flush_local Free Gather Gatherv Get Get_accumulate Get_rank Get_size Iallgather
+    Iallreduce Ibarrier Ibcast Igather Improbe Iprobe Irecv Ireduce Iscatter Isend Lock Lock_all
+    Mprobe Probe Put Raccumulate Recv Reduce Rget Rget_accumulate Rput Scatter Send Sendrecv
+    Split Split_type Start Sync Test Testall Testany Unlock Unlock_all Wait Waitall Waitany
+    allgather allreduce alltoall barrier bcast bsend exscan gather ibsend improbe iprobe irecv
+    isend issend mprobe probe recv reduce scan scatter send sendrecv ssend
+    """.split()
+)
+
+
+def _modules() -> dict[str, Path]:
+    """Dotted names inside the package ("comm", "backend.cupy_backend") → files."""
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        found[".".join(parts) or "__init__"] = path
+    return found
+
+
+@cache
+def _tree(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+
+
+def _label(path: Path) -> str:
+    return str(path.relative_to(PACKAGE.parents[1]))
+
+
+def _imported_modules(tree: ast.Module) -> set[str]:
+    """Names bound to imported modules anywhere in the file (``import threading``)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return names
+
+
+def mpi_uses(tree: ast.Module, label: str) -> list[str]:
+    """Each import of mpi4py, use of the name ``MPI`` and MPI method call in one file."""
+    modules = _imported_modules(tree)
+    uses = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import) and any(
+            a.name.split(".")[0] == "mpi4py" for a in node.names
+        ):
+            uses.append(f"{label}:{node.lineno}: imports mpi4py")
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "mpi4py":
+            uses.append(f"{label}:{node.lineno}: imports from mpi4py")
+        elif isinstance(node, ast.Name) and node.id == "MPI":
+            uses.append(f"{label}:{node.lineno}: uses MPI")
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in MPI_METHODS
+            and not (isinstance(node.func.value, ast.Name) and node.func.value.id in modules)
+        ):
+            uses.append(f"{label}:{node.lineno}: calls .{node.func.attr}()")
+    return uses
+
+
+def _base_name(base: ast.expr) -> str | None:
+    if isinstance(base, ast.Name):
+        return base.id
+    if isinstance(base, ast.Attribute):
+        return base.attr
+    return None
+
+
+def exception_classes() -> list[tuple[str, str]]:
+    """(class name, where) of every class in the package that derives from an exception."""
+    known = {
+        n for n, v in vars(builtins).items() if isinstance(v, type) and issubclass(v, BaseException)
+    }
+    classes = [
+        (node, path)
+        for path in _modules().values()
+        for node in ast.walk(_tree(path))
+        if isinstance(node, ast.ClassDef)
+    ]
+    found: dict[str, str] = {}
+    grew = True
+    while grew:  # a class is an exception if one of its bases is (in any module, any order)
+        grew = False
+        for node, path in classes:
+            if node.name not in found and any(_base_name(b) in known for b in node.bases):
+                found[node.name] = f"{_label(path)}:{node.lineno}"
+                known.add(node.name)
+                grew = True
+    return sorted(found.items())
+
+
+def _package_imports(name: str, path: Path) -> set[str]:
+    """The package's modules that ``name`` (at ``path``) imports, at any depth of its code."""
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    targets = set()
+    for node in ast.walk(_tree(path)):
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
+            stem = [*base, *(node.module.split(".") if node.module else [])]
+            # ``from . import x`` / ``from .backend import cupy_backend``: x may be a module.
+            candidates = [".".join(stem)] + [".".join([*stem, a.name]) for a in node.names]
+            targets.update(c for c in candidates if c)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == "easgd_mpi":
+                    targets.add(".".join(parts[1:]))
+    return targets
+
+
+def reachable_from(start: str) -> dict[str, str]:
+    """Every package module that ``start`` imports, directly or not → the module importing it."""
+    modules = _modules()
+    seen: dict[str, str] = {}
+    todo = [start]
+    while todo:
+        current = todo.pop()
+        for target in _package_imports(current, modules[current]):
+            # Importing a.b runs a's __init__ first.
+            parts = target.split(".")
+            for k in range(1, len(parts) + 1):
+                mod = ".".join(parts[:k])
+                if mod in modules and mod not in seen and mod != start:
+                    seen[mod] = current
+                    todo.append(mod)
+    return seen
+
+
+def test_only_the_four_mpi_modules_touch_mpi():
+    uses = [
+        use
+        for name, path in _modules().items()
+        if name not in MPI_MODULES
+        for use in mpi_uses(_tree(path), _label(path))
+    ]
+    assert not uses, (
+        "MPI calls belong in comm.py, center.py, snapshots.py or collective.py (DESIGN.md §3); "
+        "move these into a named function there:\n" + "\n".join(uses)
+    )
+
+
+def test_the_mpi_modules_are_seen_to_use_mpi():
+    # The rule above means something only if the scan finds MPI where it is.
+    for name in MPI_MODULES:
+        path = _modules()[name]
+        assert mpi_uses(_tree(path), _label(path)), name
+
+
+def test_every_exception_class_is_in_errors_py():
+    classes = exception_classes()
+    assert {"EasgdError", "ConfigError", "AgreedError"} <= {name for name, _ in classes}
+    elsewhere = [f"{where}: {name}" for name, where in classes if "/errors.py:" not in where]
+    assert not elsewhere, "exception classes belong in errors.py:\n" + "\n".join(elsewhere)
+
+
+def test_config_imports_nothing_that_touches_mpi():
+    reached = reachable_from("config")
+    bad = {m: via for m, via in reached.items() if m in NOT_FROM_CONFIG}
+    assert not bad, "config.py must not import (even through another module): " + ", ".join(
+        f"{m} (imported by {via})" for m, via in sorted(bad.items())
+    )
+
+
+@pytest.mark.parametrize(
+    "source, found",
+    [
+        ("from mpi4py import MPI\n", True),
+        ("import mpi4py\n", True),
+        ("def f(c):\n    return c.bcast(1)\n", True),
+        ("def f(w):\n    w.Allreduce(None, None)\n", True),
+        ("import threading\nlock = threading.Lock()\n", False),
+        ("def f(d):\n    return d.get('x')\n", False),
+    ],
+)
+def test_the_scan_tells_mpi_from_other_calls(source, found):
+    assert bool(mpi_uses(ast.parse(source), "probe.py")) is found
