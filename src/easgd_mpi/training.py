@@ -234,8 +234,10 @@ def _check_memory(cfg, roles, prob, backend) -> None:
     n_bytes = 4 * prob.layout.size
     p = roles.n_workers
     if roles.is_master:
-        states = (2 if cfg.keeps_velocity else 1) * p if cfg.checkpoint.worker_states else 0
-        need = n_bytes * (3 + states)  # window, snapshot, checkpoint copy, worker states
+        # The state window holds two halves of every worker's rows (snapshots.py) and two of
+        # the cut's center; a checkpoint copies one half of each.
+        rows = len(cfg.state_rows) * p if cfg.checkpoint.worker_states else 0
+        need = n_bytes * (3 + 3 * rows + 2)  # window, snapshot, copy, states, cut center
     else:
         # x, g, v, y + scratch on the host; a GPU worker's host side is its pinned chunks.
         need = 4 * 4 * cfg.resolve_chunk(True) if backend.is_gpu else n_bytes * 6
