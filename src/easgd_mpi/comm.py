@@ -1,7 +1,8 @@
 """MPI start-up: roles, node-local rank, agreement on errors, abort on failure.
 
-Rank 0 is the master, ranks 1..p are workers. Everything here is about the MPI world; nothing
-about models or updates.
+Ranks 0..S−1 serve the center (``servers = S``, default 1; DESIGN.md §4d), rank 0 is also the
+master, ranks S..S+p−1 are the p workers. Everything here is about the MPI world; nothing about
+models or updates.
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from .errors import EasgdError, LaunchError
+from .errors import ConfigError, EasgdError, LaunchError
 
 __all__ = [
     "MASTER",
     "Roles",
     "AgreedError",
     "make_roles",
+    "check_layout",
+    "world_comm",
     "agree_or_fail",
     "local_rank",
     "node_position",
@@ -47,22 +50,29 @@ class Roles:
     """Who this rank is and the communicators it uses."""
 
     world: object  # MPI.Comm: a private duplicate of COMM_WORLD
-    workers: object  # MPI.Comm among ranks 1..p (MPI.COMM_NULL on the master)
+    workers: object  # MPI.Comm among the worker ranks only (MPI.COMM_NULL on the servers)
     rank: int
     size: int
+    #: Ranks 0..servers−1 hold a slice of the center each (rank 0 is also the master).
+    servers: int = 1
 
     @property
     def is_master(self) -> bool:
         return self.rank == MASTER
 
     @property
+    def is_server(self) -> bool:
+        """Whether this rank holds a slice of the center (the master always does)."""
+        return self.rank < self.servers
+
+    @property
     def n_workers(self) -> int:
-        return self.size - 1
+        return self.size - self.servers
 
     @property
     def worker_index(self) -> int:
-        """0-based worker number (−1 on the master)."""
-        return self.rank - 1
+        """0-based worker number: world rank − servers (−1 on a server)."""
+        return self.rank - self.servers if self.rank >= self.servers else -1
 
     def free(self) -> None:
         """Release the communicators (collective over the world)."""
@@ -71,20 +81,42 @@ class Roles:
         self.world.Free()
 
 
-def make_roles(comm=None) -> Roles:
-    """Split the world into the master and the workers; world size 1 is a launch error."""
-    MPI = _mpi()
-    base = MPI.COMM_WORLD if comm is None else comm
-    if base.Get_size() < 2:
+def check_layout(size: int, servers: int = 1) -> None:
+    """Refuse a world that leaves no worker: size 1, or ``servers`` outside 1..size−1."""
+    if size < 2:
         raise LaunchError(
             "easgd needs at least 2 MPI ranks (rank 0 = master, ranks 1..p = workers), "
             "got world size 1: launch with e.g. `mpiexec -n 5 easgd train`"
         )
+    if isinstance(servers, bool) or not isinstance(servers, int) or servers < 1:
+        raise ConfigError(f"config: servers = {servers!r} must be an integer >= 1")
+    if servers >= size:
+        raise ConfigError(
+            f"config: servers = {servers} leaves no worker in a world of {size} ranks (ranks "
+            f"0..{servers - 1} would serve the center): use servers <= {size - 1} or launch "
+            f"more than {servers} ranks"
+        )
+
+
+def world_comm(comm=None):
+    """``comm``, or MPI's COMM_WORLD when it is None."""
+    return _mpi().COMM_WORLD if comm is None else comm
+
+
+def make_roles(comm=None, servers: int = 1) -> Roles:
+    """Split the world into the servers (rank 0: also the master) and the workers.
+
+    A world that leaves no worker is a launch error (:func:`check_layout`; ``train`` checks it
+    on every rank first, so it is one line per rank).
+    """
+    MPI = _mpi()
+    base = world_comm(comm)
+    check_layout(base.Get_size(), servers)
     world = base.Dup()
     rank = world.Get_rank()
-    color = MPI.UNDEFINED if rank == MASTER else 1
+    color = MPI.UNDEFINED if rank < servers else 1
     workers = world.Split(color, rank)
-    return Roles(world=world, workers=workers, rank=rank, size=world.Get_size())
+    return Roles(world=world, workers=workers, rank=rank, size=world.Get_size(), servers=servers)
 
 
 def local_rank(comm=None) -> int:
