@@ -91,12 +91,12 @@ def shard_slices(n: int, servers: int, chunk: int) -> list[tuple[int, int]]:
 
 
 def describe_slice(lo: int, hi: int) -> str:
-    """``[lo, hi) (size)`` of a slice of float32 elements, for people."""
+    """``[lo, hi), size`` of a slice of float32 elements, for people."""
     size = 4 * (hi - lo)
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if size >= scale:
-            return f"[{lo:,d}, {hi:,d}) ({size / scale:.1f} {unit})"
-    return f"[{lo:,d}, {hi:,d}) ({size} B)"
+            return f"[{lo:,d}, {hi:,d}), {size / scale:.1f} {unit}"
+    return f"[{lo:,d}, {hi:,d}), {size} B"
 
 
 class _Shard:

@@ -138,7 +138,7 @@ def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
     if roles.is_master and roles.servers > 1:
         say(
             f"easgd: the center on {roles.servers} servers: "
-            + ", ".join(f"rank {s} {describe_slice(*sl)}" for s, sl in enumerate(center.slices))
+            + "; ".join(f"rank {s} {describe_slice(*sl)}" for s, sl in enumerate(center.slices))
         )
     channel = StateChannel(
         roles.world,
