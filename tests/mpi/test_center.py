@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from easgd_mpi.center import CHUNK_MULTIPLE, CenterWindow, shard_slices
+from easgd_mpi.center import CHUNK_MULTIPLE, CenterWindow
 
 N = 50_003  # not a multiple of the chunk: the last chunk is short
 ROUNDS = 40
@@ -106,15 +106,3 @@ def test_add_and_read_round_trip(servers):
     assert np.all(snapshot == sum(range(servers, servers + workers)))
     comm.Barrier()
     window.close()
-
-
-def test_slices_are_contiguous_balanced_and_chunk_aligned():
-    for n, servers, chunk in [(50_003, 2, 4096), (10**7, 3, 1 << 18), (4810, 2, 1 << 18)]:
-        slices = shard_slices(n, servers, chunk)
-        assert slices[0][0] == 0 and slices[-1][1] == n
-        assert all(a[1] == b[0] for a, b in zip(slices, slices[1:], strict=False))
-        unit = chunk if n >= servers * chunk else CHUNK_MULTIPLE
-        assert all(lo % unit == 0 for lo, _ in slices)
-        assert all(abs((hi - lo) - n / servers) <= unit for lo, hi in slices)
-    assert shard_slices(100, 1, 4096) == [(0, 100)]
-    assert shard_slices(100, 3, 4096) == [(0, 64), (64, 64), (64, 100)]  # tiny: one empty
