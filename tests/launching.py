@@ -1,5 +1,6 @@
 """Building and running `easgd train` launches under the venv's mpiexec (the CLI-level tests)."""
 
+import os
 import subprocess
 import sys
 
@@ -12,6 +13,13 @@ def train_command(mpiexec, n, run_dir, *sets, resume=None) -> list[str]:
     if resume:
         cmd += ["--resume", resume]
     return cmd
+
+
+def with_path(env, *folders) -> dict:
+    """``env`` with ``folders`` in front of its PYTHONPATH, which is kept: it may name the code
+    under test (a worktree's src/ ahead of an editable install)."""
+    parts = [str(f) for f in folders] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    return {**env, "PYTHONPATH": os.pathsep.join(parts)}
 
 
 def run(cmd, env, timeout=120, cwd=None) -> subprocess.CompletedProcess:

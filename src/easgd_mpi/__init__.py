@@ -1,7 +1,8 @@
 """easgd-mpi: Elastic Averaging SGD (EASGD, EAMSGD) on MPI clusters.
 
-Rank 0 holds the center variable in an MPI one-sided window; ranks 1..p train local copies and
-exchange an elastic difference with it every τ steps. The public API::
+Rank 0 holds the center variable in an MPI one-sided window (with ``servers = S``, ranks
+0..S−1 hold it in slices); the other ranks train local copies and exchange an elastic
+difference with it every τ steps. The public API::
 
     import easgd_mpi as ea
     cfg = ea.Config.from_toml("run.toml", overrides={"tau": 8})

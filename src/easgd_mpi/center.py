@@ -1,22 +1,27 @@
-"""The center variable in an MPI one-sided window on the master, and the exchange protocol.
+"""The center variable in MPI one-sided windows on the server ranks, and the exchange protocol.
 
-DESIGN.md §4. The window is allocated by MPI (``Win.Allocate``) on rank 0 only; every rank
-opens one passive-target epoch (``Lock_all``) right after a barrier and keeps it open for the
-whole run, so workers read and accumulate while the master computes. Reads are
+DESIGN.md §4 and §4d. The flat center is cut into ``servers`` contiguous slices, one per server
+rank 0..S−1, balanced by bytes and cut on whole exchange chunks (:func:`shard_slices`). Each
+server exposes its slice as its own memory of one window that MPI allocates (``Win.Allocate``:
+on ``Win.Create`` over user memory passive-target RMA stalls while the owner is busy). Every
+rank opens one passive-target epoch (``Lock_all``) right after a barrier and keeps it open for
+the whole run, so workers read and accumulate while the servers compute or sleep. Reads are
 ``Get_accumulate(NO_OP)`` and writes ``Accumulate(SUM)``: both element-wise atomic against each
-other, so concurrent exchanges never tear an element and the center is exactly
-``initial + Σ e`` (the conservation invariant the tests check).
+other, so concurrent exchanges never tear an element and every slice is exactly
+``initial + Σ e`` (the conservation invariant the tests check, per slice and in total).
 
-The exchange is pipelined in chunks: while the caller's kernel works on chunk k, the read of
-chunk k+1 and the accumulate of chunk k−1 are in flight (request-based RMA), and the chunk
+The exchange is pipelined in chunks: the first read of every slice goes out at once, the
+caller's kernel runs on whichever chunk arrives first, and while it does, the next read of that
+slice and the accumulates of earlier chunks are in flight (request-based RMA). The chunk
 buffers stay small enough to be cache- (or pinned-) resident.
 
-A second small window holds per-worker status slots (float64): the master's progress report and
-checkpoints read them without ever messaging the workers.
+A second small window, on rank 0 alone, holds per-worker status slots (float64): the master's
+progress report and checkpoints read them without ever messaging the workers.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -24,7 +29,16 @@ import numpy as np
 from .comm import MASTER
 from .config import LOCK_MODES
 
-__all__ = ["CenterWindow", "STATUS_FIELDS", "LOCK_MODES", "CHUNK_MULTIPLE", "round_chunk"]
+__all__ = [
+    "CenterWindow",
+    "STATUS_FIELDS",
+    "LOCK_MODES",
+    "CHUNK_MULTIPLE",
+    "SERVER_POLL",
+    "round_chunk",
+    "shard_slices",
+    "describe_slice",
+]
 
 #: Per-worker status slots in the status window, in order.
 STATUS_FIELDS = ("steps", "exchanges", "loss", "distance", "resets", "bytes", "done", "spare")
@@ -39,17 +53,72 @@ ChunkKernel = Callable[[int, int, object, object], None]
 #: boundary and the GPU kernels keep their vectorised path for all of them.
 CHUNK_MULTIPLE = 64
 
+#: Seconds a server that is not the master sleeps between two tests of the end of the run.
+SERVER_POLL = 0.002
+
+#: Floats per message of the initial fill of the other servers (each under 2^31 bytes).
+_FILL_PIECE = 1 << 26
+_FILL_TAG = 31
+
 
 def round_chunk(chunk: int) -> int:
     """``chunk`` rounded down to a multiple of :data:`CHUNK_MULTIPLE` (at least one)."""
     return max(CHUNK_MULTIPLE, int(chunk) // CHUNK_MULTIPLE * CHUNK_MULTIPLE)
 
 
-class CenterWindow:
-    """The center x̃ (float32, n elements) in an RMA window owned by rank 0.
+def shard_slices(n: int, servers: int, chunk: int) -> list[tuple[int, int]]:
+    """[lo, hi) of each server's slice of an n-element center, in server (rank) order.
 
-    Collective: every rank of ``comm`` constructs it, rank 0 passes the initial center.
-    ``n_workers`` status slots are reserved, one per worker (world rank w uses slot w − 1).
+    Contiguous and balanced by bytes: each cut is the nearest multiple of the exchange chunk to
+    s·n/servers, so a chunk never straddles two servers and an exchange has no more chunks than
+    with one server. When the model holds fewer than one chunk per server the cuts fall on
+    multiples of :data:`CHUNK_MULTIPLE` instead (16-byte aligned); a model smaller still leaves
+    the last slices empty.
+    """
+    n, servers = int(n), int(servers)
+    if servers < 1:
+        raise ValueError(f"servers must be >= 1, got {servers}")
+    unit = round_chunk(chunk)
+    if n < servers * unit:
+        unit = CHUNK_MULTIPLE
+    cuts = [0]
+    for s in range(1, servers):
+        cut = round(s * n / servers / unit) * unit
+        cuts.append(min(n, max(cut, cuts[-1])))
+    cuts.append(n)
+    return list(zip(cuts[:-1], cuts[1:], strict=True))
+
+
+def describe_slice(lo: int, hi: int) -> str:
+    """``[lo, hi), size`` of a slice of float32 elements, for people."""
+    size = 4 * (hi - lo)
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"[{lo:,d}, {hi:,d}), {size / scale:.1f} {unit}"
+    return f"[{lo:,d}, {hi:,d}), {size} B"
+
+
+class _Shard:
+    """One server's slice as this rank addresses it: the target rank, where the slice starts,
+    its chunks (global [lo, hi)) and the double buffers of its pipeline."""
+
+    def __init__(self, target: int, lo: int, hi: int, chunk: int, alloc):
+        self.target, self.lo = target, lo
+        self.chunks = _pieces(lo, hi, chunk)
+        k = min(chunk, hi - lo)
+        # Double buffers: chunk k computes in one while chunk k±1 is in flight in the other.
+        self.c = [alloc(k), alloc(k)]
+        self.e = [alloc(k), alloc(k)]
+
+
+class CenterWindow:
+    """The center x̃ (float32, n elements) in an RMA window spread over ranks 0..servers−1.
+
+    Collective: every rank of ``comm`` constructs it; rank 0 passes the whole initial center and
+    sends each other server its slice before anyone locks. ``n_workers`` status slots are kept
+    on rank 0, one per worker (world rank w uses slot w − servers). ``chunk`` is this rank's
+    exchange chunk (GPU workers take larger ones than the servers); the slices are cut on the
+    largest chunk of any rank, so every rank cuts the same ones.
     """
 
     def __init__(
@@ -62,59 +131,81 @@ class CenterWindow:
         chunk: int = 1 << 18,
         alloc_chunk: Callable[[int], object] | None = None,
         initial_status: dict[str, np.ndarray] | None = None,
+        servers: int = 1,
     ):
         from mpi4py import MPI  # noqa: PLC0415
 
         if lock_mode not in LOCK_MODES:
             raise ValueError(f"lock_mode must be one of {LOCK_MODES}, got {lock_mode!r}")
+        if not 1 <= int(servers) <= comm.Get_size():
+            raise ValueError(f"servers = {servers} must be in [1, {comm.Get_size()}]")
         self._MPI = MPI
         self.comm = comm
         self.rank = comm.Get_rank()
         self.n = int(n)
         self.n_workers = int(n_workers)
         self.lock_mode = lock_mode
+        self.servers = int(servers)
         self.chunk = max(1, min(round_chunk(chunk), self.n or 1))
-        is_owner = self.rank == MASTER
+        #: [lo, hi) of the slice each server rank holds (index = rank).
+        self.slices = shard_slices(
+            self.n, self.servers, comm.allreduce(round_chunk(chunk), op=MPI.MAX)
+        )
+        lo, hi = self.slices[self.rank] if self.rank < self.servers else (0, 0)
 
         itemsize = np.dtype(np.float32).itemsize
-        self._win = MPI.Win.Allocate(self.n * itemsize if is_owner else 0, itemsize, comm=comm)
+        self._win = MPI.Win.Allocate((hi - lo) * itemsize, itemsize, comm=comm)
         self._status_win = MPI.Win.Allocate(
-            self.n_workers * _SLOTS * 8 if is_owner else 0, 8, comm=comm
+            self.n_workers * _SLOTS * 8 if self.rank == MASTER else 0, 8, comm=comm
         )
-        if is_owner:
-            self._local = np.frombuffer(self._win.tomemory(), dtype=np.float32, count=self.n)
+        self._local = np.frombuffer(self._win.tomemory(), dtype=np.float32, count=hi - lo)
+        self._fill(initial)
+        if self.rank == MASTER:
             status = np.frombuffer(self._status_win.tomemory(), dtype=np.float64)
             status[:] = 0.0
             # A resumed run starts from the checkpoint's counters, so the master's first
             # reports continue from there instead of from zero.
             for name, values in (initial_status or {}).items():
                 status.reshape(self.n_workers, _SLOTS)[:, STATUS_FIELDS.index(name)] = values
-            if initial is not None:
-                if initial.shape != (self.n,):
-                    raise ValueError(f"initial center has shape {initial.shape}, need ({self.n},)")
-                self._local[:] = initial
-            else:
-                self._local[:] = 0.0
-        else:
-            self._local = None
 
         alloc = alloc_chunk or (lambda k: np.empty(k, dtype=np.float32))
-        # Double buffers: chunk k computes in one while chunk k±1 is in flight in the other.
-        self._c = [alloc(self.chunk), alloc(self.chunk)]
-        self._e = [alloc(self.chunk), alloc(self.chunk)]
+        # Empty slices (a model of fewer than 64 floats per server) are never addressed.
+        self._shards = [
+            _Shard(s, a, b, self.chunk, alloc) for s, (a, b) in enumerate(self.slices) if b > a
+        ]
         # NO_OP still needs an origin buffer of the right size (mpi4py 4.1), never read.
         self._noop_origin = np.zeros(self.chunk, dtype=np.float32)
+        self._probe = np.zeros(1, dtype=np.float32)
         self._status_buf = np.zeros(_SLOTS, dtype=np.float64)
         self._status_all = np.zeros(max(1, self.n_workers * _SLOTS), dtype=np.float64)
 
         # The initial fill must be complete before anyone locks, and every lock must be granted
-        # before rank 0 goes busy (MPICH only progresses passive targets inside MPI calls).
+        # before a server goes busy (MPICH only progresses passive targets inside MPI calls).
         comm.Barrier()
         if lock_mode == "shared":
             self._win.Lock_all()
         self._status_win.Lock_all()
         comm.Barrier()
         self._closed = False
+
+    def _fill(self, initial) -> None:
+        """This server's slice ← rank 0's initial center (zeros when there is none)."""
+        self._local[:] = 0.0
+        if self.rank == MASTER and initial is not None and initial.shape != (self.n,):
+            raise ValueError(f"initial center has shape {initial.shape}, need ({self.n},)")
+        given = self.comm.bcast(initial is not None, root=MASTER)
+        if not given or self.rank >= self.servers:
+            return
+        if self.rank == MASTER:
+            lo, hi = self.slices[MASTER]
+            self._local[:] = initial[lo:hi]
+            for s in range(1, self.servers):
+                for a, b in _pieces(*self.slices[s], _FILL_PIECE):
+                    self.comm.Send(initial[a:b], dest=s, tag=_FILL_TAG)
+            return
+        lo, hi = self.slices[self.rank]
+        for a, b in _pieces(lo, hi, _FILL_PIECE):
+            self.comm.Recv(self._local[a - lo : b - lo], source=MASTER, tag=_FILL_TAG)
 
     # ---- collective teardown ------------------------------------------------------------
     def close(self) -> None:
@@ -129,75 +220,129 @@ class CenterWindow:
         self._win.Free()
         self._status_win.Free()
 
+    # ---- a server's idle time -------------------------------------------------------------
+    def serve(self, poll: float = SERVER_POLL) -> dict:
+        """A server that is not the master: keep MPI progress going until the run ends.
+
+        Its slice needs nothing from it on one node (MPICH moves intra-node RMA through shared
+        memory), but some MPI libraries complete accumulates from other nodes only while the
+        target is inside an MPI call. So it joins the end-of-run barrier of ``comm`` at once
+        (the master and the workers join it as they finish, with ``worker.wait_for_all``) and
+        tests it every ``poll`` seconds: each test drives MPI's progress engine, and the sleep
+        between tests leaves the core to the workers (a blocking wait would busy-poll it).
+        Returns the loop's wall and CPU seconds (this process's user + system time).
+        """
+        wall, cpu = time.monotonic(), time.process_time()
+        request = self.comm.Ibarrier()
+        tests = 1
+        while not request.Test():
+            time.sleep(poll)
+            tests += 1
+        return {
+            "rank": self.rank,
+            "wall_s": time.monotonic() - wall,
+            "cpu_s": time.process_time() - cpu,
+            "tests": tests,
+        }
+
     # ---- center transfers ---------------------------------------------------------------
     def exchange(self, compute: ChunkKernel) -> int:
-        """One elastic exchange with the center, pipelined over chunks.
+        """One elastic exchange with the center, pipelined over chunks of every slice.
 
         For each chunk the center's current values are read atomically, ``compute`` turns them
-        into the difference e to add, and e is accumulated atomically. Returns bytes moved.
+        into the difference e to add, and e is accumulated atomically. Chunks of different
+        slices are computed in the order their reads complete. Returns bytes moved.
         """
         MPI = self._MPI
-        bounds = self._bounds()
-        if not bounds:
+        shards = self._shards
+        if not shards:
             return 0
         self._lock()
         try:
-            acc_reqs: list = [None, None]
-            read_req = self._rget(0, *bounds[0])
-            for k, (lo, hi) in enumerate(bounds):
+            reads = [self._rget(sh, 0) for sh in shards]  # every server's first chunk at once
+            done = [0] * len(shards)  # chunks of each slice read so far
+            accs = [[None, None] for _ in shards]
+            while True:
+                i = MPI.Request.Waitany(reads)  # completed reads become REQUEST_NULL
+                if i == MPI.UNDEFINED:
+                    break
+                sh, k = shards[i], done[i]
+                done[i] += 1
                 buf = k % 2
-                read_req.Wait()
-                if k + 1 < len(bounds):
-                    # Buffer 1-buf was last read by compute k-1, which has returned.
-                    read_req = self._rget(1 - buf, *bounds[k + 1])
-                if acc_reqs[buf] is not None:
-                    acc_reqs[buf].Wait()  # e[buf] is still the origin of accumulate k-2
-                compute(lo, hi, self._c[buf][: hi - lo], self._e[buf][: hi - lo])
-                acc_reqs[buf] = self._win.Raccumulate(
-                    self._e[buf][: hi - lo], MASTER, target=(lo, hi - lo, MPI.FLOAT), op=MPI.SUM
+                if k + 1 < len(sh.chunks):
+                    # Buffer 1-buf was last read by compute k-1 of this slice, which returned.
+                    reads[i] = self._rget(sh, k + 1)
+                if accs[i][buf] is not None:
+                    accs[i][buf].Wait()  # e[buf] is still the origin of accumulate k-2
+                lo, hi = sh.chunks[k]
+                m = hi - lo
+                compute(lo, hi, sh.c[buf][:m], sh.e[buf][:m])
+                accs[i][buf] = self._win.Raccumulate(
+                    sh.e[buf][:m], sh.target, target=(lo - sh.lo, m, MPI.FLOAT), op=MPI.SUM
                 )
-            MPI.Request.Waitall([r for r in acc_reqs if r is not None])
-            self._win.Flush(MASTER)
+            MPI.Request.Waitall([r for pair in accs for r in pair if r is not None])
+            for sh in shards:
+                self._win.Flush(sh.target)
         finally:
             self._unlock()
         return 8 * self.n
 
     def read(self, out: np.ndarray) -> None:
-        """Atomic read of the whole center into host array ``out`` (a snapshot)."""
+        """Atomic read of the whole center (every slice) into host array ``out``."""
+        MPI = self._MPI
         self._lock(shared_ok=True)
         try:
-            for lo, hi in self._bounds():
-                self._win.Get_accumulate(
-                    self._noop_origin[: hi - lo],
-                    out[lo:hi],
-                    MASTER,
-                    target=(lo, hi - lo, self._MPI.FLOAT),
-                    op=self._MPI.NO_OP,
-                )
-            self._win.Flush(MASTER)
+            for sh in self._shards:  # all in flight at once; one flush per server
+                for lo, hi in sh.chunks:
+                    self._win.Get_accumulate(
+                        self._noop_origin[: hi - lo],
+                        out[lo:hi],
+                        sh.target,
+                        target=(lo - sh.lo, hi - lo, MPI.FLOAT),
+                        op=MPI.NO_OP,
+                    )
+            for sh in self._shards:
+                self._win.Flush(sh.target)
         finally:
-            self._unlock(shared_ok=True)
+            self._unlock()
 
     def add(self, delta: np.ndarray) -> None:
-        """Atomic x̃ ← x̃ + delta (host array)."""
+        """Atomic x̃ ← x̃ + delta (host array), over every slice."""
         self._accumulate_whole(delta, self._MPI.SUM)
 
     def write(self, values: np.ndarray) -> None:
-        """Atomic x̃ ← values (host array), element by element (``REPLACE``): the synchronous
-        rules set the window to the workers' common center exactly, so a checkpoint of the
-        window is their center bit for bit."""
+        """Atomic x̃ ← values (host array), element by element (``REPLACE``), over every slice:
+        the synchronous rules set the window to the workers' common center exactly, so a
+        checkpoint of the window is their center bit for bit."""
         self._accumulate_whole(values, self._MPI.REPLACE)
 
     def _accumulate_whole(self, values: np.ndarray, op) -> None:
+        MPI = self._MPI
         self._lock()
         try:
-            for lo, hi in self._bounds():
-                self._win.Accumulate(
-                    values[lo:hi], MASTER, target=(lo, hi - lo, self._MPI.FLOAT), op=op
-                )
-            self._win.Flush(MASTER)
+            for sh in self._shards:
+                for lo, hi in sh.chunks:
+                    self._win.Accumulate(
+                        values[lo:hi], sh.target, target=(lo - sh.lo, hi - lo, MPI.FLOAT), op=op
+                    )
+            for sh in self._shards:
+                self._win.Flush(sh.target)
         finally:
             self._unlock()
+
+    def local_slice(self) -> tuple[int, int, np.ndarray]:
+        """(lo, hi, a copy of the values) of the slice this rank serves ((0, 0, empty) on a
+        worker), read from its own memory. For checks when no exchange is in flight."""
+        lo, hi = self.slices[self.rank] if self.rank < self.servers else (0, 0)
+        exclusive = self.lock_mode == "exclusive"
+        if exclusive:  # Win_sync needs an epoch; the shared mode's Lock_all is one
+            self._win.Lock(self.rank, self._MPI.LOCK_SHARED)
+        try:
+            self._win.Sync()  # the workers' flushed accumulates, visible to this process's loads
+            return lo, hi, self._local.copy()
+        finally:
+            if exclusive:
+                self._win.Unlock(self.rank)
 
     # ---- status slots -------------------------------------------------------------------
     def publish_status(self, worker_slot: int, **values: float) -> None:
@@ -230,23 +375,44 @@ class CenterWindow:
         return {name: table[:, i].copy() for i, name in enumerate(STATUS_FIELDS)}
 
     # ---- internals ----------------------------------------------------------------------
-    def _bounds(self) -> list[tuple[int, int]]:
-        return [(lo, min(lo + self.chunk, self.n)) for lo in range(0, self.n, self.chunk)]
-
-    def _rget(self, buf: int, lo: int, hi: int):
+    def _rget(self, sh: _Shard, k: int):
+        """Start the read of chunk k of slice ``sh`` into its buffer k mod 2."""
+        lo, hi = sh.chunks[k]
         return self._win.Rget_accumulate(
             self._noop_origin[: hi - lo],
-            self._c[buf][: hi - lo],
-            MASTER,
-            target=(lo, hi - lo, self._MPI.FLOAT),
+            sh.c[k % 2][: hi - lo],
+            sh.target,
+            target=(lo - sh.lo, hi - lo, self._MPI.FLOAT),
             op=self._MPI.NO_OP,
         )
 
     def _lock(self, shared_ok: bool = False) -> None:
-        if self.lock_mode == "exclusive":
-            kind = self._MPI.LOCK_SHARED if shared_ok else self._MPI.LOCK_EXCLUSIVE
-            self._win.Lock(MASTER, kind)
+        """Exclusive mode: lock every server of a slice, one after the other in rank order."""
+        if self.lock_mode != "exclusive":
+            return
+        MPI = self._MPI
+        kind = MPI.LOCK_SHARED if shared_ok else MPI.LOCK_EXCLUSIVE
+        several = len(self._shards) > 1
+        for sh in self._shards:
+            self._win.Lock(sh.target, kind)
+            if several:
+                # MPI may grant a lock only at the first operation, so two ranks could each get
+                # one server and wait for the other's forever. A one-element read completes the
+                # grant before the next server is asked: all ranks lock in one order, no cycle.
+                self._win.Get_accumulate(
+                    self._noop_origin[:1],
+                    self._probe,
+                    sh.target,
+                    target=(0, 1, MPI.FLOAT),
+                    op=MPI.NO_OP,
+                )
+                self._win.Flush(sh.target)
 
-    def _unlock(self, shared_ok: bool = False) -> None:
+    def _unlock(self) -> None:
         if self.lock_mode == "exclusive":
-            self._win.Unlock(MASTER)
+            for sh in self._shards:
+                self._win.Unlock(sh.target)
+
+
+def _pieces(lo: int, hi: int, size: int):
+    return [(a, min(a + size, hi)) for a in range(lo, hi, size)]

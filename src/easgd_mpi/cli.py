@@ -18,7 +18,9 @@ __all__ = ["main", "build_parser"]
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="easgd", description="Elastic Averaging SGD on MPI (rank 0 = master, 1..p = workers)."
+        prog="easgd",
+        description="Elastic Averaging SGD on MPI (rank 0 = master; with servers = S, ranks "
+        "0..S-1 hold the center in slices; the other ranks are the workers).",
     )
     parser.add_argument("--version", action="version", version=f"easgd-mpi {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -27,18 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train (launch with mpiexec -n P, P >= 2)",
         description="Train with the master/worker layout. Launch with `mpiexec -n P easgd "
-        "train` or `srun`; P-1 ranks become workers.",
+        "train` or `srun`; P-S ranks become workers (S = servers, default 1).",
     )
-    train.add_argument("--config", "-c", metavar="FILE.toml", help="TOML config file")
-    train.add_argument(
-        "--set",
-        "-s",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config key (dotted for tables: data.name=synthetic); repeatable",
-    )
+    _config_options(train)
     train.add_argument(
         "--resume",
         metavar="PATH|auto",
@@ -53,9 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
         "check",
         help="print what each rank would use (MPI, GPU, CuPy, kernels)",
         description="Report MPI library and version, world size, GPU model and memory (or "
-        "'no GPU'), CuPy version, CUDA-aware mode and whether the kernels compile, per rank. "
-        "Run it the way you run training: `mpiexec -n P easgd check`.",
+        "'no GPU'), CuPy version, CUDA-aware mode and whether the kernels compile, per rank, "
+        "and with servers > 1 which slice of the center each server holds. Run it the way "
+        "you run training: `mpiexec -n P easgd check [--config ...] [--set ...]`.",
     )
+    _config_options(check)
     check.add_argument("--json", action="store_true", help="print JSON instead of text")
     check.set_defaults(func=_cmd_check)
 
@@ -101,6 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", metavar="FILE.toml", help="TOML config file")
+    parser.add_argument(
+        "--set",
+        "-s",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key (dotted for tables: data.name=synthetic); repeatable",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -117,17 +125,28 @@ def _parse_overrides(pairs: list[str]) -> dict:
     return overrides
 
 
-def _bind_gpu_before_mpi() -> None:
-    """Narrow CUDA_VISIBLE_DEVICES to this rank's GPU (none for the master) before mpi4py is
-    imported: a CUDA-aware MPI opens a context on every visible GPU at MPI_Init. Opt out with
-    EASGD_BIND_GPUS=0; never fails (src/easgd_mpi/gpu_binding.py)."""
+def _bind_gpu_before_mpi(args) -> None:
+    """Narrow CUDA_VISIBLE_DEVICES to this rank's GPU (none for the servers, the master among
+    them) before mpi4py is imported: a CUDA-aware MPI opens a context on every visible GPU at
+    MPI_Init. Opt out with EASGD_BIND_GPUS=0; never fails (src/easgd_mpi/gpu_binding.py)."""
     from .gpu_binding import bind_gpu  # noqa: PLC0415
 
-    bind_gpu()
+    bind_gpu(servers=_servers_before_mpi(args))
+
+
+def _servers_before_mpi(args) -> int | None:
+    """The config's ``servers`` read without MPI (None when the config has an error: it is
+    reported once MPI is up, on every rank)."""
+    from .config import Config  # noqa: PLC0415  (imports nothing that starts MPI)
+
+    try:
+        return Config.from_toml(args.config, overrides=_parse_overrides(args.overrides)).servers
+    except EasgdError:
+        return None
 
 
 def _cmd_train(args) -> int:
-    _bind_gpu_before_mpi()  # run_or_abort imports mpi4py: this must come first
+    _bind_gpu_before_mpi(args)  # run_or_abort imports mpi4py: this must come first
 
     def run() -> int:
         from .comm import agree_or_fail, broadcast, rank_and_size, world_comm  # noqa: PLC0415
@@ -209,7 +228,7 @@ def _cmd_plot(args) -> int:
 
 
 def _cmd_check(args) -> int:
-    _bind_gpu_before_mpi()  # as `easgd train` does, so the report shows what training gets
+    _bind_gpu_before_mpi(args)  # as `easgd train` does, so the report shows what training gets
 
     def run() -> int:
         import json  # noqa: PLC0415
@@ -217,24 +236,35 @@ def _cmd_check(args) -> int:
 
         from .comm import (  # noqa: PLC0415
             agree_or_fail,
+            check_layout,
             cuda_mpi_mode,
             gather_to_master,
+            rank_and_size,
             world_comm,
         )
-        from .diagnostics import describe_rank, format_report  # noqa: PLC0415
+        from .config import Config  # noqa: PLC0415
+        from .diagnostics import center_slices, describe_rank, format_report  # noqa: PLC0415
         from .gpu_binding import RECORD_VAR  # noqa: PLC0415
 
         world = world_comm()
+        rank, size = rank_and_size(world)
         agree_or_fail(world, cuda_mpi_mode)  # a bad EASGD_CUDA_MPI: one line per rank, exit 2
-        info = describe_rank(world)
+        cfg = agree_or_fail(
+            world,
+            lambda: Config.from_toml(args.config, overrides=_parse_overrides(args.overrides)),
+        )
+        if size > 1:  # one rank alone is reported as it is (no training layout)
+            agree_or_fail(world, lambda: check_layout(size, cfg.servers))
+        info = describe_rank(world, servers=cfg.servers)
         info["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")  # None: unset
         info["gpu_binding"] = os.environ.get(RECORD_VAR, "")
         infos = gather_to_master(world, info)
         if infos is not None:
+            slices = center_slices(cfg, infos)
             if args.json:
                 text = json.dumps(infos, indent=2)
             else:
-                text = _with_bindings(format_report(infos), infos)
+                text = _with_bindings(format_report(infos, slices), infos)
             print(text, flush=True)
         return 0
 

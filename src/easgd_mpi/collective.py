@@ -62,7 +62,7 @@ class WorkerAllreduce:
         self.backend = backend
         self.direct = direct or not backend.is_gpu
         self._host = None if self.direct else backend.host_empty(n)
-        #: This rank among the workers (0 on world rank 1).
+        #: This rank among the workers (0 on the first worker, world rank ``servers``).
         self.rank = comm.Get_rank()
         self._step_bytes = allreduce_bytes(n, self.size)
 

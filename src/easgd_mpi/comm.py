@@ -1,7 +1,8 @@
 """MPI start-up: roles, node-local rank, agreement on errors, abort on failure.
 
-Rank 0 is the master, ranks 1..p are workers. Everything here is about the MPI world; nothing
-about models or updates. With center.py, snapshots.py and collective.py this is one of the four
+Ranks 0..S−1 serve the center (``servers = S``, default 1; DESIGN.md §4d), rank 0 is also the
+master, ranks S..S+p−1 are the p workers. Everything here is about the MPI world; nothing about
+models or updates. With center.py, snapshots.py and collective.py this is one of the four
 modules that call MPI (DESIGN.md §3): the command line, ``train()`` and ``easgd check`` reach the
 world through the small functions below (world, broadcast, gather, the end-of-run barrier).
 """
@@ -17,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .errors import AgreedError, BackendError, EasgdError, LaunchError
+from .errors import AgreedError, BackendError, ConfigError, EasgdError, LaunchError
 
 __all__ = [
     "EXIT_STALLED",
@@ -34,6 +35,7 @@ __all__ = [
     "receive_object",
     "wait_for_all",
     "library_versions",
+    "check_layout",
     "agree_or_fail",
     "local_rank",
     "node_position",
@@ -64,22 +66,29 @@ class Roles:
     """Who this rank is and the communicators it uses."""
 
     world: object  # MPI.Comm: a private duplicate of COMM_WORLD
-    workers: object  # MPI.Comm among ranks 1..p (MPI.COMM_NULL on the master)
+    workers: object  # MPI.Comm among the worker ranks only (MPI.COMM_NULL on the servers)
     rank: int
     size: int
+    #: Ranks 0..servers−1 hold a slice of the center each (rank 0 is also the master).
+    servers: int = 1
 
     @property
     def is_master(self) -> bool:
         return self.rank == MASTER
 
     @property
+    def is_server(self) -> bool:
+        """Whether this rank holds a slice of the center (the master always does)."""
+        return self.rank < self.servers
+
+    @property
     def n_workers(self) -> int:
-        return self.size - 1
+        return self.size - self.servers
 
     @property
     def worker_index(self) -> int:
-        """0-based worker number (−1 on the master)."""
-        return self.rank - 1
+        """0-based worker number: world rank − servers (−1 on a server)."""
+        return self.rank - self.servers if self.rank >= self.servers else -1
 
     def free(self) -> None:
         """Release the communicators (collective over the world)."""
@@ -88,26 +97,43 @@ class Roles:
         self.world.Free()
 
 
-def make_roles(comm=None) -> Roles:
-    """Split the world into the master and the workers; world size 1 is a launch error."""
-    MPI = _mpi()
-    base = MPI.COMM_WORLD if comm is None else comm
-    if base.Get_size() < 2:
+def check_layout(size: int, servers: int = 1) -> None:
+    """Refuse a world that leaves no worker: size 1, or ``servers`` outside 1..size−1."""
+    if size < 2:
         raise LaunchError(
             "easgd needs at least 2 MPI ranks (rank 0 = master, ranks 1..p = workers), "
             "got world size 1: launch with e.g. `mpiexec -n 5 easgd train`"
         )
+    if isinstance(servers, bool) or not isinstance(servers, int) or servers < 1:
+        raise ConfigError(f"config: servers = {servers!r} must be an integer >= 1")
+    if servers >= size:
+        raise ConfigError(
+            f"config: servers = {servers} leaves no worker in a world of {size} ranks (ranks "
+            f"0..{servers - 1} would serve the center): use servers <= {size - 1} or launch "
+            f"more than {servers} ranks"
+        )
+
+
+def world_comm(comm=None):
+    """``comm``, or MPI's COMM_WORLD when it is None (importing mpi4py initialises MPI, so the
+    command line calls this only after the GPU binding, which must precede it)."""
+    return _mpi().COMM_WORLD if comm is None else comm
+
+
+def make_roles(comm=None, servers: int = 1) -> Roles:
+    """Split the world into the servers (rank 0: also the master) and the workers.
+
+    A world that leaves no worker is a launch error (:func:`check_layout`; ``train`` checks it
+    on every rank first, so it is one line per rank).
+    """
+    MPI = _mpi()
+    base = world_comm(comm)
+    check_layout(base.Get_size(), servers)
     world = base.Dup()
     rank = world.Get_rank()
-    color = MPI.UNDEFINED if rank == MASTER else 1
+    color = MPI.UNDEFINED if rank < servers else 1
     workers = world.Split(color, rank)
-    return Roles(world=world, workers=workers, rank=rank, size=world.Get_size())
-
-
-def world_comm():
-    """``MPI.COMM_WORLD``, for the command line (importing mpi4py initialises MPI, so this runs
-    only after the GPU binding, which must precede it)."""
-    return _mpi().COMM_WORLD
+    return Roles(world=world, workers=workers, rank=rank, size=world.Get_size(), servers=servers)
 
 
 def rank_and_size(comm) -> tuple[int, int]:

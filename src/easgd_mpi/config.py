@@ -163,6 +163,9 @@ class Config:
     #: Explicit run folder (default: <output>/<timestamp>).
     run_dir: str = ""
     lock_mode: str = "shared"
+    #: Ranks 0..servers−1 hold the center in contiguous slices (rank 0 is also the master);
+    #: the workers are the other ranks. 1: rank 0 holds all of it.
+    servers: int = 1
     #: Floats per RMA transfer in the pipelined exchange; 0 = auto: 262144 (1 MiB) on a CPU
     #: worker, 4194304 (16 MiB) on a GPU worker, where each chunk costs one synchronisation.
     chunk: int = 0
@@ -344,6 +347,7 @@ class Config:
         _check_int("seed", self.seed, low=0)
         _check_positive("eval_interval", self.eval_interval)
         _check_choice("lock_mode", self.lock_mode, LOCK_MODES)
+        _check_int("servers", self.servers, low=1)
         _check_choice("device", self.device, ("auto", "off"))
         if self.chunk != 0:
             _check_int("chunk", self.chunk, low=1024)

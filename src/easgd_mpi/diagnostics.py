@@ -1,5 +1,5 @@
-"""What each rank would use: MPI library, GPU, CuPy, CUDA-aware mode, kernels, PyTorch
-(`easgd check`)."""
+"""What each rank would use: MPI library, GPU, CuPy, CUDA-aware mode, kernels, PyTorch, and
+which slice of the center each server holds (`easgd check`)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,21 @@ import socket
 
 from .comm import CUDA_MPI_VAR
 
-__all__ = ["describe_rank", "format_report"]
+__all__ = ["describe_rank", "format_report", "center_slices", "role_of"]
 
 
-def describe_rank(comm) -> dict:
-    """Facts about this rank; collective only in the node split used for the local rank.
+def role_of(rank: int, servers: int = 1) -> str:
+    """``master`` (``master, server 0`` with several servers), ``server s`` or ``worker i``."""
+    if rank == 0:
+        return "master" if servers == 1 else "master, server 0"
+    if rank < servers:
+        return f"server {rank}"
+    return f"worker {rank - servers}"
+
+
+def describe_rank(comm, servers: int = 1) -> dict:
+    """Facts about this rank (ranks 0..servers−1 serve the center); collective only in the
+    node split used for the local rank.
 
     A bad ``EASGD_CUDA_MPI`` raises :class:`LaunchError` before anything collective (``easgd
     check`` agrees on it first, so every rank fails alike)."""
@@ -31,7 +41,7 @@ def describe_rank(comm) -> dict:
     info = {
         "rank": rank,
         "world_size": size,
-        "role": "master" if rank == 0 else f"worker {rank - 1}",
+        "role": role_of(rank, servers),
         "host": socket.gethostname(),
         "local_rank": node_local,
         **library_versions(),
@@ -59,9 +69,12 @@ def describe_rank(comm) -> dict:
     info["torch"] = _torch_info()
     if rank == 0:
         info["backend"] = "numpy (the master evaluates on the host and holds no GPU)"
+    elif rank < servers:
+        info["backend"] = "numpy (a server of the center holds no GPU)"
     else:
         backend, why = select_backend(prefer_gpu=True, device_id=None)
         info["backend"] = backend.name if not why else f"{backend.name} ({why})"
+        info["is_gpu"] = bool(backend.is_gpu)
         info["transfers"] = gpu_transfer_plan(backend.is_gpu, mode, info["mpi_cuda_support"])
         info["cuda_aware_mpi"] = info["transfers"]["allreduce"].startswith("device")
     return info
@@ -96,12 +109,45 @@ def _support(flag: bool | None) -> str:
     return {True: "yes", False: "no", None: "unknown"}[flag]
 
 
-def format_report(infos: list[dict]) -> str:
+def center_slices(cfg, infos: list[dict]) -> list[tuple[int, int]] | str | None:
+    """With ``cfg.servers`` > 1, each server's [lo, hi) of the center of the model ``cfg``
+    describes, cut as training cuts it (on the largest exchange chunk of any rank), also stored
+    as ``slice`` in the servers' ``infos``. A string says why they are unknown (the model
+    cannot be built here); None with one server. Builds the model: call on one rank."""
+    if cfg.servers <= 1:
+        return None
+    from .center import round_chunk, shard_slices  # noqa: PLC0415
+    from .errors import EasgdError  # noqa: PLC0415
+    from .models import make_problem  # noqa: PLC0415
+
+    try:
+        n = make_problem(cfg).layout.size
+    except EasgdError as exc:
+        return f"the model cannot be built here: {exc}"
+    gpu_off = cfg.device == "off"
+    widest = max(
+        round_chunk(cfg.resolve_chunk(bool(i.get("is_gpu")) and not gpu_off)) for i in infos
+    )
+    slices = shard_slices(n, cfg.servers, widest)
+    for info in infos:
+        if info["rank"] < cfg.servers:
+            info["slice"] = list(slices[info["rank"]])
+            info["center_size"] = n
+    return slices
+
+
+def format_report(infos: list[dict], slices: list[tuple[int, int]] | str | None = None) -> str:
+    """One line for the MPI library, then one per rank; ``slices`` from :func:`center_slices`."""
+    from .center import describe_slice  # noqa: PLC0415
+
     lines = []
     first = infos[0]
+    servers = sum(1 for i in infos if i["role"].startswith(("master, server", "server")))
     lines.append(
         f"MPI: {first['mpi_library']} (MPI {first['mpi_standard']}, mpi4py "
         f"{first['mpi4py']}), world size {first['world_size']}"
+        + (f"; the center on {servers} servers" if servers > 1 else "")
+        + (f" (slices unknown: {slices})" if isinstance(slices, str) else "")
     )
     for info in infos:
         gpu = info["gpu"]
@@ -115,8 +161,11 @@ def format_report(infos: list[dict]) -> str:
         kern = {True: "compile", False: "FAIL to compile", None: "not compiled"}[
             gpu.get("kernels_compile")
         ]
+        role = info["role"]
+        if isinstance(slices, list) and info["rank"] < len(slices):
+            role += f": center {describe_slice(*slices[info['rank']])}"
         lines.append(
-            f"rank {info['rank']} ({info['role']}) on {info['host']}, local rank "
+            f"rank {info['rank']} ({role}) on {info['host']}, local rank "
             f"{info['local_rank']}: {devs}; CuPy {gpu.get('cupy_version') or 'not installed'}; "
             f"CUDA-aware MPI {'on' if info['cuda_aware_mpi'] else 'off'} "
             f"({CUDA_MPI_VAR} {_MODE_TEXT[info.get('cuda_mpi_mode', 'auto')]}; "

@@ -5,19 +5,25 @@ A CUDA-enabled MPI library opens a context on every GPU the process can see when
 ``easgd train`` and ``easgd check`` narrow ``CUDA_VISIBLE_DEVICES`` from the launcher's
 environment *before* mpi4py is imported:
 
-* the master (world rank 0) holds no GPU: ``CUDA_VISIBLE_DEVICES=""``;
+* the master (world rank 0) and the other servers of the center (ranks 1..S−1 with
+  ``servers = S``) hold no GPU: ``CUDA_VISIBLE_DEVICES=""``;
 * a worker keeps one GPU: the one numbered by its index among the workers on its node (what
-  ``training._choose_backend`` picked before this existed, so the choice does not change),
+  ``training._choose_backend`` picks without a binding, so the choice does not change),
   round-robin when a node has more workers than GPUs. Inside the process that GPU is device 0.
+
+MPI has not started yet, so S comes from the caller (``easgd train`` and ``easgd check`` read
+it from their ``--config``/``--set``/``EASGD_SERVERS``) or from ``EASGD_SERVERS``; it is 1
+otherwise (a resumed checkpoint's own ``servers`` is not known this early: give it again).
 
 The node-local rank comes from the launcher: MPICH's Hydra (``MPI_LOCALRANKID``, ``PMI_RANK``),
 Open MPI (``OMPI_COMM_WORLD_LOCAL_RANK``), MVAPICH (``MV2_COMM_WORLD_LOCAL_RANK``) or Slurm's
 srun (``SLURM_LOCALID``, ``SLURM_PROCID``; ``SLURM_GTIDS`` says whether rank 0 shares the node).
 The launcher-specific variables go first: Hydra started by Slurm inherits the SLURM_* variables
-of its proxies, which describe the proxies, not the ranks. Without ``SLURM_GTIDS`` the master is
-taken to share a node with the ranks numbered from 0 on that node, i.e. ranks placed in blocks
-by node (mpiexec's default, the jobs/ templates' host files); a cyclic placement would pair
-workers with GPUs differently (set ``EASGD_BIND_GPUS=0`` there).
+of its proxies, which describe the proxies, not the ranks. Without ``SLURM_GTIDS`` the ranks
+are taken to be placed in blocks by node (mpiexec's default, the jobs/ templates' host files):
+this node holds the ranks numbered from rank − local rank, so the servers on it are those of
+them below S; a cyclic placement would pair workers with GPUs differently (set
+``EASGD_BIND_GPUS=0`` there).
 
 Nothing changes when ``EASGD_BIND_GPUS=0``, when the launcher is unknown (e.g. a plain
 ``python`` start), when no GPU is visible, or when a worker already sees exactly one GPU (a job
@@ -39,12 +45,23 @@ from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["RECORD_VAR", "OPT_OUT_VAR", "Launch", "detect_launch", "plan", "bind_gpu", "bound_gpu"]
+__all__ = [
+    "RECORD_VAR",
+    "OPT_OUT_VAR",
+    "SERVERS_VAR",
+    "Launch",
+    "detect_launch",
+    "plan",
+    "bind_gpu",
+    "bound_gpu",
+]
 
 #: Where the binding is recorded (read by ``easgd check`` and the start-up line).
 RECORD_VAR = "EASGD_GPU_BINDING"
 #: ``EASGD_BIND_GPUS=0`` switches the binding off.
 OPT_OUT_VAR = "EASGD_BIND_GPUS"
+#: The config's ``servers`` as an environment variable (config.py reads it too).
+SERVERS_VAR = "EASGD_SERVERS"
 _OFF = {"0", "no", "false", "off"}
 _RECORD_GPU = re.compile(r"-> GPU (\S+) of ")
 
@@ -57,11 +74,19 @@ class Launch:
     rank: int  # world rank
     local_rank: int  # index among all ranks on this node
     master_here: bool  # whether world rank 0 runs on this node
+    #: The world ranks on this node when the launcher lists them (Slurm's SLURM_GTIDS).
+    node_ranks: tuple[int, ...] = ()
 
-    @property
-    def worker_on_node(self) -> int:
-        """Index among the *workers* on this node (the master does not shift it)."""
-        return max(0, self.local_rank - (1 if self.master_here else 0))
+    def worker_on_node(self, servers: int = 1) -> int:
+        """Index among the *workers* on this node: the servers (ranks < ``servers``) placed
+        before this rank on it do not shift it."""
+        if self.node_ranks:
+            before = sum(1 for r in self.node_ranks if r < min(servers, self.rank))
+        elif servers == 1:
+            before = 1 if self.master_here else 0
+        else:  # ranks in blocks by node: this node's first rank is rank − local rank
+            before = max(0, min(servers, self.rank) - (self.rank - self.local_rank))
+        return max(0, self.local_rank - before)
 
 
 def _int(environ, name: str) -> int | None:
@@ -86,7 +111,8 @@ def detect_launch(environ=os.environ) -> Launch | None:
         gtids = environ.get("SLURM_GTIDS", "")
         ids = [t.strip() for t in gtids.split(",") if t.strip()]
         here = "0" in ids if ids else rank == local
-        return Launch("Slurm srun", rank, local, master_here=here)
+        listed = tuple(int(t) for t in ids) if all(t.isdigit() for t in ids) else ()
+        return Launch("Slurm srun", rank, local, master_here=here, node_ranks=listed)
     rank, local = _int(environ, "PMI_RANK"), _int(environ, "PMI_LOCAL_RANK")
     if rank is not None and local is not None:
         return Launch("PMI", rank, local, master_here=rank == local)
@@ -112,10 +138,15 @@ def _count_node_gpus() -> int:
     return sum(1 for line in out.splitlines() if line.startswith("GPU "))
 
 
-def plan(environ=os.environ, count_gpus: Callable[[], int] = _count_node_gpus):
+def plan(
+    environ=os.environ,
+    count_gpus: Callable[[], int] = _count_node_gpus,
+    servers: int | None = None,
+):
     """``(new CUDA_VISIBLE_DEVICES, record)`` for this rank, or ``(None, "")`` to leave it.
 
-    Pure apart from ``count_gpus``, which is asked only when ``CUDA_VISIBLE_DEVICES`` is unset.
+    ``servers``: ranks 0..servers−1 hold the center and no GPU (None: ``EASGD_SERVERS``, else
+    1). Pure apart from ``count_gpus``, asked only when ``CUDA_VISIBLE_DEVICES`` is unset.
     """
     if environ.get(OPT_OUT_VAR, "").strip().lower() in _OFF:
         return None, ""
@@ -133,19 +164,29 @@ def plan(environ=os.environ, count_gpus: Callable[[], int] = _count_node_gpus):
     listed = ",".join(gpus)
     if launch.rank == 0:
         return "", f"{where}: master -> no GPU (hides {listed})"
+    servers = _servers(environ) if servers is None else max(1, int(servers))
+    if launch.rank < servers:
+        return "", f"{where}: server {launch.rank} of the center -> no GPU (hides {listed})"
     if len(gpus) == 1:
         return None, ""  # already this worker's one GPU (a job template, --gpus-per-task=1)
-    index = launch.worker_on_node
+    index = launch.worker_on_node(servers)
     gpu = gpus[index % len(gpus)]
     return gpu, f"{where}: worker {index} on this node -> GPU {gpu} of {listed}"
+
+
+def _servers(environ) -> int:
+    value = environ.get(SERVERS_VAR, "").strip()
+    return max(1, int(value)) if value.isdigit() else 1
 
 
 def bind_gpu(
     environ: MutableMapping[str, str] | None = None,
     count_gpus: Callable[[], int] = _count_node_gpus,
+    servers: int | None = None,
 ) -> str:
-    """Narrow ``CUDA_VISIBLE_DEVICES`` to this rank's GPU (none for the master) before MPI
-    starts; returns the record written to ``EASGD_GPU_BINDING`` ("" when nothing changed).
+    """Narrow ``CUDA_VISIBLE_DEVICES`` to this rank's GPU (none for the servers, the master
+    among them) before MPI starts; returns the record written to ``EASGD_GPU_BINDING`` ("" when
+    nothing changed).
 
     Never raises: a binding that cannot be worked out leaves the environment as it was.
     """
@@ -154,7 +195,7 @@ def bind_gpu(
         if env.get(OPT_OUT_VAR, "").strip().lower() in _OFF:
             env.pop(RECORD_VAR, None)  # switched off: no record may claim otherwise
             return ""
-        visible, record = plan(env, count_gpus)
+        visible, record = plan(env, count_gpus, servers)
         if visible is None:
             return ""
         env["CUDA_VISIBLE_DEVICES"] = visible

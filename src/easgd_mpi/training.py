@@ -2,7 +2,8 @@
 
 Every rank calls it. Start-up steps that depend on input (config, data, model, checkpoint) run
 on every rank and agree collectively, so bad input becomes the same clean error everywhere;
-after that, rank 0 serves the center and ranks 1..p train.
+after that, ranks 0..S−1 serve the center in slices (``servers = S``; rank 0 is also the master)
+and ranks S..S+p−1 train.
 """
 
 from __future__ import annotations
@@ -19,22 +20,25 @@ from pathlib import Path
 import numpy as np
 
 from .backend import NumpyBackend, select_backend
-from .center import CenterWindow
+from .center import CenterWindow, describe_slice, shard_slices
 from .checkpoint import CheckpointData, check_matches, load_checkpoint, newest_valid_checkpoint
 from .comm import (
     EXIT_STALLED,
     agree_or_fail,
     allreduce_on_device,
     broadcast,
+    check_layout,
     end_job,
     gather_to_master,
     limit_blas_threads,
     make_roles,
     node_position,
     node_sum,
+    rank_and_size,
     receive_object,
     send_object,
     wait_for_all,
+    world_comm,
 )
 from .config import SYNC_ALGORITHMS, Config
 from .data.sampling import worker_rng
@@ -60,7 +64,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
-    """Train with the master/worker layout on ``comm`` (default COMM_WORLD).
+    """Train with the server/worker layout on ``comm`` (default COMM_WORLD).
 
     ``problem`` is a problem object, a factory ``f(cfg, xp) -> problem`` or None for the
     built-in problem of ``cfg.model.name``. ``resume`` (read on rank 0): a checkpoint file, a
@@ -68,7 +72,10 @@ def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
     fresh start when it has none) or a loaded :class:`CheckpointData`. ``out`` prints the
     master's progress lines (default: stdout). Returns a summary dict, the same on every rank.
     """
-    roles = make_roles(comm)
+    base = world_comm(comm)
+    # A bad servers value is every rank's same mistake: one line each, agreed before roles.
+    agree_or_fail(base, lambda: check_layout(rank_and_size(base)[1], cfg.servers))
+    roles = make_roles(base, servers=cfg.servers)
     say = out or (lambda line: print(line, flush=True))
     p = roles.n_workers
     limit_blas_threads(roles.world, cfg.threads)
@@ -110,7 +117,7 @@ def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
             initial[:] = checkpoint.center
         else:
             prob.init_params(initial, cfg.seed)
-        _announce(say, cfg, p, alpha, devices[1:], run_dir, prob, checkpoint)
+        _announce(say, cfg, p, alpha, devices[roles.servers :], run_dir, prob, checkpoint)
 
     center = CenterWindow(
         roles.world,
@@ -124,7 +131,13 @@ def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
         initial_status=None
         if checkpoint is None
         else {k: checkpoint.worker_counters[k] for k in ("steps", "exchanges", "resets")},
+        servers=roles.servers,
     )
+    if roles.is_master and roles.servers > 1:
+        say(
+            f"easgd: the center on {roles.servers} servers: "
+            + "; ".join(f"rank {s} {describe_slice(*sl)}" for s, sl in enumerate(center.slices))
+        )
     channel = StateChannel(
         roles.world,
         prob.layout.size,
@@ -138,8 +151,13 @@ def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
     worker_resume = _scatter_worker_states(roles, checkpoint, resuming)
 
     start = time.monotonic()
+    served = None
     with _stop_signals() as stop_flag:
-        if roles.is_master:
+        if roles.is_server and not roles.is_master:
+            # Nothing to compute here: keep MPI progress going for this slice until every
+            # rank has joined the end-of-run barrier (the loop is that barrier).
+            served = center.serve()
+        elif roles.is_master:
             metrics = MetricsLog(
                 Path(run_dir) / "metrics.jsonl", history=checkpoint.metrics if checkpoint else None
             )
@@ -174,7 +192,8 @@ def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
                 stop_flag=stop_flag,
             )
             final = None
-        wait_for_all(roles.world)
+        if served is None:
+            wait_for_all(roles.world)
     channel.close()
     center.close()
 
@@ -198,12 +217,16 @@ def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
     except EasgdError:
         roles.free()
         raise
+    # How much of a core each idle server used (a sleeping poll loop should use next to none).
+    served = gather_to_master(roles.world, served)
     summary = None
     if roles.is_master:
         summary = {
             "run_dir": str(run_dir),
             "algorithm": cfg.algorithm,
             "workers": p,
+            "servers": roles.servers,
+            "server_cpu": [x for x in served if x is not None],
             "alpha": alpha,
             "wall_time": round(time.monotonic() - start, 3),
             "stopped": stopped,
@@ -216,7 +239,8 @@ def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
             f"{summary['exchanges']:,d} exchanges in {summary['wall_time']:.1f}s; "
             f"center test error "
             f"{format_error(summary['center_error'], getattr(prob, 'error_is_rate', True))}, "
-            f"loss {summary['center_loss']:.4f}; run folder {run_dir}"
+            f"loss {summary['center_loss']:.4f}{_servers_text(summary['server_cpu'])}; "
+            f"run folder {run_dir}"
         )
     summary = broadcast(roles.world, summary)
     roles.free()
@@ -233,11 +257,15 @@ def _check_memory(cfg, roles, prob, backend) -> None:
 
     n_bytes = 4 * prob.layout.size
     p = roles.n_workers
-    if roles.is_master:
-        # The state window holds two halves of every worker's rows (snapshots.py) and two of
-        # the cut's center; a checkpoint copies one half of each.
-        rows = len(cfg.state_rows) * p if cfg.checkpoint.worker_states else 0
-        need = n_bytes * (3 + 3 * rows + 2)  # window, snapshot, copy, states, cut center
+    if roles.is_server:
+        # A server's window holds its slice only (cut as CenterWindow cuts it, near enough).
+        lo, hi = shard_slices(prob.layout.size, roles.servers, cfg.resolve_chunk(False))[roles.rank]
+        need = 4 * (hi - lo)
+        if roles.is_master:
+            # The state window holds two halves of every worker's rows (snapshots.py) and two
+            # of the cut's center; a checkpoint copies one half of each.
+            rows = len(cfg.state_rows) * p if cfg.checkpoint.worker_states else 0
+            need += n_bytes * (2 + 3 * rows + 2)  # snapshot, copy, states, cut center
     else:
         # x, g, v, y + scratch on the host; a GPU worker's host side is its pinned chunks.
         need = 4 * 4 * cfg.resolve_chunk(True) if backend.is_gpu else n_bytes * 6
@@ -287,9 +315,11 @@ def resolve_resume(spec, run_dir: str, report=print) -> tuple[Path | None, Check
 def _check_resumable(data: CheckpointData, cfg, prob, p: int) -> None:
     check_matches(data, prob.layout, f"#{data.sequence}")
     if data.workers != p:
+        # The servers are free to change (the file holds the whole center): only p must match.
         raise CheckpointError(
             f"checkpoint #{data.sequence} was written by {data.workers} workers, this launch "
-            f"has {p}: launch with {data.workers + 1} ranks to resume it"
+            f"has {p}: launch with {data.workers + cfg.servers} ranks to resume it with "
+            f"servers = {cfg.servers} (ranks = {data.workers} workers + servers)"
         )
     if data.algorithm != cfg.algorithm:
         raise CheckpointError(
@@ -299,7 +329,8 @@ def _check_resumable(data: CheckpointData, cfg, prob, p: int) -> None:
 
 
 def _scatter_worker_states(roles, data, resuming: bool) -> dict | None:
-    """Rank 0 sends each worker its counters, RNG state and (if stored) x and v."""
+    """Rank 0 sends each worker (world rank servers + i) its counters, RNG state and (if
+    stored) x and v."""
     if not resuming:
         return None
     if roles.is_master:
@@ -314,9 +345,11 @@ def _scatter_worker_states(roles, data, resuming: bool) -> dict | None:
                     "x": None if data.worker_x is None else data.worker_x[i],
                     "second": _second_row(data, i),
                 },
-                dest=i + 1,
+                dest=roles.servers + i,
                 tag=7,
             )
+        return None
+    if roles.is_server:
         return None
     return receive_object(roles.world, source=0, tag=7)
 
@@ -420,15 +453,15 @@ def _write_marker(run_dir: Path, name: str) -> None:
 
 
 def _choose_backend(cfg, roles):
-    """Workers use a GPU when one is usable; the master always evaluates on the host."""
-    if roles.is_master:
+    """Workers use a GPU when one is usable; the servers (the master evaluates) use the host."""
+    if roles.is_server:
         return NumpyBackend(), "", None
     if cfg.device == "off":
         return NumpyBackend(), "device = off", None
     from .gpu_binding import bound_gpu  # noqa: PLC0415
 
-    # The index among the workers on this node picks the GPU: the master, which holds none,
-    # does not shift the numbering, whatever the launcher's local rank says. (Collective over
+    # The index among the workers on this node picks the GPU: the servers, which hold none,
+    # do not shift the numbering, whatever the launcher's local rank says. (Collective over
     # the workers: every worker takes part, bound or not.)
     local_worker = node_position(roles.workers)[0]
     bound = bound_gpu()
@@ -495,6 +528,14 @@ def _make_run_dir(cfg, checkpoint) -> str:
         release_run_folder(path)
         raise RunFolderError(f"cannot {action} {target}: {os_reason(exc)}") from None
     return str(path)
+
+
+def _servers_text(served: list[dict]) -> str:
+    """What the servers other than the master cost: the most CPU any of them used."""
+    if not served:
+        return ""
+    busiest = max(x["cpu_s"] / max(x["wall_s"], 1e-9) for x in served)
+    return f"; {len(served) + 1} servers, the idle ones at most {busiest:.1%} of a core"
 
 
 def _announce(say, cfg, p, alpha, devices, run_dir, prob, checkpoint) -> None:

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from launching import assert_one_line_per_rank
+
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
@@ -150,6 +152,27 @@ def test_check_reports_every_rank(mpiexec, easgd_cmd, clean_env, tmp_path):
     js, _ = launch(mpiexec, 2, [*easgd_cmd, "check", "--json"], clean_env, tmp_path)
     infos = json.loads(js.stdout)
     assert [i["rank"] for i in infos] == [0, 1] and infos[1]["role"] == "worker 0"
+
+
+def test_check_names_each_servers_slice(mpiexec, easgd_cmd, clean_env, tmp_path):
+    """servers = 2 on 4 ranks: ranks 0 and 1 hold the digits MLP's center (4,812 floats) in two
+    chunk-aligned halves, ranks 2 and 3 are workers 0 and 1."""
+    args = [*easgd_cmd, "check", "--set", "servers=2"]
+    proc, _ = launch(mpiexec, 4, args, clean_env, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].endswith("world size 4; the center on 2 servers"), lines[0]
+    assert lines[1].startswith("rank 0 (master, server 0: center [0, 2,432), 9.5 KiB) on ")
+    assert lines[2].startswith("rank 1 (server 1: center [2,432, 4,812), 9.3 KiB) on ")
+    assert "holds no GPU" in lines[2]
+    assert [ln.split(") on ")[0] for ln in lines[3:]] == ["rank 2 (worker 0", "rank 3 (worker 1"]
+    js, _ = launch(mpiexec, 4, [*args, "--json"], clean_env, tmp_path)
+    infos = json.loads(js.stdout)
+    assert [i.get("slice") for i in infos] == [[0, 2432], [2432, 4812], None, None]
+    assert [i["role"] for i in infos] == ["master, server 0", "server 1", "worker 0", "worker 1"]
+
+    bad, _ = launch(mpiexec, 2, [*easgd_cmd, "check", "--set", "servers=2"], clean_env, tmp_path)
+    assert_one_line_per_rank(bad, 2, "servers = 2 leaves no worker in a world of 2 ranks")
 
 
 def test_training_on_your_own_data_file(mpiexec, easgd_cmd, clean_env, tmp_path):

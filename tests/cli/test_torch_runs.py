@@ -18,7 +18,7 @@ from easgd_mpi.checkpoint import list_checkpoints, load_checkpoint  # noqa: E402
 from easgd_mpi.config import Config  # noqa: E402
 from easgd_mpi.models import make_problem  # noqa: E402
 from image_files import write_cifar_folder, write_cifar_tar, write_mnist  # noqa: E402
-from launching import assert_one_line_per_rank, run, train_command  # noqa: E402
+from launching import assert_one_line_per_rank, run, train_command, with_path  # noqa: E402
 
 # Small and fast on 2 cores: batch 8, the paper's 28×28 crops, a few dozen steps.
 CIFAR_FAST = ["batch_size=8", "lr=0.02", "eval_interval=1", "checkpoint.interval=0"]
@@ -82,7 +82,7 @@ def test_resume_and_export_of_a_batchnorm_model(mpiexec, clean_env, tmp_path, ci
         "        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),\n"
         "        torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(128, 10))\n"
     )
-    env = {**clean_env, "PYTHONPATH": str(tmp_path)}
+    env = with_path(clean_env, tmp_path)
     run_dir = tmp_path / "run"
     sets = [
         "model.name=torch",
@@ -202,7 +202,7 @@ BAD_FACTORIES = [
 )
 def test_bad_model_factories(label, source, fragment, mpiexec, clean_env, tmp_path):
     (tmp_path / "badnets.py").write_text(source)
-    env = {**clean_env, "PYTHONPATH": str(tmp_path)}
+    env = with_path(clean_env, tmp_path)
     sets = ["model.name=torch", "model.factory=badnets:build", "steps=5"]
     proc = train(mpiexec, 3, tmp_path / "run", sets, env, tmp_path, timeout=120)
     assert_one_line_per_rank(proc, 3, fragment)

@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 
+from easgd_mpi.comm import check_layout
 from easgd_mpi.config import ALGORITHMS, ELASTIC_ALGORITHMS, Config
 from easgd_mpi.data import load_dataset
 from easgd_mpi.errors import ConfigError, DataError
@@ -101,6 +102,20 @@ def test_config_split_arithmetic_is_the_loaders(samples, fraction):
     assert f"training split has {n_train} samples" in refused(cfg)
 
 
+def test_servers_must_leave_a_worker():
+    check_layout(3, 1)
+    check_layout(3, 2)  # the last that leaves a worker
+    for servers, fragment in [
+        (3, "servers = 3 leaves no worker in a world of 3 ranks"),
+        (0, "servers = 0 must be an integer >= 1"),
+        (1.5, "servers = 1.5 must be an integer >= 1"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            check_layout(3, servers)
+        assert fragment in str(info.value) and "\n" not in str(info.value)
+    assert "servers = 0 must be >= 1" in refused(config(servers=0))
+
+
 # ---- the command line --------------------------------------------------------------------------
 
 QUADRATIC = ["model.name=quadratic"]
@@ -158,6 +173,10 @@ CLI_ERRORS = [
         ["algorithm=sync-easgd", "lr=1.0", "tau=1", "beta=1.2", *QUADRATIC],
         "stable for alpha <= 0.5, beta <= 1",
     ),
+    ("servers = world size", ["servers=3"], "servers = 3 leaves no worker in a world of 3 ranks"),
+    ("servers > world size", ["servers=7"], "servers = 7 leaves no worker"),
+    ("servers < 1", ["servers=0"], "servers = 0 must be >= 1"),
+    ("servers not an integer", ["servers=1.5"], "'servers' must be an integer, got 1.5"),
     (
         "sync-easgd alpha + beta",
         ["algorithm=sync-easgd", "alpha=0.7"],

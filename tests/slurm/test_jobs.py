@@ -191,6 +191,41 @@ def test_multi_node(cluster, tmp_path, flavour):
     ), out
 
 
+@pytest.mark.parametrize("flavour", ["pmi2", "mpiexec"])
+def test_multi_node_with_a_server_per_node(cluster, tmp_path, flavour):
+    """SERVERS_PER_NODE=1 on n1 + n2: the center on 2 servers, one per node (rank 0 = master
+    and server 0 on n1, rank 1 = server 1 on n2), no GPU for either, then 2 workers per node,
+    each bound to its own GPU (issue 11)."""
+    job = cluster.submit(
+        "easgd-multi-node.sbatch",
+        *COMMON,
+        "--nodes=2",
+        "--ntasks-per-node=3",
+        "--gpus-per-node=2",
+        submit_dir=tmp_path,
+        EASGD_ARGS=ARGS,
+        MPI_FLAVOUR=flavour,
+        SERVERS_PER_NODE="1",
+    )
+    info = cluster.wait(job)
+    run_dir = tmp_path / "runs" / f"easgd-mn-{job}"
+    out = check_finished_run(cluster, job, info, run_dir, tmp_path, workers=4, steps=STEPS)
+    assert layout(out) == {
+        0: ("n1", ""),
+        1: ("n2", ""),
+        2: ("n1", "0"),
+        3: ("n1", "1"),
+        4: ("n2", "0"),
+        5: ("n2", "1"),
+    }, out
+    records = bindings(out)
+    assert records[1].endswith("server 1 -> no GPU (hides 0,1)"), out
+    assert records[4].endswith("worker 0 on this node -> GPU 0 of 0,1"), out
+    assert "the center on 2 servers: rank 0 " in out, out
+    config = (run_dir / "config.toml").read_text()
+    assert "servers = 2" in config, config
+
+
 def test_module_lines_and_bad_flavour_do_not_hang(cluster, tmp_path):
     """EASGD_MODULES where there are no modules is a note, not a failure; a bad MPI_FLAVOUR is a
     clear error (exit 2) before anything starts."""

@@ -140,18 +140,22 @@ def test_record_names_rank_launcher_and_gpu():
 
 
 @pytest.mark.parametrize(
-    "nodes, n_gpus",
+    "nodes, n_gpus, servers",
     [
-        ([0] * 5, 4),  # one node, master + 4 workers
-        ([0] * 3 + [1] * 2, 2),  # the multi-node template on 2 nodes with 2 GPUs each
-        ([0] * 5 + [1] * 4 + [2] * 4, 4),  # 3 nodes, 4 workers each
-        ([0] * 7 + [1] * 3, 4),  # more workers than GPUs on the first node
+        ([0] * 5, 4, 1),  # one node, master + 4 workers
+        ([0] * 3 + [1] * 2, 2, 1),  # the multi-node template on 2 nodes with 2 GPUs each
+        ([0] * 5 + [1] * 4 + [2] * 4, 4, 1),  # 3 nodes, 4 workers each
+        ([0] * 7 + [1] * 3, 4, 1),  # more workers than GPUs on the first node
+        ([0] * 10, 8, 2),  # the issue's layout: 2 servers and 8 workers on one node of 8 GPUs
+        ([0] * 6 + [1] * 6, 4, 3),  # servers 0..2 on the first node
+        ([0] * 2 + [1] * 5, 4, 3),  # server 2 on the second node
     ],
 )
 @pytest.mark.parametrize("launcher", [hydra, ompi, srun])
-def test_same_gpu_as_choose_backend(nodes, n_gpus, launcher):
+def test_same_gpu_as_choose_backend(nodes, n_gpus, servers, launcher):
     """Ranks placed in blocks by node: the bound GPU is the one _choose_backend's numbering
-    (index among the workers on the node, modulo the GPUs) picked without the binding."""
+    (index among the workers on the node, from the workers-only communicator, modulo the GPUs)
+    picked without the binding; the servers (ranks 0..servers-1, the master first) get none."""
     gpus = [str(10 + i) for i in range(n_gpus)]  # names, not positions
     for rank, node in enumerate(nodes):
         local = nodes[:rank].count(node)
@@ -161,11 +165,21 @@ def test_same_gpu_as_choose_backend(nodes, n_gpus, launcher):
             env = srun(rank, local, gtids, **visible)
         else:
             env = launcher(rank, local, **visible)
-        if rank == 0:
-            assert gpu_of(env) == ""
+        gpu, record = plan(env, no_count, servers=servers)
+        if rank < servers:
+            assert gpu == "" and ("master" if rank == 0 else f"server {rank} ") in record
             continue
-        workers_before = sum(1 for r in range(1, rank) if nodes[r] == node)  # node_position
-        assert gpu_of(env) == gpus[workers_before % n_gpus], (rank, node)
+        workers_before = sum(1 for r in range(servers, rank) if nodes[r] == node)
+        assert gpu == gpus[workers_before % n_gpus], (rank, node)
+
+
+def test_servers_from_the_environment_and_one_by_default():
+    env = hydra(1, 1, CUDA_VISIBLE_DEVICES="0,1,2")
+    assert gpu_of(env) == "0"  # servers = 1: rank 1 is worker 0
+    assert gpu_of({**env, "EASGD_SERVERS": "2"}) == ""  # rank 1 serves
+    assert plan({**env, "EASGD_SERVERS": "2"}, no_count, servers=1)[0] == "0"  # the caller wins
+    assert gpu_of({**hydra(3, 3, CUDA_VISIBLE_DEVICES="0,1,2"), "EASGD_SERVERS": "2"}) == "1"
+    assert gpu_of({**env, "EASGD_SERVERS": "x"}) == "0"  # not a number: the default
 
 
 # ---- applying it ---------------------------------------------------------------------------
@@ -230,7 +244,8 @@ def test_choose_backend_uses_device_0_when_bound(monkeypatch):
 
     monkeypatch.setattr(training, "select_backend", fake_select)
     monkeypatch.setattr(training, "node_position", lambda comm: (3, 4))
-    cfg, roles = SimpleNamespace(device="auto"), SimpleNamespace(is_master=False, workers=None)
+    roles = SimpleNamespace(is_master=False, is_server=False, workers=None)
+    cfg = SimpleNamespace(device="auto")
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
     monkeypatch.setenv(RECORD_VAR, "world rank 4, ...: worker 3 on this node -> GPU 1 of 0,1")
