@@ -150,12 +150,9 @@ def test_single_node(cluster, tmp_path):
     assert f"output in {run_dir}/job.out" in slurm_log
 
 
-@pytest.mark.parametrize("flavour", ["pmi2", "mpiexec"])
-def test_multi_node(cluster, tmp_path, flavour):
-    """jobs/easgd-multi-node.sbatch on n1 + n2 (2 GPUs each): master + 2 workers on n1, 2 on n2.
-
-    pmi2: srun with an explicit host file; mpiexec: the venv's Hydra mpiexec in the allocation.
-    """
+def _multi_node_run(cluster, tmp_path, flavour, **variables):
+    """jobs/easgd-multi-node.sbatch on 2 nodes × 3 slots with 2 GPUs each, 4 workers: (job.out,
+    scontrol's record, run folder), after the checks every finished run passes."""
     job = cluster.submit(
         "easgd-multi-node.sbatch",
         *COMMON,
@@ -165,10 +162,21 @@ def test_multi_node(cluster, tmp_path, flavour):
         submit_dir=tmp_path,
         EASGD_ARGS=ARGS,
         MPI_FLAVOUR=flavour,
+        **variables,
     )
     info = cluster.wait(job)
     run_dir = tmp_path / "runs" / f"easgd-mn-{job}"
     out = check_finished_run(cluster, job, info, run_dir, tmp_path, workers=4, steps=STEPS)
+    return out, info, run_dir
+
+
+@pytest.mark.parametrize("flavour", ["pmi2", "mpiexec"])
+def test_multi_node(cluster, tmp_path, flavour):
+    """jobs/easgd-multi-node.sbatch on n1 + n2 (2 GPUs each): master + 2 workers on n1, 2 on n2.
+
+    pmi2: srun with an explicit host file; mpiexec: the venv's Hydra mpiexec in the allocation.
+    """
+    out, info, _ = _multi_node_run(cluster, tmp_path, flavour)
     assert info.get("NodeList") == "n[1-2]", info
     # each worker bound to its own GPU on its node before MPI starts (issue 13, item 7)
     ranks = layout(out)
@@ -191,25 +199,11 @@ def test_multi_node(cluster, tmp_path, flavour):
     ), out
 
 
-@pytest.mark.parametrize("flavour", ["pmi2", "mpiexec"])
-def test_multi_node_with_a_server_per_node(cluster, tmp_path, flavour):
+def test_multi_node_with_a_server_per_node(cluster, tmp_path, flavour="pmi2"):
     """SERVERS_PER_NODE=1 on n1 + n2: the center on 2 servers, one per node (rank 0 = master
     and server 0 on n1, rank 1 = server 1 on n2), no GPU for either, then 2 workers per node,
     each bound to its own GPU (issue 11)."""
-    job = cluster.submit(
-        "easgd-multi-node.sbatch",
-        *COMMON,
-        "--nodes=2",
-        "--ntasks-per-node=3",
-        "--gpus-per-node=2",
-        submit_dir=tmp_path,
-        EASGD_ARGS=ARGS,
-        MPI_FLAVOUR=flavour,
-        SERVERS_PER_NODE="1",
-    )
-    info = cluster.wait(job)
-    run_dir = tmp_path / "runs" / f"easgd-mn-{job}"
-    out = check_finished_run(cluster, job, info, run_dir, tmp_path, workers=4, steps=STEPS)
+    out, _, run_dir = _multi_node_run(cluster, tmp_path, flavour, SERVERS_PER_NODE="1")
     assert layout(out) == {
         0: ("n1", ""),
         1: ("n2", ""),
@@ -245,6 +239,35 @@ def test_module_lines_and_bad_flavour_do_not_hang(cluster, tmp_path):
     assert "MPI_FLAVOUR=mvapich is not one of pmi2, pmix, mpiexec" in out
     slurm_log = (tmp_path / f"slurm-easgd-{job}.out").read_text()
     assert "module" in slurm_log and "skipping EASGD_MODULES" in slurm_log, slurm_log
+
+
+@pytest.mark.parametrize(
+    ("variables", "message"),
+    [
+        (
+            {"SERVERS_PER_NODE": "1", "MPI_FLAVOUR": "mpiexec"},
+            "SERVERS_PER_NODE=1 needs MPI_FLAVOUR=pmi2 or pmix",
+        ),
+        ({"SERVERS_PER_NODE": "two"}, "SERVERS_PER_NODE=two is not a whole number >= 0"),
+    ],
+)
+def test_multi_node_refuses_a_server_layout_it_cannot_place(cluster, tmp_path, variables, message):
+    """A server layout the launcher cannot honour is a clear error (exit 2) before any rank
+    starts, never a job that hangs or runs with another layout than asked."""
+    job = cluster.submit(
+        "easgd-multi-node.sbatch",
+        *COMMON,
+        "--nodes=2",
+        "--ntasks-per-node=3",
+        "--gpus-per-node=2",
+        submit_dir=tmp_path,
+        EASGD_ARGS=ARGS,
+        **variables,
+    )
+    info = cluster.wait(job)
+    out = (tmp_path / "runs" / f"easgd-mn-{job}" / "job.out").read_text()
+    assert info.get("JobState") == "FAILED" and info.get("ExitCode") == "2:0", (info, out)
+    assert message in out, out
 
 
 def test_preemptible_requeues_and_resumes(cluster, tmp_path):

@@ -1,0 +1,139 @@
+"""A periodic checkpoint is one consistent cut: its center is the center at its workers' step.
+
+Where the center of a cut is known exactly (the synchronous rules' replica; the window of a
+single asynchronous worker) the first worker saves it with its state. Were the master to read
+the window when it writes the checkpoint instead, the workers would have moved it on by then:
+here the master is held up between collecting the states and writing the file (a sleep wrapped
+around ``StateChannel.states``, the math untouched), so such a center is many steps later, every
+time, and not the float64 recurrence of DESIGN.md §2 at the checkpoint's step count.
+
+Async EASGD at p = 1 runs on each pair of ranks (a leftover rank sits out); sync EASGD on the
+whole world, p = world size − 1, every worker with its own optimum.
+"""
+
+import time
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+import easgd_mpi as ea
+from easgd_mpi.checkpoint import list_checkpoints, load_checkpoint
+from easgd_mpi.models import QuadraticProblem
+from easgd_mpi.snapshots import StateChannel
+
+H = np.array([0.5, 1.0, 1.5, 2.0])
+M = np.array([1.0, -1.0, 0.5, 0.25])
+SHIFT = np.array([0.7, -1.4, 2.1, 0.35])
+LR = 0.02  # slow enough that 20 steps move the center by far more than TOL
+STEPS = 240
+TOL = 1e-5
+#: Seconds per gradient (the run lasts long enough for several periodic checkpoints) and the
+#: master's hold-up between the states and the file (many steps of the workers).
+STEP_DELAY = 0.002
+MASTER_DELAY = 0.05
+
+
+def optimum(worker: int) -> np.ndarray:
+    return M + SHIFT * (worker + 1)
+
+
+class SlowWorkerQuadratic(QuadraticProblem):
+    def __init__(self, cfg, xp, worker):
+        super().__init__(cfg.quadratic, xp=xp)
+        if worker >= 0:
+            self._m[: self.dim] = xp.asarray(optimum(worker), dtype=np.float32)
+
+    def loss_and_grad(self, x, batch, g):
+        time.sleep(STEP_DELAY)
+        return super().loss_and_grad(x, batch, g)
+
+
+def expected_state(algorithm, p, steps, tau, alpha):
+    """(x of every worker, center) after ``steps`` steps, float64."""
+    m = np.array([optimum(i) for i in range(p)])
+    x, c = np.zeros((p, len(H))), np.zeros(len(H))
+    beta = p * alpha
+    for t in range(steps):
+        g = H * (x - m)
+        if t % tau == 0:
+            if algorithm == "easgd":
+                e = alpha * (x[0] - c)
+                x, c = x - e - LR * g, c + e
+            else:
+                x, c = x - alpha * (x - c) - LR * g, (1 - beta) * c + beta * x.mean(axis=0)
+        else:
+            x = x - LR * g
+    return x, c
+
+
+def run_and_check(monkeypatch, tmp_path, comm, algorithm, p, worker):
+    original = StateChannel.states
+
+    def held_up(self, cut):
+        result = original(self, cut)
+        time.sleep(MASTER_DELAY)  # the workers go on meanwhile
+        return result
+
+    monkeypatch.setattr(StateChannel, "states", held_up)
+    out = comm.bcast(str(tmp_path), root=0)
+    overrides = {
+        "algorithm": f'"{algorithm}"',
+        "model.name": '"quadratic"',
+        "quadratic.dim": len(H),
+        "quadratic.curvature": str(H.tolist()),
+        "quadratic.optimum": str(M.tolist()),
+        "quadratic.start": 0.0,
+        "lr": LR,
+        "tau": 1,
+        "steps": STEPS,
+        "eval_interval": 0.5,
+        "checkpoint.interval": 0.05,
+        "checkpoint.keep": 1000,
+        "output": f'"{out}"',
+    }
+    cfg = ea.Config.from_toml(None, environ={}, overrides={k: str(v) for k, v in overrides.items()})
+    summary = ea.train(
+        cfg,
+        problem=lambda cfg, xp: SlowWorkerQuadratic(cfg, xp, worker),
+        comm=comm,
+        out=lambda line: None,
+    )
+    if comm.Get_rank() != 0:
+        return
+    alpha = summary["alpha"]
+    middle = []
+    for path in list_checkpoints(summary["run_dir"]):
+        data = load_checkpoint(path)
+        steps = data.worker_counters["steps"]
+        if 0 < steps.max() < STEPS:
+            middle.append(data)
+    assert middle, "no checkpoint was written mid-run"
+    for data in middle:
+        steps = data.worker_counters["steps"]
+        assert len(set(steps.tolist())) == 1  # p = 1, or one common round
+        x, c = expected_state(algorithm, p, int(steps[0]), 1, alpha)
+        np.testing.assert_allclose(data.center[: len(H)], c, rtol=0, atol=TOL)
+        np.testing.assert_allclose(data.worker_x[:, : len(H)], x, rtol=0, atol=TOL)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_async_easgd_checkpoint_center_is_the_cut(monkeypatch, tmp_path):
+    world = MPI.COMM_WORLD
+    rank, size = world.Get_rank(), world.Get_size()
+    alone = rank == size - 1 and size % 2 == 1
+    comm = world.Split(MPI.UNDEFINED if alone else rank // 2, rank)
+    if alone:
+        return
+    try:
+        run_and_check(monkeypatch, tmp_path, comm, "easgd", 1, comm.Get_rank() - 1)
+    finally:
+        comm.Free()
+
+
+@pytest.mark.mpi(min_size=3)
+def test_sync_easgd_checkpoint_center_is_the_cut(monkeypatch, tmp_path):
+    world = MPI.COMM_WORLD
+    run_and_check(
+        monkeypatch, tmp_path, world, "sync-easgd", world.Get_size() - 1, world.Get_rank() - 1
+    )
