@@ -20,7 +20,9 @@ class LocalCenter:
                 hi = min(lo + self.chunk, self.n)
                 c = self.value[lo:hi].copy()
                 e = np.empty_like(c)
-                compute(lo, hi, c, e)
+                finish = compute(lo, hi, c, e)
+                if finish is not None:  # a staged worker's chunk, started: finish it first
+                    finish()
                 self.value[lo:hi] += e
         return 8 * self.n
 

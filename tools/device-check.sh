@@ -31,7 +31,8 @@
 #                  and 784-1024-1024-10) and a plain PyTorch MLP of the same sizes
 #   exchange-staged  mpiexec -n 2 (master + 1 GPU worker): one exchange of 1e7 floats through
 #                  the center window, staged through pinned buffers, with 262144- and
-#                  4194304-float chunks, and a host (NumPy) worker for comparison
+#                  4194304-float chunks, each serial (one chunk after the other) and
+#                  overlapped (copies on their own streams, issue 11), and a host worker
 #   cuda-aware     only where MPIX_Query_cuda_support() says 1 (else SKIP): easgd check and
 #                  sync EASGD training with EASGD_CUDA_MPI=1 (device buffers to Allreduce)
 #   train-digits   2 GPU workers (+ master) train the digits MLP; center error <= 0.06
@@ -433,7 +434,7 @@ EOF
 step_exchange_staged() {
   cat >"$WORK/exchange_staged.py" <<'EOF'
 # One elastic exchange of N floats with the center (master + 1 worker): staged through pinned
-# host buffers with small and large chunks, and a host (NumPy) worker at the large chunk.
+# host buffers with small and large chunks, serial and overlapped, and a host (NumPy) worker.
 import json, os, sys, time
 from easgd_mpi.gpu_binding import bind_gpu
 bind_gpu()  # as `easgd train` does, before MPI starts
@@ -452,8 +453,15 @@ if rank == 1 and os.environ.get("DEVICE_CHECK_XP") != "numpy":
     from easgd_mpi.backend.cupy_backend import CupyBackend
     gpu = CupyBackend(0)
 results = []
-for kind, chunk in (("staged", 262144), ("staged", 4194304), ("host", 4194304)):
-    be = (gpu or host) if kind == "staged" else host
+# Serial staging (each chunk copied in, computed, copied out and waited for before the next)
+# against the overlapped pipeline (copies on their own streams, finished one chunk later), at
+# both chunk sizes, and a host worker: ratios within this one run.
+for kind, chunk, overlap in (
+    ("staged-serial", 262144, False), ("staged-overlap", 262144, True),
+    ("staged-serial", 4194304, False), ("staged-overlap", 4194304, True),
+    ("host", 4194304, False),
+):
+    be = (gpu or host) if kind.startswith("staged") else host
     win = CenterWindow(comm, n, 1, initial=np.zeros(n, np.float32) if rank == 0 else None,
                        chunk=chunk, alloc_chunk=be.host_empty if rank == 1 else None)
     if rank == 0:  # the master only keeps MPI progressing, as in training
@@ -462,10 +470,14 @@ for kind, chunk in (("staged", 262144), ("staged", 4194304), ("host", 4194304)):
             time.sleep(0.001)
     else:
         x = be.asarray(np.random.default_rng(1).standard_normal(n).astype(np.float32))
-        staging = _ChunkStaging(be, win.chunk)
+        staging = _ChunkStaging(be, win.chunk, overlap=overlap)
 
         def compute(lo, hi, c, e, x=x, staging=staging, be=be):
-            staging.run(c, e, lambda cd, ed: be.exchange(x[lo:hi], cd, ed, 0.01))
+            finish = staging.start(c, e, lambda cd, ed: be.exchange(x[lo:hi], cd, ed, 0.01))
+            if staging.overlap:
+                return finish
+            finish()
+            return None
 
         win.exchange(compute)  # warm-up
         times = []
@@ -475,10 +487,11 @@ for kind, chunk in (("staged", 262144), ("staged", 4194304), ("host", 4194304)):
             be.synchronize()
             times.append(time.perf_counter() - t0)
         t = float(np.median(times))
-        r = {"path": kind, "backend": be.name, "staged": bool(staging.staged), "n": n,
-             "chunk": win.chunk, "exchange_ms": t * 1e3, "gbps": 8 * n / t / 1e9}
+        r = {"path": kind, "backend": be.name, "staged": bool(staging.staged),
+             "overlap": bool(staging.overlap), "n": n, "chunk": win.chunk,
+             "exchange_ms": t * 1e3, "gbps": 8 * n / t / 1e9}
         results.append(r)
-        print(f"{kind:<7} {be.name:<6} chunk {r['chunk']:>8}: {r['exchange_ms']:8.2f} ms per "
+        print(f"{kind:<14} {be.name:<6} chunk {r['chunk']:>8}: {r['exchange_ms']:8.2f} ms per "
               f"exchange, {r['gbps']:6.2f} GB/s (8n bytes)", flush=True)
         comm.Ibarrier().Wait()
     win.close()

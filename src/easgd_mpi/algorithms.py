@@ -38,32 +38,46 @@ class _ChunkStaging:
     On the host the center's chunk buffers are used directly. On a GPU they are always pinned
     host buffers (MPI one-sided operations never see device memory: Open MPI documents them as
     unsupported on it even when the library is CUDA-aware), so each chunk is staged: pinned host
-    → device, kernel, device → pinned host, enqueued back to back on the stream, then one
-    synchronisation before MPI touches the host buffer again. Σ e² (the worker-to-center
-    distance, and the finiteness test) is taken from the host copy already at hand.
+    → device, kernel, device → pinned host. With ``overlap`` (the default) the copies run on
+    their own streams and a chunk is only started here; the exchange finishes it (waits for its
+    difference on the host) after it has started the next one, so copies, kernels and MPI of
+    neighbouring chunks overlap. Without, each chunk is finished before the next starts (the
+    baseline the device check compares against). Σ e² (the worker-to-center distance, and the
+    finiteness test) is taken from the host copy once it is there.
     """
 
-    def __init__(self, backend, chunk: int):
+    def __init__(self, backend, chunk: int, overlap: bool = True):
         self.backend = backend
+        self.chunk = int(chunk)
         self.staged = backend.is_gpu
+        self.overlap = overlap and self.staged
         if self.staged:
-            self._c_dev = backend.zeros(chunk)
-            self._e_dev = backend.zeros(chunk)
+            self._pipeline = backend.staging_pipeline()
+            # Device chunk pairs: one per chunk in flight (at most one started chunk per slice
+            # of the center, plus the one starting); made on first need, then reused.
+            self._free: list[tuple[object, object]] = []
 
-    def run(self, c, e, kernel) -> float:
-        """kernel(c_dev, e_dev) on one chunk; returns Σ e² (float64; inf or nan if e is not
-        finite)."""
+    def start(self, c, e, kernel):
+        """Start kernel(c_dev, e_dev) on one chunk; returns finish() → Σ e² (float64; inf or
+        nan if e is not finite), which must be called before c or e is touched again."""
         b = self.backend
         if not self.staged:
             kernel(c, e)
-            return b.sum_squares(e)
+            return lambda: b.sum_squares(e)
+        pair = self._free.pop() if self._free else (b.zeros(self.chunk), b.zeros(self.chunk))
         k = c.shape[0]
-        c_dev, e_dev = self._c_dev[:k], self._e_dev[:k]
-        b.from_host_async(c, c_dev)
-        kernel(c_dev, e_dev)
-        b.to_host_async(e_dev, e)
-        b.synchronize()  # the one wait of this chunk: e is on the host, c may be reused
-        return host_sum_squares(e)
+        c_dev, e_dev = pair[0][:k], pair[1][:k]
+        ticket = self._pipeline.start(c, c_dev, kernel, e_dev, e)
+
+        def finish() -> float:
+            self._pipeline.wait(ticket)
+            self._free.append(pair)
+            return host_sum_squares(e)
+
+        if self.overlap:
+            return finish
+        sq = finish()
+        return lambda: sq
 
 
 class WorkerAlgorithm(ABC):
@@ -143,13 +157,21 @@ class WorkerAlgorithm(ABC):
         poisoned = False
 
         def compute(lo, hi, c, e):
-            nonlocal total_sq, poisoned
-            sq = self._staging.run(c, e, lambda cd, ed: chunk_kernel(lo, hi, cd, ed))
-            if math.isfinite(sq):
-                total_sq += sq
-            else:
-                e[...] = 0
-                poisoned = True
+            sum_squares = self._staging.start(c, e, lambda cd, ed: chunk_kernel(lo, hi, cd, ed))
+
+            def finish() -> None:
+                nonlocal total_sq, poisoned
+                sq = sum_squares()
+                if math.isfinite(sq):
+                    total_sq += sq
+                else:
+                    e[...] = 0
+                    poisoned = True
+
+            if self._staging.overlap:
+                return finish  # the exchange calls it after it has started the next chunk
+            finish()
+            return None
 
         self.bytes += self.center.exchange(compute)
         self.exchanges += 1

@@ -46,7 +46,10 @@ _SLOTS = len(STATUS_FIELDS)
 
 #: compute(lo, hi, c_chunk, e_chunk): given the center's elements [lo, hi) in ``c_chunk``, write
 #: the elastic difference to add to them into ``e_chunk`` (and update the worker's own state).
-ChunkKernel = Callable[[int, int, object, object], None]
+#: It may instead start that work and return a callable that finishes it (a GPU worker's copies
+#: and kernel in flight): the exchange then starts the next chunk before it finishes this one,
+#: and touches neither buffer of this chunk before the callable has returned.
+ChunkKernel = Callable[[int, int, object, object], Callable[[], None] | None]
 
 
 #: Chunks are whole multiples of this many floats, so every chunk starts on a float4 (16-byte)
@@ -251,7 +254,10 @@ class CenterWindow:
 
         For each chunk the center's current values are read atomically, ``compute`` turns them
         into the difference e to add, and e is accumulated atomically. Chunks of different
-        slices are computed in the order their reads complete. Returns bytes moved.
+        slices are computed in the order their reads complete. When ``compute`` defers its
+        work (returns a finisher), chunk k of a slice is started before chunk k−1 is finished
+        and accumulated: the device works on k while MPI reads k+1 and accumulates k−1.
+        Returns bytes moved.
         """
         MPI = self._MPI
         shards = self._shards
@@ -262,6 +268,8 @@ class CenterWindow:
             reads = [self._rget(sh, 0) for sh in shards]  # every server's first chunk at once
             done = [0] * len(shards)  # chunks of each slice read so far
             accs = [[None, None] for _ in shards]
+            # Per slice, the chunk started but not yet finished: (its buffer, index, finisher).
+            started: list[tuple[int, int, Callable[[], None]] | None] = [None] * len(shards)
             while True:
                 i = MPI.Request.Waitany(reads)  # completed reads become REQUEST_NULL
                 if i == MPI.UNDEFINED:
@@ -269,23 +277,46 @@ class CenterWindow:
                 sh, k = shards[i], done[i]
                 done[i] += 1
                 buf = k % 2
-                if k + 1 < len(sh.chunks):
-                    # Buffer 1-buf was last read by compute k-1 of this slice, which returned.
+                more = k + 1 < len(sh.chunks)
+                if more and started[i] is None:
+                    # Buffer 1-buf was last read by compute k-1 of this slice, which finished.
                     reads[i] = self._rget(sh, k + 1)
                 if accs[i][buf] is not None:
                     accs[i][buf].Wait()  # e[buf] is still the origin of accumulate k-2
                 lo, hi = sh.chunks[k]
-                m = hi - lo
-                compute(lo, hi, sh.c[buf][:m], sh.e[buf][:m])
-                accs[i][buf] = self._win.Raccumulate(
-                    sh.e[buf][:m], sh.target, target=(lo - sh.lo, m, MPI.FLOAT), op=MPI.SUM
-                )
+                finish = compute(lo, hi, sh.c[buf][: hi - lo], sh.e[buf][: hi - lo])
+                if started[i] is not None:  # chunk k-1: finish it, send it, reuse its buffers
+                    self._finish(i, *started[i], accs)
+                    started[i] = None
+                    if more:
+                        reads[i] = self._rget(sh, k + 1)
+                if finish is None:
+                    self._accumulate(i, buf, k, accs)
+                else:
+                    started[i] = (buf, k, finish)
+            for i, pending in enumerate(started):
+                if pending is not None:
+                    self._finish(i, *pending, accs)
             MPI.Request.Waitall([r for pair in accs for r in pair if r is not None])
             for sh in shards:
                 self._win.Flush(sh.target)
         finally:
             self._unlock()
         return 8 * self.n
+
+    def _finish(self, i: int, buf: int, k: int, finish: Callable[[], None], accs) -> None:
+        finish()
+        self._accumulate(i, buf, k, accs)
+
+    def _accumulate(self, i: int, buf: int, k: int, accs) -> None:
+        sh = self._shards[i]
+        lo, hi = sh.chunks[k]
+        accs[i][buf] = self._win.Raccumulate(
+            sh.e[buf][: hi - lo],
+            sh.target,
+            target=(lo - sh.lo, hi - lo, self._MPI.FLOAT),
+            op=self._MPI.SUM,
+        )
 
     def read(self, out: np.ndarray) -> None:
         """Atomic read of the whole center (every slice) into host array ``out``."""

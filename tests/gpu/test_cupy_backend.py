@@ -188,3 +188,43 @@ def test_describe_reports_the_device(backend):
     assert info["gpu_available"] and info["kernels_compile"], info
     assert info["devices"] and info["devices"][0]["total_memory_bytes"] > 0
     assert backend.name == "cupy" and backend.is_gpu
+
+
+def test_overlapped_chunk_staging_matches_the_host_exchange(backend, cp):
+    """The stream pipeline (copy in, kernel, copy out on three streams, finished one chunk
+    later, as the exchange runs it) gives the NumPy exchange's e and x, chunk by chunk, with
+    two chunks in flight at once."""
+    from easgd_mpi.algorithms import _ChunkStaging  # noqa: PLC0415
+
+    rng = np.random.default_rng(7)
+    n, chunk, alpha = 1_000_000, 131_072, np.float32(0.3)
+    x_host = rng.standard_normal(n).astype(np.float32)
+    c_host = rng.standard_normal(n).astype(np.float32)
+    x_ref, e_ref = x_host.copy(), np.empty(n, np.float32)
+    NumpyBackend().exchange(x_ref, c_host, e_ref, alpha)
+
+    x = backend.asarray(x_host)
+    staging = _ChunkStaging(backend, chunk)
+    assert staging.overlap
+    c_bufs = [backend.host_empty(chunk) for _ in range(2)]
+    e_bufs = [backend.host_empty(chunk) for _ in range(2)]
+    e_out = np.empty(n, np.float32)
+    previous = None
+    for k, lo in enumerate(range(0, n, chunk)):
+        hi = min(lo + chunk, n)
+        c, e = c_bufs[k % 2][: hi - lo], e_bufs[k % 2][: hi - lo]
+        c[...] = c_host[lo:hi]
+        finish = staging.start(
+            c, e, lambda cd, ed, lo=lo, hi=hi: backend.exchange(x[lo:hi], cd, ed, alpha)
+        )
+        if previous is not None:  # the chunk before, finished after this one started
+            plo, phi, pe, pfinish = previous
+            assert np.isfinite(pfinish())
+            e_out[plo:phi] = pe
+        previous = (lo, hi, e, finish)
+    plo, phi, pe, pfinish = previous
+    pfinish()
+    e_out[plo:phi] = pe
+    backend.synchronize()
+    np.testing.assert_allclose(e_out, e_ref, rtol=1e-6, atol=ATOL)
+    np.testing.assert_allclose(cp.asnumpy(x), x_ref, rtol=1e-6, atol=ATOL)

@@ -23,6 +23,36 @@ class StagedNumpy(NumpyBackend):
     is_gpu = True
 
 
+class _LazyStaging:
+    """A "device" that does nothing until asked: a chunk's copy in, kernel and copy out run
+    only at ``wait``. An exchange that reused a chunk's host buffers before finishing it (an
+    MPI read into them, the next chunk's copy out) would then compute from, or send, the wrong
+    values: what overlapped streams on a GPU would do, made certain."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def start(self, c_host, c_dev, kernel, e_dev, e_host):
+        def run():
+            self.backend.from_host(c_host, c_dev)
+            kernel(c_dev, e_dev)
+            self.backend.to_host(e_dev, e_host)
+
+        return run
+
+    def wait(self, ticket) -> None:
+        ticket()
+
+
+class LazyStagedNumpy(StagedNumpy):
+    """The staged path with the overlapped pipeline's worst case: nothing runs until waited."""
+
+    name = "numpy-lazy-staged"
+
+    def staging_pipeline(self):
+        return _LazyStaging(self)
+
+
 def final_center(tmp_path, **overrides):
     summary = train_quietly(config(tmp_path, **overrides))
     center = None
@@ -43,8 +73,9 @@ CASES = [
 
 
 @pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("staging", [StagedNumpy, LazyStagedNumpy], ids=["staged", "lazy"])
 @pytest.mark.parametrize("algorithm, extra", CASES, ids=[c[0] for c in CASES])
-def test_staged_path_gives_the_host_paths_result(tmp_path, monkeypatch, algorithm, extra):
+def test_staged_path_gives_the_host_paths_result(tmp_path, monkeypatch, algorithm, extra, staging):
     deterministic = algorithm.startswith(("sync", "allreduce")) or MPI.COMM_WORLD.Get_size() == 2
     params = {
         "algorithm": f'"{algorithm}"',
@@ -59,7 +90,7 @@ def test_staged_path_gives_the_host_paths_result(tmp_path, monkeypatch, algorith
         **extra,
     }
     host, _ = final_center(tmp_path / "host", **params)
-    monkeypatch.setattr(training, "select_backend", lambda **kw: (StagedNumpy(), ""))
+    monkeypatch.setattr(training, "select_backend", lambda **kw: (staging(), ""))
     staged, summary = final_center(tmp_path / "staged", **params)
     assert summary["steps"] == 120 * summary["workers"]
     if deterministic:

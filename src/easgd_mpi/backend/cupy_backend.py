@@ -59,6 +59,43 @@ _BLOCKS_PER_SM = 32  # enough resident warps to saturate HBM; the grid-stride lo
 
 
 # ---- the kernels: one table shared by the backend, the tests and the benchmark ----------------
+class StreamStaging:
+    """One chunk of an exchange through pinned host buffers, overlapped with the others.
+
+    ``start`` enqueues host → device on a copy-in stream, the kernel on the worker's current
+    (compute) stream after that copy's event, device → host on a copy-out stream after the
+    kernel's event, and returns the copy-out's event. So chunk k's copy in, chunk k−1's kernel
+    and chunk k−2's copy out can run at once on a GPU with separate copy engines, while MPI on
+    the host reads k+1 and accumulates k−1; ``wait(ticket)`` blocks only until that one chunk's
+    difference is on the host. Kernels stay in order on the compute stream, after everything
+    the worker enqueued there before (its gradient, the look-ahead point).
+    """
+
+    def __init__(self):
+        self._copy_in = cupy.cuda.Stream(non_blocking=True)
+        self._copy_out = cupy.cuda.Stream(non_blocking=True)
+
+    def start(self, c_host, c_dev, kernel, e_dev, e_host):
+        compute = cupy.cuda.get_current_stream()
+        ready = compute.record()  # the worker's earlier work on these device buffers
+        self._copy_in.wait_event(ready)
+        if c_dev.size:
+            c_dev.data.copy_from_host_async(
+                ctypes.c_void_p(c_host.ctypes.data), c_dev.nbytes, self._copy_in
+            )
+        compute.wait_event(self._copy_in.record())
+        kernel(c_dev, e_dev)  # enqueued on the compute stream
+        self._copy_out.wait_event(compute.record())
+        if e_dev.size:
+            e_dev.data.copy_to_host_async(
+                ctypes.c_void_p(e_host.ctypes.data), e_dev.nbytes, self._copy_out
+            )
+        return self._copy_out.record()
+
+    def wait(self, ticket) -> None:
+        ticket.synchronize()
+
+
 @dataclass(frozen=True)
 class KernelSpec:
     """One fused method: its parameters in order, and which arrays it reads and writes.
@@ -382,6 +419,10 @@ class CupyBackend:
     def synchronize(self) -> None:
         """Wait for everything enqueued on the current stream (kernels and copies)."""
         cupy.cuda.get_current_stream().synchronize()
+
+    def staging_pipeline(self) -> StreamStaging:
+        """Chunk staging with the copies on their own streams (see :class:`StreamStaging`)."""
+        return StreamStaging()
 
     def sum_squares(self, a) -> float:
         """Σ a², accumulated in float64 (more accurate than the reference's float32 dot)."""

@@ -61,6 +61,26 @@ def _blockwise(update):
     return run
 
 
+class HostStaging:
+    """Staging where there is nothing to overlap: every step runs at once, in order.
+
+    The interface of the GPU's stream pipeline (``CupyBackend.staging_pipeline``): ``start``
+    copies the center's chunk in, runs the kernel and copies the difference out; ``wait`` is
+    where a GPU would block until the difference is on the host.
+    """
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def start(self, c_host, c_dev, kernel, e_dev, e_host):
+        self.backend.from_host(c_host, c_dev)
+        kernel(c_dev, e_dev)
+        self.backend.to_host(e_dev, e_host)
+
+    def wait(self, ticket) -> None:
+        """Nothing is in flight on the host."""
+
+
 class NumpyBackend:
     """Reference implementation on host memory."""
 
@@ -95,6 +115,10 @@ class NumpyBackend:
     def host_empty(self, n: int) -> np.ndarray:
         """A host buffer for MPI staging (pinned memory on the GPU backend)."""
         return np.empty(int(n), dtype=np.float32)
+
+    def staging_pipeline(self) -> HostStaging:
+        """The chunk staging of a worker whose state is in host memory: see CupyBackend's."""
+        return HostStaging(self)
 
     def synchronize(self) -> None:
         """Nothing to wait for on the host."""
