@@ -41,7 +41,7 @@ test-tools:
 	bash tools/install-test-tools.sh
 
 test-unit: venv test-tools
-	timeout 900 $(PY) -m pytest -q tests/unit tests/cli tests/gpu
+	timeout 1500 $(PY) -m pytest -q tests/unit tests/cli tests/gpu
 
 test-mpi: venv
 	@for n in 2 3 5; do \
