@@ -47,6 +47,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchlib import launcher
+
 REPO = Path(__file__).resolve().parents[1]
 ALGORITHMS = ("easgd", "eamsgd", "sync-easgd", "downpour", "allreduce-sgd")
 #: Per-algorithm settings on top of the shared ones. EAMSGD gets δ = 0.9 and η = 0.01, an
@@ -430,14 +432,6 @@ def split_overrides(pairs):
         else:
             shared[algorithm.strip()] = value.strip()
     return shared, per
-
-
-def launcher() -> str:
-    here = Path(sys.executable).parent / "mpiexec"
-    found = str(here) if here.exists() else shutil.which("mpiexec")
-    if not found:
-        raise SystemExit("no mpiexec next to this Python or on PATH")
-    return found
 
 
 def run_one(args, algorithm, tau, seed, settings, runs_dir) -> dict:

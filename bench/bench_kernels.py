@@ -52,6 +52,7 @@ try:
 except ImportError:  # run from a checkout without installing: use the repository's src/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from benchlib import cpu_name
 from easgd_mpi.backend.cupy_backend import KERNELS, gpu_available  # noqa: E402
 from easgd_mpi.backend.numpy_backend import NumpyBackend  # noqa: E402
 
@@ -184,18 +185,8 @@ def _setup(backend_name: str):
             return _time_gpu(cupy, fn, r, w, k)
 
         return be, cupy, timer, copy, device
-    device = {"kind": "cpu", "name": _cpu_name(), "cores": os.cpu_count()}
+    device = {"kind": "cpu", "name": cpu_name(), "cores": os.cpu_count()}
     return NumpyBackend(), np, _time_cpu, np.copyto, device
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 #: Row variants: (name, offset of x in floats, offset of every other array in floats).

@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import signal
 import subprocess
 import sys
@@ -35,6 +34,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from benchlib import launcher
 
 REPO = Path(__file__).resolve().parents[1]
 ALGORITHMS = ("easgd", "eamsgd", "sync-easgd", "allreduce-sgd")
@@ -113,12 +114,6 @@ def run_inside_mpi(args) -> int:
 
 
 # ---- the driver ----------------------------------------------------------------------------
-def launcher() -> str:
-    here = Path(sys.executable).parent / "mpiexec"
-    found = str(here) if here.exists() else shutil.which("mpiexec")
-    if not found:
-        raise SystemExit("no mpiexec next to this Python or on PATH")
-    return found
 
 
 def run_one(args, algorithm: str, k: float, runs: Path) -> dict:

@@ -42,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchlib import cpu_name
+
 REPO = Path(__file__).resolve().parents[1]
 try:
     import easgd_mpi  # noqa: F401
@@ -277,7 +279,7 @@ def _device(torch, args, NumpyBackend):
     if args.device == "cpu":
         info = {
             "kind": "cpu",
-            "name": _cpu_name(),
+            "name": cpu_name(),
             "cores": os.cpu_count(),
             "threads": torch.get_num_threads(),
         }
@@ -297,7 +299,7 @@ def _device(torch, args, NumpyBackend):
         "name": torch.cuda.get_device_name(backend.device_id),
         "cupy_version": cupy.__version__,
         "torch_cuda": torch.version.cuda,
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
     }
 
     def sync():
@@ -451,16 +453,6 @@ def format_table(report: dict) -> str:
         parts = ", ".join(f"{k} {v:.2f}" for k, v in r["parts_ms_per_step"].items())
         lines.append(f"  {r['variant']:<9} {parts}")
     return "\n".join(lines)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

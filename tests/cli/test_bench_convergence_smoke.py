@@ -5,9 +5,10 @@ algorithm × τ, not how fast anything is.
 """
 
 import json
-import subprocess
 import sys
 from pathlib import Path
+
+import launching
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_convergence.py"
 ALGORITHMS = {"easgd", "eamsgd", "sync-easgd", "downpour", "allreduce-sgd"}
@@ -15,13 +16,8 @@ ALGORITHMS = {"easgd", "eamsgd", "sync-easgd", "downpour", "allreduce-sgd"}
 
 def test_quick_run_writes_json_and_figures(tmp_path, clean_env):
     out = tmp_path / "conv.json"
-    proc = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        env=clean_env,
-        timeout=240,
-        stdin=subprocess.DEVNULL,
+    proc = launching.run(
+        [sys.executable, str(BENCH), "--quick", "--out", str(out)], clean_env, timeout=240
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
@@ -56,7 +52,7 @@ def test_cifar_convnet_run_reports_steps_to_target(tmp_path, clean_env):
     error, the steps and wall time of the first evaluation at or below it."""
     out = tmp_path / "conv-cifar.json"
     cache = tmp_path / "data"
-    proc = subprocess.run(
+    proc = launching.run(
         [
             sys.executable,
             str(BENCH),
@@ -79,11 +75,8 @@ def test_cifar_convnet_run_reports_steps_to_target(tmp_path, clean_env):
             "--out",
             str(out),
         ],
-        capture_output=True,
-        text=True,
-        env=clean_env,
+        clean_env,
         timeout=240,
-        stdin=subprocess.DEVNULL,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for name in (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"):

@@ -5,16 +5,17 @@ No timing thresholds: this checks that the benchmark runs end to end and reports
 """
 
 import json
-import subprocess
 import sys
 from pathlib import Path
+
+from launching import run
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_stragglers.py"
 
 
 def test_small_run_writes_the_table_and_json(tmp_path, clean_env):
     out = tmp_path / "stragglers.json"
-    proc = subprocess.run(
+    proc = run(
         [
             sys.executable,
             str(BENCH),
@@ -29,11 +30,8 @@ def test_small_run_writes_the_table_and_json(tmp_path, clean_env):
             "--out",
             str(out),
         ],
-        capture_output=True,
-        text=True,
-        env=clean_env,
+        clean_env,
         timeout=240,
-        stdin=subprocess.DEVNULL,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())

@@ -5,7 +5,6 @@ A failure on one rank: the whole job ends promptly with a non-zero exit.
 """
 
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from launching import assert_one_line_per_rank
+from launching import assert_one_line_per_rank, run
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -21,15 +20,7 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 def launch(mpiexec, n, args, env, cwd, timeout=90):
     cmd = [mpiexec, "-n", str(n), *args]
     start = time.monotonic()
-    proc = subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
+    proc = run(cmd, env, timeout=timeout, cwd=cwd)
     return proc, time.monotonic() - start
 
 
