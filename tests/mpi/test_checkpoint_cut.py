@@ -19,31 +19,19 @@ from mpi4py import MPI
 
 import easgd_mpi as ea
 from easgd_mpi.checkpoint import list_checkpoints, load_checkpoint
-from easgd_mpi.models import QuadraticProblem
 from easgd_mpi.snapshots import StateChannel
+from recurrences import TOL, H, M, WorkerQuadratic, async_rule, sync_easgd
 
-H = np.array([0.5, 1.0, 1.5, 2.0])
-M = np.array([1.0, -1.0, 0.5, 0.25])
-SHIFT = np.array([0.7, -1.4, 2.1, 0.35])
-LR = 0.02  # slow enough that 20 steps move the center by far more than TOL
+#: Slow enough that 20 steps move the center by far more than TOL.
+LR = 0.02
 STEPS = 240
-TOL = 1e-5
 #: Seconds per gradient (the run lasts long enough for several periodic checkpoints) and the
 #: master's hold-up between the states and the file (many steps of the workers).
 STEP_DELAY = 0.002
 MASTER_DELAY = 0.05
 
 
-def optimum(worker: int) -> np.ndarray:
-    return M + SHIFT * (worker + 1)
-
-
-class SlowWorkerQuadratic(QuadraticProblem):
-    def __init__(self, cfg, xp, worker):
-        super().__init__(cfg.quadratic, xp=xp)
-        if worker >= 0:
-            self._m[: self.dim] = xp.asarray(optimum(worker), dtype=np.float32)
-
+class SlowWorkerQuadratic(WorkerQuadratic):
     def loss_and_grad(self, x, batch, g):
         time.sleep(STEP_DELAY)
         return super().loss_and_grad(x, batch, g)
@@ -51,19 +39,10 @@ class SlowWorkerQuadratic(QuadraticProblem):
 
 def expected_state(algorithm, p, steps, tau, alpha):
     """(x of every worker, center) after ``steps`` steps, float64."""
-    m = np.array([optimum(i) for i in range(p)])
-    x, c = np.zeros((p, len(H))), np.zeros(len(H))
-    beta = p * alpha
-    for t in range(steps):
-        g = H * (x - m)
-        if t % tau == 0:
-            if algorithm == "easgd":
-                e = alpha * (x[0] - c)
-                x, c = x - e - LR * g, c + e
-            else:
-                x, c = x - alpha * (x - c) - LR * g, (1 - beta) * c + beta * x.mean(axis=0)
-        else:
-            x = x - LR * g
+    if algorithm == "easgd":
+        _, x, c = async_rule("easgd", steps, tau, alpha, lr=LR)
+        return x[None, :], c
+    _, x, c = sync_easgd(p, steps, tau, alpha, 0.0, lr=LR)
     return x, c
 
 
@@ -95,7 +74,7 @@ def run_and_check(monkeypatch, tmp_path, comm, algorithm, p, worker):
     cfg = ea.Config.from_toml(None, environ={}, overrides={k: str(v) for k, v in overrides.items()})
     summary = ea.train(
         cfg,
-        problem=lambda cfg, xp: SlowWorkerQuadratic(cfg, xp, worker),
+        problem=lambda cfg, xp: SlowWorkerQuadratic(cfg.quadratic, worker, xp),
         comm=comm,
         out=lambda line: None,
     )

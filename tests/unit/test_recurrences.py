@@ -16,19 +16,18 @@ from easgd_mpi.algorithms import AllreduceSGD, SyncEASGD, make_algorithm
 from easgd_mpi.backend import NumpyBackend
 from easgd_mpi.config import Config
 from easgd_mpi.data.sampling import worker_rng
-from easgd_mpi.models import QuadraticProblem
 from local_center import LocalCenter
-
-H = np.array([0.5, 1.0, 1.5, 2.0])
-M = np.array([1.0, -1.0, 0.5, 0.25])
-SHIFT = np.array([0.7, -1.4, 2.1, 0.35])
-START = 0.0
-LR = 0.1
-TOL = 1e-5
-
-
-def optimum(worker: int) -> np.ndarray:
-    return M + SHIFT * (worker + 1)
+from recurrences import (
+    LR,
+    START,
+    TOL,
+    H,
+    M,
+    WorkerQuadratic,
+    allreduce_sgd,
+    async_rule,
+    sync_easgd,
+)
 
 
 class ThreadAllreduce:
@@ -47,18 +46,6 @@ class ThreadAllreduce:
         barrier.wait()  # all have read the slots before any worker writes the next round's
         out[...] = total * np.float32(1.0 / self.size)
         return 0
-
-
-class WorkerQuadratic(QuadraticProblem):
-    def __init__(self, qcfg, worker):
-        super().__init__(qcfg)
-        self._m64 = optimum(worker)
-        self._m[: self.dim] = self._m64.astype(np.float32)
-        self.points = []
-
-    def loss_and_grad(self, x, batch, g):
-        self.points.append(np.array(x[: self.dim], dtype=np.float64))
-        return super().loss_and_grad(x, batch, g)
 
 
 def make_config(algorithm, tau, steps, momentum=0.0, alpha=None) -> Config:
@@ -123,65 +110,6 @@ def run(cfg, p):
     return points, center.value[: len(H)].astype(np.float64), algos
 
 
-# ---- the recurrences, float64 -----------------------------------------------------------------
-
-
-def expected_sync_easgd(p, steps, tau, alpha, delta):
-    m = np.array([optimum(i) for i in range(p)])
-    beta = p * alpha
-    x = np.full((p, len(H)), START)
-    v = np.zeros_like(x)
-    c = np.full(len(H), START)
-    points = []
-    for t in range(steps):
-        y = x + delta * v
-        points.append(y.copy())
-        v = delta * v - LR * H * (y - m)
-        if t % tau == 0:
-            x, c = x - alpha * (x - c) + v, (1 - beta) * c + beta * x.mean(axis=0)
-        else:
-            x = x + v
-    return np.array(points), c
-
-
-def expected_allreduce_sgd(p, steps, delta):
-    m = np.array([optimum(i) for i in range(p)])
-    x = np.full(len(H), START)
-    v = np.zeros_like(x)
-    points = []
-    for _ in range(steps):
-        y = x + delta * v
-        points.append(np.tile(y, (p, 1)))
-        v = delta * v - LR * (H * (y - m)).mean(axis=0)
-        x = x + v
-    return np.array(points), x
-
-
-def expected_async(algorithm, steps, tau, alpha, delta):
-    m, x, c = optimum(0), np.full(len(H), START), np.full(len(H), START)
-    v = np.zeros_like(x)
-    acc = np.zeros_like(x)
-    points = []
-    for t in range(steps):
-        if algorithm == "downpour":
-            points.append(x.copy())
-            d = -LR * H * (x - m)
-            x, acc = x + d, acc + d
-            if (t + 1) % tau == 0 or t + 1 == steps:
-                c = c + acc  # push, then copy
-                x, acc = c.copy(), np.zeros_like(acc)
-            continue
-        y = x + delta * v  # EASGD: δ = 0, the gradient at x itself
-        points.append(y.copy())
-        v = delta * v - LR * H * (y - m)
-        if t % tau == 0:
-            e = alpha * (x - c)  # the old x
-            x, c = x - e + v, c + e
-        else:
-            x = x + v
-    return np.array(points)[:, None, :], c
-
-
 # ---- the tests --------------------------------------------------------------------------------
 
 
@@ -191,7 +119,7 @@ def expected_async(algorithm, steps, tau, alpha, delta):
 def test_sync_easgd(p, tau, momentum):
     steps = 13
     points, center, _ = run(make_config("sync-easgd", tau, steps, momentum), p)
-    want_points, want_center = expected_sync_easgd(p, steps, tau, 0.9 / p, momentum)
+    want_points, _, want_center = sync_easgd(p, steps, tau, 0.9 / p, momentum)
     np.testing.assert_allclose(points, want_points, rtol=0, atol=TOL)
     np.testing.assert_allclose(center, want_center, rtol=0, atol=TOL)
     assert np.abs(points[-1, 0] - points[-1, -1]).max() > 0.05  # the workers differ
@@ -203,7 +131,7 @@ def test_sync_easgd(p, tau, momentum):
 def test_allreduce_sgd(p, tau, momentum):
     steps = 13
     points, center, _ = run(make_config("allreduce-sgd", tau, steps, momentum), p)
-    want_points, want_x = expected_allreduce_sgd(p, steps, momentum)
+    want_points, want_x = allreduce_sgd(p, steps, momentum)
     np.testing.assert_allclose(points, want_points, rtol=0, atol=TOL)
     np.testing.assert_allclose(center, want_x, rtol=0, atol=TOL)  # mirrored after the last step
 
@@ -222,7 +150,7 @@ def test_allreduce_sgd(p, tau, momentum):
 def test_async_rule_at_one_worker(algorithm, tau, momentum, alpha):
     steps = 14
     points, center, (algo,) = run(make_config(algorithm, tau, steps, momentum, alpha), 1)
-    want_points, want_center = expected_async(algorithm, steps, tau, alpha, momentum)
-    np.testing.assert_allclose(points, want_points, rtol=0, atol=TOL)
+    want_points, _, want_center = async_rule(algorithm, steps, tau, alpha, momentum)
+    np.testing.assert_allclose(points, want_points[:, None, :], rtol=0, atol=TOL)
     np.testing.assert_allclose(center, want_center, rtol=0, atol=TOL)
     assert algo.exchanges == -(-steps // tau)

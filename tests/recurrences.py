@@ -1,0 +1,106 @@
+"""The float64 recurrences of DESIGN.md §2, written independently of the package, and the
+quadratic problem with one optimum per worker they are checked on (the unit, MPI and checkpoint
+cut tests share them).
+
+Worker i's loss is ½ Σ H (x − m_i)² with m_i = M + SHIFT·(i + 1): the workers differ, so a rule
+that skipped the averaging could not pass.
+"""
+
+import numpy as np
+
+from easgd_mpi.models import QuadraticProblem
+
+H = np.array([0.5, 1.0, 1.5, 2.0])
+M = np.array([1.0, -1.0, 0.5, 0.25])
+SHIFT = np.array([0.7, -1.4, 2.1, 0.35])
+START = 0.0
+LR = 0.1
+TOL = 1e-5
+
+
+def optimum(worker: int) -> np.ndarray:
+    return M + SHIFT * (worker + 1)
+
+
+class WorkerQuadratic(QuadraticProblem):
+    """The quadratic with worker ``worker``'s own optimum (−1: the master, which keeps the
+    config's: it only evaluates), remembering where gradients were taken and what was last
+    evaluated."""
+
+    def __init__(self, qcfg, worker: int, xp=np):
+        super().__init__(qcfg, xp=xp)
+        if worker >= 0:
+            self._m64 = optimum(worker)
+            self._m[: self.dim] = xp.asarray(self._m64, dtype=np.float32)
+        self.points = []
+        self.evaluated = None
+
+    def loss_and_grad(self, x, batch, g):
+        self.points.append(np.array(x[: self.dim], dtype=np.float64))
+        return super().loss_and_grad(x, batch, g)
+
+    def evaluate(self, x_host):
+        self.evaluated = np.array(x_host[: self.dim], dtype=np.float64)
+        return super().evaluate(x_host)
+
+
+def sync_easgd(p, steps, tau, alpha, delta, lr=LR):
+    """Sync EASGD (Nesterov momentum δ): gradient points (steps × p × dim), final x (p × dim)
+    and final center. Worker and center move together, both from the old x and x̃."""
+    m = np.array([optimum(i) for i in range(p)])
+    beta = p * alpha
+    x = np.full((p, len(H)), START)
+    v = np.zeros_like(x)
+    c = np.full(len(H), START)
+    points = []
+    for t in range(steps):
+        y = x + delta * v
+        points.append(y.copy())
+        v = delta * v - lr * H * (y - m)
+        if t % tau == 0:
+            x, c = x - alpha * (x - c) + v, (1 - beta) * c + beta * x.mean(axis=0)
+        else:
+            x = x + v
+    return np.array(points), x, c
+
+
+def allreduce_sgd(p, steps, delta, lr=LR):
+    """All-reduce SGD: gradient points (steps × p × dim) and the workers' common final x."""
+    m = np.array([optimum(i) for i in range(p)])
+    x = np.full(len(H), START)  # the workers stay identical
+    v = np.zeros_like(x)
+    points = []
+    for _ in range(steps):
+        y = x + delta * v
+        points.append(np.tile(y, (p, 1)))
+        g = (H * (y - m)).mean(axis=0)  # the all-reduced gradient of p different problems
+        v = delta * v - lr * g
+        x = x + v
+    return np.array(points), x
+
+
+def async_rule(algorithm, steps, tau, alpha, delta=0.0, lr=LR):
+    """EASGD (δ = 0), EAMSGD or DOWNPOUR with one worker: gradient points (steps × dim),
+    final x and final center."""
+    m, x, c = optimum(0), np.full(len(H), START), np.full(len(H), START)
+    v = np.zeros_like(x)
+    acc = np.zeros_like(x)
+    points = []
+    for t in range(steps):
+        if algorithm == "downpour":
+            points.append(x.copy())
+            d = -lr * H * (x - m)
+            x, acc = x + d, acc + d
+            if (t + 1) % tau == 0 or t + 1 == steps:
+                c = c + acc  # push, then copy
+                x, acc = c.copy(), np.zeros_like(acc)
+            continue
+        y = x + delta * v  # Nesterov: the gradient at the look-ahead point (EASGD: at x)
+        points.append(y.copy())
+        v = delta * v - lr * H * (y - m)
+        if t % tau == 0:
+            e = alpha * (x - c)  # from the old x
+            x, c = x - e + v, c + e
+        else:
+            x = x + v
+    return np.array(points), x, c
