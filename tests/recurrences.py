@@ -18,6 +18,23 @@ LR = 0.1
 TOL = 1e-5
 
 
+#: The config keys of this problem (``Config.set`` values; ``--set`` text via :func:`as_toml`).
+SETTINGS = {
+    "model.name": "quadratic",
+    "quadratic.dim": len(H),
+    "quadratic.noise": 0.0,
+    "quadratic.curvature": H.tolist(),
+    "quadratic.optimum": M.tolist(),
+    "quadratic.start": START,
+    "lr": LR,
+}
+
+
+def as_toml(values: dict) -> dict:
+    """Config values as ``--set`` text (strings quoted, numbers and lists as TOML)."""
+    return {k: f'"{v}"' if isinstance(v, str) else str(v) for k, v in values.items()}
+
+
 def optimum(worker: int) -> np.ndarray:
     return M + SHIFT * (worker + 1)
 

@@ -20,7 +20,7 @@ from mpi4py import MPI
 import easgd_mpi as ea
 from easgd_mpi.checkpoint import list_checkpoints, load_checkpoint
 from easgd_mpi.snapshots import StateChannel
-from recurrences import TOL, H, M, WorkerQuadratic, async_rule, sync_easgd
+from recurrences import SETTINGS, TOL, H, WorkerQuadratic, as_toml, async_rule, sync_easgd
 
 #: Slow enough that 20 steps move the center by far more than TOL.
 LR = 0.02
@@ -56,22 +56,18 @@ def run_and_check(monkeypatch, tmp_path, comm, algorithm, p, worker):
 
     monkeypatch.setattr(StateChannel, "states", held_up)
     out = comm.bcast(str(tmp_path), root=0)
-    overrides = {
-        "algorithm": f'"{algorithm}"',
-        "model.name": '"quadratic"',
-        "quadratic.dim": len(H),
-        "quadratic.curvature": str(H.tolist()),
-        "quadratic.optimum": str(M.tolist()),
-        "quadratic.start": 0.0,
+    values = {
+        **SETTINGS,
+        "algorithm": algorithm,
         "lr": LR,
         "tau": 1,
         "steps": STEPS,
         "eval_interval": 0.5,
         "checkpoint.interval": 0.05,
         "checkpoint.keep": 1000,
-        "output": f'"{out}"',
+        "output": out,
     }
-    cfg = ea.Config.from_toml(None, environ={}, overrides={k: str(v) for k, v in overrides.items()})
+    cfg = ea.Config.from_toml(None, environ={}, overrides=as_toml(values))
     summary = ea.train(
         cfg,
         problem=lambda cfg, xp: SlowWorkerQuadratic(cfg.quadratic, worker, xp),

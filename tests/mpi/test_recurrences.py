@@ -16,13 +16,12 @@ from mpi4py import MPI
 
 import easgd_mpi as ea
 from recurrences import (
-    LR,
+    SETTINGS,
     START,
     TOL,
-    H,
-    M,
     WorkerQuadratic,
     allreduce_sgd,
+    as_toml,
     async_rule,
     optimum,
     sync_easgd,
@@ -31,21 +30,13 @@ from recurrences import (
 
 def make_config(out, **values) -> ea.Config:
     overrides = {
-        "model.name": '"quadratic"',
-        "quadratic.dim": len(H),
-        "quadratic.noise": 0.0,
-        "quadratic.curvature": str(H.tolist()),
-        "quadratic.optimum": str(M.tolist()),
-        "quadratic.start": START,
-        "lr": LR,
-        "eval_interval": 0.2,
-        "checkpoint.interval": 0,
+        **as_toml(SETTINGS),
+        "eval_interval": "0.2",
+        "checkpoint.interval": "0",
         "output": f'"{out}"',
-        **values,
+        **{k: str(v) for k, v in values.items()},
     }
-    return ea.Config.from_toml(
-        None, environ={}, overrides={k: str(v) for k, v in overrides.items()}
-    )
+    return ea.Config.from_toml(None, environ={}, overrides=overrides)
 
 
 def train_recording(cfg, comm, worker):

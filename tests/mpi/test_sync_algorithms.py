@@ -11,7 +11,7 @@ from mpi4py import MPI
 from mpi_helpers import QUADRATIC, config, train_quietly
 
 import easgd_mpi as ea
-from easgd_mpi.models import QuadraticProblem
+from recurrences import WorkerQuadratic
 
 H = [0.5, 1.0, 1.5, 2.0]
 M = [1.0, -1.0, 0.5, 0.25]
@@ -32,28 +32,11 @@ def quadratic(**extra):
     }
 
 
-class Recording(QuadraticProblem):
-    """The quadratic, remembering where gradients were taken and what the master evaluated."""
-
-    def __init__(self, cfg, xp):
-        super().__init__(cfg.quadratic, xp=xp)
-        self.points = []
-        self.evaluated = None
-
-    def loss_and_grad(self, x, batch, g):
-        self.points.append(np.array(x[: self.dim], dtype=np.float64))
-        return super().loss_and_grad(x, batch, g)
-
-    def evaluate(self, x_host):
-        self.evaluated = np.array(x_host[: self.dim], dtype=np.float64)  # the last: final center
-        return super().evaluate(x_host)
-
-
 def train_recording(cfg):
     made = []
 
     def factory(cfg, xp):
-        made.append(Recording(cfg, xp))
+        made.append(WorkerQuadratic(cfg.quadratic, -1, xp))  # every rank: the config's optimum
         return made[-1]
 
     summary = ea.train(cfg, problem=factory, comm=MPI.COMM_WORLD, out=lambda line: None)

@@ -17,17 +17,7 @@ from easgd_mpi.backend import NumpyBackend
 from easgd_mpi.config import Config
 from easgd_mpi.data.sampling import worker_rng
 from local_center import LocalCenter
-from recurrences import (
-    LR,
-    START,
-    TOL,
-    H,
-    M,
-    WorkerQuadratic,
-    allreduce_sgd,
-    async_rule,
-    sync_easgd,
-)
+from recurrences import SETTINGS, TOL, H, WorkerQuadratic, allreduce_sgd, async_rule, sync_easgd
 
 
 class ThreadAllreduce:
@@ -50,18 +40,7 @@ class ThreadAllreduce:
 
 def make_config(algorithm, tau, steps, momentum=0.0, alpha=None) -> Config:
     cfg = Config()
-    values = {
-        "algorithm": algorithm,
-        "lr": LR,
-        "tau": tau,
-        "steps": steps,
-        "momentum": momentum,
-        "model.name": "quadratic",
-        "quadratic.dim": len(H),
-        "quadratic.curvature": H.tolist(),
-        "quadratic.optimum": M.tolist(),
-        "quadratic.start": START,
-    }
+    values = {**SETTINGS, "algorithm": algorithm, "tau": tau, "steps": steps, "momentum": momentum}
     if alpha is not None:
         values["alpha"] = alpha
     for key, value in values.items():
