@@ -7,6 +7,7 @@ difference with it every τ steps. The public API::
     import easgd_mpi as ea
     cfg = ea.Config.from_toml("run.toml", overrides={"tau": 8})
     summary = ea.train(cfg)              # every rank calls it; rank 0 is the master
+    ea.run(main)                         # a script's main(): the CLI's one-line errors and exits
 
     # your own PyTorch model (pip install 'easgd-mpi[torch]'):
     ea.train(cfg, problem=ea.TorchProblem.factory(build_model, train_data, test_data))
@@ -26,7 +27,7 @@ from .errors import (
 )
 from .flat import Layout
 from .models import MLPProblem, QuadraticProblem, make_problem
-from .training import train
+from .training import run, train
 
 
 def __getattr__(name):
@@ -43,6 +44,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Config",
     "train",
+    "run",
     "Layout",
     "CenterWindow",
     "make_problem",

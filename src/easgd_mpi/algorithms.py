@@ -191,14 +191,15 @@ class WorkerAlgorithm(ABC):
         rules); None for the asynchronous rules, whose center is the window itself."""
         return None
 
-    def restore(self, x_host, second_host, exchanges: int, resets: int) -> None:
-        """Continue from a checkpoint: x, the second saved row (v; DOWNPOUR: its pending sum)
-        and the counters."""
+    def restore(self, state) -> None:
+        """Continue from a saved :class:`~easgd_mpi.workerstate.WorkerState`: its rows (x, and
+        v for a momentum method) and its counters; rows it lacks keep their start values."""
+        x_host, v_host = state.rows.get("x"), state.rows.get("v")
         if x_host is not None:
             self.backend.from_host(np.ascontiguousarray(x_host, np.float32), self.x)
-        if second_host is not None and self.v is not None:
-            self.backend.from_host(np.ascontiguousarray(second_host, np.float32), self.v)
-        self.exchanges, self.resets = int(exchanges), int(resets)
+        if v_host is not None and self.v is not None:
+            self.backend.from_host(np.ascontiguousarray(v_host, np.float32), self.v)
+        self.exchanges, self.resets = int(state.exchanges), int(state.resets)
         self.backend.synchronize()
 
 
@@ -439,12 +440,12 @@ class Downpour(WorkerAlgorithm):
             pending[m:] = self._buffers_base
         return [self.x, pending]
 
-    def restore(self, x_host, second_host, exchanges: int, resets: int) -> None:
-        super().restore(x_host, None, exchanges, resets)
-        if second_host is None:  # a checkpoint without it: nothing pending, base = x
+    def restore(self, state) -> None:
+        super().restore(state)
+        if state.rows.get("pending") is None:  # a checkpoint without it: nothing pending, base = x
             self._remember_buffers()
             return
-        pending = np.ascontiguousarray(second_host, np.float32)
+        pending = np.ascontiguousarray(state.rows["pending"], np.float32)
         self.backend.from_host(pending[: self.m], self.acc[: self.m])
         if self._buffers_base is not None:
             self.backend.from_host(pending[self.m :], self._buffers_base)

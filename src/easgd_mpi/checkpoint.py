@@ -27,6 +27,7 @@ import numpy as np
 
 from .errors import CheckpointError, os_reason
 from .flat import Layout
+from .workerstate import COUNTERS, WorkerStates, encode_rng
 
 __all__ = [
     "FORMAT_NAME",
@@ -44,10 +45,10 @@ __all__ = [
 ]
 
 FORMAT_NAME = "easgd-mpi checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this code reads (1: generator states as JSON text; 2: as int64 words).
+READABLE_VERSIONS = (1, 2)
 _NAME = re.compile(r"^checkpoint-(\d+)\.h5$")
-#: Per-worker integer counters, stored as /workers/<name> int64[p].
-WORKER_COUNTERS = ("steps", "exchanges", "resets")
 
 
 @dataclass
@@ -58,19 +59,9 @@ class CheckpointData:
     algorithm: str
     layout: Layout
     center: np.ndarray  # float32 [n]
-    #: Per-worker counters: name → int64 [p]
-    worker_counters: dict[str, np.ndarray]
-    #: Worker states: x float32 [p, n]; v float32 [p, n] for momentum methods; absent if not kept.
-    worker_x: np.ndarray | None = None
-    worker_v: np.ndarray | None = None
-    #: DOWNPOUR: each worker's update sum not yet pushed (past the trainable part: the
-    #: buffers' value at its last copy of the center), float32 [p, n].
-    worker_pending: np.ndarray | None = None
-    #: Seconds between each worker's saved state and the checkpoint (large for a worker that
-    #: stopped answering: its last saved state is stored), float64 [p]; None in older files.
-    worker_state_age: np.ndarray | None = None
-    #: Per-worker random-number generator state (JSON text of numpy's bit_generator.state).
-    worker_rng: list[str] = field(default_factory=list)
+    #: Every worker's state at the checkpoint's cut (workerstate.py): counters, generator
+    #: words and, when ``checkpoint.worker_states`` keeps them, the named rows x, v, pending.
+    states: WorkerStates
     #: Run-wide counters: wall_time (s of training so far), sequence (checkpoint number).
     wall_time: float = 0.0
     sequence: int = 0
@@ -83,18 +74,20 @@ class CheckpointData:
     #: Tensors a model keeps per process instead of averaging (a PyTorch module's integer
     #: buffers, e.g. BatchNorm's num_batches_tracked), as the master holds them.
     local_tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    #: The format version of the file it was read from (what a save writes otherwise).
+    format_version: int = FORMAT_VERSION
 
     @property
     def workers(self) -> int:
-        return int(self.worker_counters["steps"].shape[0])
+        return self.states.p
 
     @property
     def total_steps(self) -> int:
-        return int(self.worker_counters["steps"].sum())
+        return int(self.states.counters["steps"].sum())
 
     @property
     def total_exchanges(self) -> int:
-        return int(self.worker_counters["exchanges"].sum())
+        return int(self.states.counters["exchanges"].sum())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,17 +287,14 @@ def _write(f, d: CheckpointData) -> None:
 
     f.create_dataset("center", data=d.center.astype(np.float32, copy=False))
     workers = f.create_group("workers")
-    for name in WORKER_COUNTERS:
-        workers.create_dataset(name, data=d.worker_counters[name].astype(np.int64))
-    if d.worker_x is not None:
-        workers.create_dataset("x", data=d.worker_x, chunks=(1, d.layout.size or 1))
-    if d.worker_v is not None:
-        workers.create_dataset("v", data=d.worker_v, chunks=(1, d.layout.size or 1))
-    if d.worker_pending is not None:
-        workers.create_dataset("pending", data=d.worker_pending, chunks=(1, d.layout.size or 1))
-    if d.worker_state_age is not None:
-        workers.create_dataset("state_age", data=np.asarray(d.worker_state_age, np.float64))
-    workers.create_dataset("rng_state", data=np.array(d.worker_rng, dtype=object), dtype=text)
+    states = d.states
+    for name in COUNTERS:
+        workers.create_dataset(name, data=states.counters[name])
+    for name, rows in states.rows.items():
+        workers.create_dataset(name, data=rows, chunks=(1, d.layout.size or 1))
+    if states.age is not None:
+        workers.create_dataset("state_age", data=np.asarray(states.age, np.float64))
+    workers.create_dataset("rng", data=states.rng_words)
 
     met = f.create_group("metrics")
     # HDF5 lists members alphabetically; the column order is kept so records read back equal.
@@ -332,21 +322,24 @@ def _num(v) -> float:
     return float("nan") if v != v else v
 
 
-def _checksum(d: CheckpointData) -> str:
+def _checksum(d: CheckpointData, rng_text: str | None = None) -> str:
     h = hashlib.sha256()
     h.update(d.config_toml.encode())
     h.update(json.dumps(d.layout.to_records()).encode())
     h.update(np.ascontiguousarray(d.center, np.float32).tobytes())
-    for name in WORKER_COUNTERS:
-        h.update(np.ascontiguousarray(d.worker_counters[name], np.int64).tobytes())
-    for arr in (d.worker_x, d.worker_v):
+    states = d.states
+    for name in COUNTERS:
+        h.update(np.ascontiguousarray(states.counters[name], np.int64).tobytes())
+    for name in ("x", "v"):
+        arr = states.row(name)
         h.update(b"-" if arr is None else np.ascontiguousarray(arr, np.float32).tobytes())
-    h.update("\n".join(d.worker_rng).encode())
+    # Version 1 stored (and hashed) the generators as JSON text; version 2 as words.
+    h.update(rng_text.encode() if rng_text is not None else b"rng:" + states.rng_words.tobytes())
     # Added after format 1 was first written: hashed only when present, so older files verify.
-    if d.worker_pending is not None:
-        h.update(b"pending:" + np.ascontiguousarray(d.worker_pending, np.float32).tobytes())
-    if d.worker_state_age is not None:
-        h.update(b"age:" + np.ascontiguousarray(d.worker_state_age, np.float64).tobytes())
+    if states.row("pending") is not None:
+        h.update(b"pending:" + np.ascontiguousarray(states.row("pending"), np.float32).tobytes())
+    if states.age is not None:
+        h.update(b"age:" + np.ascontiguousarray(states.age, np.float64).tobytes())
     if d.trainable_size is not None:
         h.update(f"trainable:{int(d.trainable_size)}".encode())
     for name, value in sorted(d.local_tensors.items()):
@@ -403,10 +396,10 @@ def _read(f, path: Path) -> CheckpointData:
     if f.attrs.get("format") != FORMAT_NAME:
         raise CheckpointError(f"checkpoint {path} is HDF5 but not an easgd-mpi checkpoint")
     version = int(f.attrs.get("format_version", -1))
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"checkpoint {path} has format version {version}; this easgd-mpi reads version "
-            f"{FORMAT_VERSION}"
+            f"checkpoint {path} has format version {version}; this easgd-mpi reads versions "
+            + ", ".join(str(v) for v in READABLE_VERSIONS)
         )
     lay = f["layout"]
     names = [n.decode() if isinstance(n, bytes) else n for n in lay["names"][()]]
@@ -421,8 +414,19 @@ def _read(f, path: Path) -> CheckpointData:
     ):
         raise CheckpointError(f"checkpoint {path}: the stored layout is inconsistent")
     workers = f["workers"]
-    counters = {name: workers[name][()].astype(np.int64) for name in WORKER_COUNTERS}
-    rng = [s.decode() if isinstance(s, bytes) else s for s in workers["rng_state"][()]]
+    rng_text = None
+    if version == 1:
+        texts = [s.decode() if isinstance(s, bytes) else s for s in workers["rng_state"][()]]
+        rng_text = "\n".join(texts)
+        rng_words = np.stack([_words_of_json(t) for t in texts])
+    else:
+        rng_words = workers["rng"][()]
+    states = WorkerStates(
+        counters={name: workers[name][()] for name in COUNTERS},
+        rng_words=rng_words,
+        rows={name: workers[name][()] for name in ("x", "v", "pending") if name in workers},
+        age=workers["state_age"][()] if "state_age" in workers else None,
+    )
     config = f["config"][()]
     metrics_group = f["metrics"]
     columns = {k: metrics_group[k][()] for k in json.loads(metrics_group.attrs["columns"])}
@@ -436,12 +440,7 @@ def _read(f, path: Path) -> CheckpointData:
         algorithm=str(f.attrs["algorithm"]),
         layout=layout,
         center=f["center"][()],
-        worker_counters=counters,
-        worker_x=workers["x"][()] if "x" in workers else None,
-        worker_v=workers["v"][()] if "v" in workers else None,
-        worker_pending=workers["pending"][()] if "pending" in workers else None,
-        worker_state_age=workers["state_age"][()] if "state_age" in workers else None,
-        worker_rng=rng,
+        states=states,
         wall_time=float(f.attrs["wall_time"]),
         sequence=int(f.attrs["sequence"]),
         metrics=metrics,
@@ -450,8 +449,9 @@ def _read(f, path: Path) -> CheckpointData:
         local_tensors={k: v[()] for k, v in f["local_tensors"].items()}
         if "local_tensors" in f
         else {},
+        format_version=version,
     )
-    if _checksum(data) != f.attrs["checksum_sha256"]:
+    if _checksum(data, rng_text) != f.attrs["checksum_sha256"]:
         raise CheckpointError(f"checkpoint {path} failed its checksum: the data is damaged")
     if data.center.shape != (layout.size,):
         raise CheckpointError(
@@ -459,6 +459,16 @@ def _read(f, path: Path) -> CheckpointData:
             f"layout needs {layout.size}"
         )
     return data
+
+
+def _words_of_json(text: str) -> np.ndarray:
+    """A version-1 generator state (JSON of numpy's bit_generator.state) as words."""
+    rng = np.random.Generator(np.random.PCG64())
+    try:
+        rng.bit_generator.state = json.loads(text)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"a worker's generator state is not readable ({exc})") from None
+    return encode_rng(rng)
 
 
 _INT_METRICS = {"steps", "exchanges", "bytes", "resets"}
@@ -625,15 +635,16 @@ def summarize(data: CheckpointData, path=None) -> dict:
             }
         )
     distances = None
-    if data.worker_x is not None:
+    states = data.states
+    if states.row("x") is not None:
         distances = [
-            float(np.linalg.norm(data.worker_x[i].astype(np.float64) - data.center))
+            float(np.linalg.norm(states.row("x")[i].astype(np.float64) - data.center))
             for i in range(data.workers)
         ]
     return {
         "file": str(path) if path else None,
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": data.format_version,
         "created": data.created,
         "algorithm": data.algorithm,
         "workers": data.workers,
@@ -641,9 +652,9 @@ def summarize(data: CheckpointData, path=None) -> dict:
         "counters": {
             "steps": data.total_steps,
             "exchanges": data.total_exchanges,
-            "resets": int(data.worker_counters["resets"].sum()),
+            "resets": int(states.counters["resets"].sum()),
             "wall_time": data.wall_time,
-            "per_worker": {k: [int(v) for v in data.worker_counters[k]] for k in WORKER_COUNTERS},
+            "per_worker": {k: [int(v) for v in states.counters[k]] for k in COUNTERS},
         },
         "parameters": data.layout.size,
         "center_norm": float(np.linalg.norm(data.center.astype(np.float64))),
@@ -652,14 +663,10 @@ def summarize(data: CheckpointData, path=None) -> dict:
             k: {"dtype": str(np.asarray(v).dtype), "shape": list(np.shape(v))}
             for k, v in data.local_tensors.items()
         },
-        "worker_state": {
-            "x": data.worker_x is not None,
-            "v": data.worker_v is not None,
-            "pending": data.worker_pending is not None,
-        },
+        "worker_state": {name: states.row(name) is not None for name in ("x", "v", "pending")},
         "worker_state_age": None
-        if data.worker_state_age is None
-        else [round(float(a), 3) for a in data.worker_state_age],
+        if states.age is None
+        else [round(float(a), 3) for a in states.age],
         "worker_center_distance": distances,
         "last_metrics": data.metrics[-1] if data.metrics else None,
         "metrics_records": len(data.metrics),

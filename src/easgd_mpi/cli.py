@@ -147,39 +147,25 @@ def _servers_before_mpi(args) -> int | None:
 
 def _cmd_train(args) -> int:
     _bind_gpu_before_mpi(args)  # run_or_abort imports mpi4py: this must come first
+    from .log import console  # noqa: PLC0415
+
+    console(quiet=args.quiet)
 
     def run() -> int:
-        from .comm import agree_or_fail, broadcast, rank_and_size, world_comm  # noqa: PLC0415
+        from .comm import agree_or_fail, rank_and_size, world_comm  # noqa: PLC0415
         from .config import Config  # noqa: PLC0415
-        from .training import resolve_resume, train  # noqa: PLC0415
+        from .training import train  # noqa: PLC0415
 
         world = world_comm()
-        rank, size = rank_and_size(world)
-        say = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
-
-        def find_checkpoint():
-            # Rank 0 alone reads checkpoints; the others get the config text.
-            if args.resume is None or rank != 0:
-                return None
-            run_dir = Config.from_toml(
-                args.config, overrides=_parse_overrides(args.overrides)
-            ).run_dir
-            return resolve_resume(args.resume, run_dir, say)[1]
-
-        def load(base_toml):
-            return Config.from_toml(
-                args.config, overrides=_parse_overrides(args.overrides), base_toml=base_toml
-            )
-
-        if size < 2:
-            cfg = load(None)  # a config error is the more useful message, so it goes first
-            checkpoint = None
-        else:
-            checkpoint = agree_or_fail(world, find_checkpoint)
-            base = broadcast(world, checkpoint.config_toml if checkpoint else None)
-            cfg = agree_or_fail(world, lambda: load(base))
+        size = rank_and_size(world)[1]
+        # The launch's own config (file, environment, --set); on resume train() puts what it
+        # states over the checkpoint's config, the same rule as for a script's train().
+        cfg = agree_or_fail(
+            world,
+            lambda: Config.from_toml(args.config, overrides=_parse_overrides(args.overrides)),
+        )
         try:
-            train(cfg, comm=world, out=say, resume=checkpoint)
+            train(cfg, comm=world, resume=args.resume)
         except EasgdError as exc:
             if size < 2:
                 raise AgreedError(str(exc)) from None

@@ -10,6 +10,7 @@ world through the small functions below (world, broadcast, gather, the end-of-ru
 from __future__ import annotations
 
 import enum
+import logging
 import os
 import sys
 import time
@@ -101,8 +102,8 @@ def check_layout(size: int, servers: int = 1) -> None:
     """Refuse a world that leaves no worker: size 1, or ``servers`` outside 1..size−1."""
     if size < 2:
         raise LaunchError(
-            "easgd needs at least 2 MPI ranks (rank 0 = master, ranks 1..p = workers), "
-            "got world size 1: launch with e.g. `mpiexec -n 5 easgd train`"
+            "easgd needs at least 2 MPI ranks (rank 0 = master and the other ranks workers, "
+            f"or servers then workers), got world size 1: launch with e.g. `{launch_hint()}`"
         )
     if isinstance(servers, bool) or not isinstance(servers, int) or servers < 1:
         raise ConfigError(f"config: servers = {servers!r} must be an integer >= 1")
@@ -112,6 +113,15 @@ def check_layout(size: int, servers: int = 1) -> None:
             f"0..{servers - 1} would serve the center): use servers <= {size - 1} or launch "
             f"more than {servers} ranks"
         )
+
+
+def launch_hint(ranks: int = 5) -> str:
+    """How to launch what this process runs: the ``easgd`` command, or a user's script."""
+    argv = list(sys.argv) or ["easgd"]
+    program = os.path.basename(argv[0])
+    if program in ("easgd", "__main__.py", "cli.py") or program.startswith("easgd_mpi"):
+        return f"mpiexec -n {ranks} easgd train"
+    return f"mpiexec -n {ranks} python {' '.join(argv)}"
 
 
 def world_comm(comm=None):
@@ -379,10 +389,9 @@ def report_error(exc: BaseException, rank: int | None) -> None:
     else:
         tb = "".join(traceback.format_exception(exc))
         text = f"easgd: internal error {where}(this is a bug):\n{tb}"
-    # One write per message: the launcher forwards several ranks' stderr through one stream,
-    # and separate writes of text and newline interleave between ranks.
-    sys.stderr.write(text)
-    sys.stderr.flush()
+    # One record, one write (log.py): the launcher forwards several ranks' stderr through one
+    # stream, and separate writes of text and newline interleave between ranks.
+    logging.getLogger(__name__).error(text.rstrip("\n"))
 
 
 def run_or_abort(func: Callable[[], int]) -> int:

@@ -216,21 +216,28 @@ class Config:
         env = os.environ if environ is None else environ
         layers.append(("the environment", lambda: _apply_environment(cfg, env)))
         if path is not None:
-            layers.append(
-                (str(path), lambda: _apply_mapping(cfg, _read_toml(Path(path)), str(path), ""))
-            )
+            layers.append((str(path), lambda: _apply_file(cfg, Path(path))))
         layers.append(
-            ("--set", lambda: [cfg.set(k, v, source="--set") for k, v in (overrides or {}).items()])
+            (
+                "--set",
+                lambda: [
+                    cfg.set(k, v, source="--set") or k.strip() for k, v in (overrides or {}).items()
+                ],
+            )
         )
         sources: dict[str, str] = {}
+        given: dict[str, str] = {}
         for name, apply in layers:
             before = _flatten(cfg.to_dict())
-            apply()
+            keys = apply()
             after = _flatten(cfg.to_dict())
             sources.update(
                 {k: name for k in after.keys() | before.keys() if after.get(k) != before.get(k)}
             )
+            if name != "the checkpoint":  # what this launch states, even where it equals the base
+                given.update({k: name for k in keys or ()})
         cfg._sources = sources
+        cfg._given = given
         cfg.validate()
         return cfg
 
@@ -247,6 +254,38 @@ class Config:
             for key in sorted(base.keys() | mine.keys())
             if base.get(key) != mine.get(key)
         ]
+
+    def given_keys(self) -> dict[str, str]:
+        """The keys this launch states, each with where it came from (environment, file,
+        ``--set``): for a config built in code, every key that differs from the default.
+        On resume these win over the checkpoint's config (:meth:`over_checkpoint`)."""
+        given = getattr(self, "_given", None)
+        if given is not None:
+            return dict(given)
+        default, mine = _flatten(Config().to_dict()), _flatten(self.to_dict())
+        return {
+            k: "the script" for k in default.keys() | mine.keys() if default.get(k) != mine.get(k)
+        }
+
+    def over_checkpoint(self, base_toml: str) -> Config:
+        """The config of a resumed run, by the one precedence rule (defaults < the checkpoint's
+        config < environment < file < ``--set``): the checkpoint's config with the keys this
+        launch states (:meth:`given_keys`) set over it. The CLI and ``train()`` both use it."""
+        given = self.given_keys()
+        merged = Config.from_toml(environ={}, base_toml=base_toml)
+        mine = _flatten(self.to_dict())
+        nested: dict = {}
+        for key in given.keys() & mine.keys():  # (a key left unset here has nothing to give)
+            *parents, last = key.split(".")
+            cursor = nested
+            for part in parents:
+                cursor = cursor.setdefault(part, {})
+            cursor[last] = mine[key]
+        _apply_mapping(merged, nested, "this launch", prefix="")
+        merged._sources = {**merged._sources, **given}
+        merged._given = given
+        merged.validate()
+        return merged
 
     def set(self, dotted_key: str, value: Any, source: str = "--set") -> None:
         """Set one key by its dotted name; strings are parsed as TOML values."""
@@ -679,15 +718,26 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _apply_environment(cfg: Config, environ: Mapping[str, str]) -> None:
-    """``EASGD_TAU=8``, ``EASGD_DATA__NAME=synthetic``; other EASGD_* variables are not keys."""
+def _apply_environment(cfg: Config, environ: Mapping[str, str]) -> list[str]:
+    """``EASGD_TAU=8``, ``EASGD_DATA__NAME=synthetic``; other EASGD_* variables are not keys.
+    Returns the keys set."""
     known = set(_all_keys(cfg))
+    keys = []
     for name, value in sorted(environ.items()):
         if not name.startswith("EASGD_"):
             continue
         key = name[len("EASGD_") :].lower().replace("__", ".")
         if key in known:
             cfg.set(key, value, source=f"environment variable {name}")
+            keys.append(key)
+    return keys
+
+
+def _apply_file(cfg: Config, path: Path) -> list[str]:
+    """The keys of a TOML config file over ``cfg``; returns the keys it gives."""
+    values = _read_toml(path)
+    _apply_mapping(cfg, values, str(path), "")
+    return list(_flatten(values))
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -6,7 +6,7 @@ the RMA windows and sleeps briefly, so on an oversubscribed node it leaves the c
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from pathlib import Path
 
@@ -26,6 +26,8 @@ from .metrics import format_progress
 
 __all__ = ["run_master", "MasterResult"]
 
+_log = logging.getLogger(__name__)
+
 #: Seconds the idle master sleeps between polls.
 _POLL = 0.002
 
@@ -39,9 +41,9 @@ class MasterResult(dict):
 
 
 class _Run:
-    def __init__(self, cfg, roles, problem, center, channel, metrics, run_dir, out, resume):
+    def __init__(self, cfg, roles, problem, center, channel, metrics, run_dir, resume):
         self.cfg, self.problem, self.center, self.channel = cfg, problem, center, channel
-        self.metrics, self.run_dir, self.out = metrics, Path(run_dir), out
+        self.metrics, self.run_dir = metrics, Path(run_dir)
         self.p = roles.n_workers
         self.first_worker_rank = roles.size - roles.n_workers
         self.start = time.monotonic()
@@ -54,14 +56,14 @@ class _Run:
         existing = [checkpoint_sequence(p) for p in list_checkpoints(run_dir)]
         self.sequence = max([resume.sequence if resume else 0, *existing])
         if existing and resume is None:
-            out(
+            _log.info(
                 f"easgd: note: {run_dir} already holds checkpoints of an earlier run; this "
                 f"run's are numbered from {self.sequence + 1}"
             )
         self.snapshot = np.empty(center.n, dtype=np.float32)
         # When the master first saw each (worker, epoch) state: its age goes into checkpoints.
         # Epoch 0 is the state a worker starts from (this segment's start, or the resumed one).
-        start_age = resume.worker_state_age if resume is not None else None
+        start_age = resume.states.age if resume is not None else None
         self.seen = {
             (i, 0): self.elapsed() - (0.0 if start_age is None else float(start_age[i]))
             for i in range(self.p)
@@ -114,7 +116,7 @@ class _Run:
         }
         self.records.append(record)
         self.metrics.write(record)
-        self.out(format_progress(record, getattr(self.problem, "error_is_rate", True)))
+        _log.info(format_progress(record, getattr(self.problem, "error_is_rate", True)))
         return record
 
     def checkpoint(self, table, epoch: int, read_center: bool = True) -> Path:
@@ -129,28 +131,20 @@ class _Run:
         """
         common = int(table["ack"].min()) if self.cfg.algorithm in SYNC_ALGORITHMS else None
         cut = self.channel.cut(table, common)
-        (x, second), cut_center = self.channel.states(cut)
+        now = self.elapsed()
+        age = np.array([now - self.seen.get((i, int(a)), now) for i, a in enumerate(cut["ack"])])
+        states, cut_center = self.channel.states(cut, age=np.maximum(age, 0.0))
         if cut_center is not None:
             self.snapshot[:] = cut_center
         elif read_center:
             self.center.read(self.snapshot)
-        now = self.elapsed()
-        age = np.array([now - self.seen.get((i, int(a)), now) for i, a in enumerate(cut["ack"])])
-        second_name = self.cfg.state_rows[1] if len(self.cfg.state_rows) > 1 else None
         self.sequence += 1
         data = CheckpointData(
             config_toml=self.cfg.to_toml(),
             algorithm=self.cfg.algorithm,
             layout=self.problem.layout,
             center=self.snapshot.copy(),
-            worker_counters={
-                k: np.asarray(cut[k], np.int64) for k in ("steps", "exchanges", "resets")
-            },
-            worker_x=x,
-            worker_v=second if second_name == "v" else None,
-            worker_pending=second if second_name == "pending" else None,
-            worker_rng=self.channel.rng_states(cut),
-            worker_state_age=np.maximum(age, 0.0),
+            states=states,
             wall_time=now,
             sequence=self.sequence,
             metrics=self.records,
@@ -166,7 +160,7 @@ class _Run:
             self.sequence -= 1  # nothing was written: the next try takes the same number
             raise
         try:  # pruning only after a checkpoint is safe: a failed one never costs a good one
-            prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep, report=self.out)
+            prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep, report=_log.info)
         except OSError as exc:
             _warn(
                 f"easgd: warning: an older checkpoint ({exc.filename or self.run_dir}) cannot "
@@ -183,7 +177,6 @@ def run_master(
     channel,
     metrics,
     run_dir,
-    out=print,
     resume: CheckpointData | None = None,
     stop_flag=None,
 ) -> MasterResult:
@@ -193,7 +186,7 @@ def run_master(
     checkpoint is written with the states at hand, and a stop writes its final checkpoint
     without the workers that did not answer (they are returned as ``abandoned``).
     """
-    run = _Run(cfg, roles, problem, center, channel, metrics, run_dir, out, resume)
+    run = _Run(cfg, roles, problem, center, channel, metrics, run_dir, resume)
     stop_flag = stop_flag or (lambda: False)
     interval, wait = cfg.checkpoint.interval, cfg.checkpoint.state_wait
     next_eval = time.monotonic()
@@ -209,7 +202,7 @@ def run_master(
             stopping = True
             stop_deadline = now + wait
             channel.stop()
-            out("easgd: stop requested (signal): writing a final checkpoint")
+            _log.info("easgd: stop requested (signal): writing a final checkpoint")
             if not final:  # the final checkpoint replaces a periodic one still waiting
                 pending = None
         if pending is not None:
@@ -229,7 +222,7 @@ def run_master(
                 abandoned = [run.rank_of(int(i)) for i in np.flatnonzero(~table["finished"])]
                 channel.release()
                 if path is not None:
-                    out(f"easgd: checkpoint {path}")
+                    _log.info(f"easgd: checkpoint {path}")
                 break
             if ready:
                 try:
@@ -267,5 +260,4 @@ def run_master(
 
 
 def _warn(line: str) -> None:
-    sys.stderr.write(line + "\n")  # one write: ranks share the launcher's stderr
-    sys.stderr.flush()
+    _log.warning(line)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import math
 import os
-import sys
 from pathlib import Path
 
 from .errors import os_reason
@@ -118,8 +118,7 @@ def format_progress(rec: dict, error_is_rate: bool = True) -> str:
 
 
 def _stderr(line: str) -> None:
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
+    logging.getLogger(__name__).warning(line)
 
 
 def _jsonable(value):

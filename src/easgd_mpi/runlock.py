@@ -29,10 +29,10 @@ import atexit
 import contextlib
 import errno
 import json
+import logging
 import os
 import secrets
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
@@ -380,5 +380,5 @@ def _refusal(folder: Path, holder: dict | None) -> str:
 
 
 def _stderr(line: str) -> None:
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
+    # On stderr, as it always was: a lock taken over or waited for is worth a user's notice.
+    logging.getLogger(__name__).warning(line)

@@ -31,156 +31,85 @@ answers still has a state at hand.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-
 import numpy as np
 
 from .comm import MASTER
+from .workerstate import COUNTERS, RNG_WORDS, WorkerStates, encode_rng
 
-__all__ = ["StateChannel", "InitialStates", "encode_rng", "decode_rng"]
+__all__ = ["WorkerSide", "MasterSide", "open_state_channel"]
 
 # control slots: the epoch asked for; stop training; release finished workers (run is over)
 _EPOCH, _STOP, _RELEASE, _CONTROL = 0, 1, 2, 4
 # meta: per worker a common block, then two half blocks
 _FINISHED, _WANTS_STOP, _LATEST, _COMMON = 0, 1, 2, 4
 _ACK, _STEPS, _EXCH, _RESETS, _RNG0 = range(5)
-_RNG_WORDS = 6
+_COUNTER_SLOTS = dict(zip(COUNTERS, (_STEPS, _EXCH, _RESETS), strict=True))
+_RNG_WORDS = RNG_WORDS
 _HALF = _RNG0 + _RNG_WORDS + 1  # room to grow
 _META = _COMMON + 2 * _HALF
 #: Largest float count per MPI message (keeps each under 2^31 bytes).
 _MESSAGE = 1 << 22
 
 
-@dataclass
-class InitialStates:
-    """What the master stores as every worker's state before the worker first answers.
+class _StateWindows:
+    """The three windows on rank 0 and their layout; every rank builds them (collective).
 
-    ``rows[r]`` is one row kind (x, then v or the pending sum): an [n] vector every worker
-    starts from, or [p, n] (one per worker, from a checkpoint). ``center`` is the cut center
-    row (or None), ``counters`` maps steps/exchanges/resets to [p] arrays, ``rng_words`` is [p, 6].
+    ``row_names``: the rows each worker saves (``Config.state_rows``; empty: counters and
+    generators only). ``cut_center``: whether the first worker also saves the center of its cut.
     """
 
-    rows: list
-    center: np.ndarray | None
-    counters: dict
-    rng_words: np.ndarray
-
-
-def encode_rng(rng: np.random.Generator) -> np.ndarray:
-    """A PCG64 generator's full state as 6 int64 words."""
-    st = rng.bit_generator.state
-    if st["bit_generator"] != "PCG64":
-        raise ValueError(f"cannot store a {st['bit_generator']} generator (PCG64 expected)")
-    mask = (1 << 64) - 1
-    s, inc = st["state"]["state"], st["state"]["inc"]
-    words = np.array(
-        [s & mask, s >> 64, inc & mask, inc >> 64, st["has_uint32"], st["uinteger"]],
-        dtype=np.uint64,
-    )
-    return words.view(np.int64)
-
-
-def decode_rng(words) -> dict:
-    w = [int(x) for x in np.asarray(words, dtype=np.int64).view(np.uint64)]
-    return {
-        "bit_generator": "PCG64",
-        "state": {"state": w[0] | (w[1] << 64), "inc": w[2] | (w[3] << 64)},
-        "has_uint32": w[4],
-        "uinteger": w[5],
-    }
-
-
-class StateChannel:
-    """Collective: every rank constructs it.
-
-    ``rows``: how many vectors each worker saves (0: counters only, no states; 1: x; 2: x and
-    v or the pending sum). ``cut_center``: whether the first worker also saves the center of
-    its cut. ``initial`` (master only): see :class:`InitialStates`.
-    """
-
-    def __init__(
-        self,
-        comm,
-        n: int,
-        n_workers: int,
-        rows: int,
-        cut_center: bool = False,
-        initial: InitialStates | None = None,
-    ):
+    def __init__(self, comm, n: int, n_workers: int, row_names=(), cut_center: bool = False):
         from mpi4py import MPI  # noqa: PLC0415
 
         self._MPI = MPI
         self.comm = comm
-        self.rank = comm.Get_rank()
         self.n = int(n)
         self.p = int(n_workers)
-        self.rows = int(rows)
+        self.row_names = tuple(row_names)
+        self.rows = len(self.row_names)
         self.cut_center = bool(cut_center) and self.rows > 0
-        owner = self.rank == MASTER
+        owner = comm.Get_rank() == MASTER
         self._control = MPI.Win.Allocate(_CONTROL * 8 if owner else 0, 8, comm=comm)
         self._meta = MPI.Win.Allocate(self.p * _META * 8 if owner else 0, 8, comm=comm)
         # [p][2 halves][rows][n], then [2 halves][n] for the cut center
         self._center_base = self.p * 2 * self.rows * self.n
-        floats = self._center_base + (2 * self.n if self.cut_center else 0)
-        self._states = MPI.Win.Allocate(floats * 4 if owner else 0, 4, comm=comm)
-        if owner:
-            np.frombuffer(self._control.tomemory(), np.int64)[:] = 0
-            self._meta_mem = np.frombuffer(self._meta.tomemory(), np.int64).reshape(self.p, _META)
-            self._meta_mem[:] = 0
-            self._state_mem = np.frombuffer(self._states.tomemory(), np.float32, count=floats)
-            if initial is not None:
-                self._fill(initial)
-        self._ctl_buf = np.zeros(_CONTROL, np.int64)
-        self._ctl_origin = np.zeros(_CONTROL, np.int64)  # NO_OP still wants an origin
-        self._half_row = np.zeros(_HALF, np.int64)
-        self._common_row = np.zeros(_COMMON, np.int64)
-        self._table_buf = np.zeros(self.p * _META, np.int64)
-        self._table_origin = np.zeros_like(self._table_buf)
-        self._acked = 0
-        self._latest = 0  # the half the master filled; a worker's first answer writes half 1
-        self._host = None  # a worker's staging buffer, made at its first copy that needs one
-        comm.Barrier()
+        self._floats = self._center_base + (2 * self.n if self.cut_center else 0)
+        self._states = MPI.Win.Allocate(self._floats * 4 if owner else 0, 4, comm=comm)
+
+    def _open(self) -> None:
+        """Every rank: the long shared epoch on all three windows (after the owner filled them)."""
+        self.comm.Barrier()
         for win in (self._control, self._meta, self._states):
             win.Lock_all()
-        comm.Barrier()
-
-    def _fill(self, initial: InitialStates) -> None:
-        """Half 0 of every worker: the state it starts from (master, before the first lock)."""
-        for r, row in enumerate(initial.rows[: self.rows]):
-            row = np.asarray(row, np.float32)
-            for i in range(self.p):
-                self._row_view(i, 0, r)[:] = row[i] if row.ndim == 2 else row
-        if self.cut_center and initial.center is not None:
-            self._center_view(0)[:] = initial.center
-        meta = self._meta_mem
-        meta[:, _LATEST] = 0
-        half0 = meta[:, _COMMON : _COMMON + _HALF]
-        half0[:, _STEPS] = initial.counters["steps"]
-        half0[:, _EXCH] = initial.counters["exchanges"]
-        half0[:, _RESETS] = initial.counters["resets"]
-        half0[:, _RNG0 : _RNG0 + _RNG_WORDS] = initial.rng_words
+        self.comm.Barrier()
 
     def _row_offset(self, slot: int, half: int, row: int) -> int:
         return ((slot * 2 + half) * self.rows + row) * self.n
 
-    def _row_view(self, slot: int, half: int, row: int) -> np.ndarray:
-        lo = self._row_offset(slot, half, row)
-        return self._state_mem[lo : lo + self.n]
-
-    def _center_view(self, half: int) -> np.ndarray:
-        lo = self._center_base + half * self.n
-        return self._state_mem[lo : lo + self.n]
-
     def close(self) -> None:
+        """Collective: end the epoch and free the windows."""
         for win in (self._control, self._meta, self._states):
             win.Unlock_all()
         self.comm.Barrier()
         for win in (self._control, self._meta, self._states):
             win.Free()
 
-    # ---- worker side --------------------------------------------------------------------
-    def serve(
+
+class WorkerSide(_StateWindows):
+    """A worker's end of the channel: look at the master's control word, answer its epochs."""
+
+    def __init__(self, comm, n: int, n_workers: int, row_names=(), cut_center: bool = False):
+        super().__init__(comm, n, n_workers, row_names, cut_center)
+        self._ctl_buf = np.zeros(_CONTROL, np.int64)
+        self._ctl_origin = np.zeros(_CONTROL, np.int64)  # NO_OP still wants an origin
+        self._half_row = np.zeros(_HALF, np.int64)
+        self._common_row = np.zeros(_COMMON, np.int64)
+        self._acked = 0
+        self._latest = 0  # the half the master filled; a worker's first answer writes half 1
+        self._host = None  # staging buffer, made at the first copy that needs one
+        self._open()
+
+    def answer_if_asked(
         self, slot: int, algo, rng, steps: int, finished: bool = False, wants_stop: bool = False
     ) -> tuple[bool, bool]:
         """Answer a new checkpoint epoch if there is one. Returns (stop, release): stop training
@@ -270,7 +199,61 @@ class StateChannel:
         # Complete before the next put may reuse the host staging buffer.
         self._states.Flush(MASTER)
 
-    # ---- master side --------------------------------------------------------------------
+
+class MasterSide(_StateWindows):
+    """The master's end: ask for epochs, stop and release the workers, read their states.
+
+    ``initial``: the state every worker starts this segment from (:class:`WorkerStates` whose
+    rows are [p, n] or broadcast [n]), stored in half 0 before any worker answers, so a worker
+    that never answers still has a state at hand; ``initial_center``: the cut center row.
+    """
+
+    def __init__(
+        self,
+        comm,
+        n: int,
+        n_workers: int,
+        row_names=(),
+        cut_center: bool = False,
+        initial: WorkerStates | None = None,
+        initial_center: np.ndarray | None = None,
+    ):
+        super().__init__(comm, n, n_workers, row_names, cut_center)
+        np.frombuffer(self._control.tomemory(), np.int64)[:] = 0
+        self._meta_mem = np.frombuffer(self._meta.tomemory(), np.int64).reshape(self.p, _META)
+        self._meta_mem[:] = 0
+        self._state_mem = np.frombuffer(self._states.tomemory(), np.float32, count=self._floats)
+        if initial is not None:
+            self._fill(initial, initial_center)
+        self._table_buf = np.zeros(self.p * _META, np.int64)
+        self._table_origin = np.zeros_like(self._table_buf)
+        self._open()
+
+    def _fill(self, initial: WorkerStates, center) -> None:
+        """Half 0 of every worker: the state it starts from (before the first lock)."""
+        for r, name in enumerate(self.row_names):
+            row = initial.row(name)
+            if row is None:
+                continue
+            for i in range(self.p):
+                self._row_view(i, 0, r)[:] = row[i]
+        if self.cut_center and center is not None:
+            self._center_view(0)[:] = center
+        meta = self._meta_mem
+        meta[:, _LATEST] = 0
+        half0 = meta[:, _COMMON : _COMMON + _HALF]
+        for name, slot in _COUNTER_SLOTS.items():
+            half0[:, slot] = initial.counters[name]
+        half0[:, _RNG0 : _RNG0 + _RNG_WORDS] = initial.rng_words
+
+    def _row_view(self, slot: int, half: int, row: int) -> np.ndarray:
+        lo = self._row_offset(slot, half, row)
+        return self._state_mem[lo : lo + self.n]
+
+    def _center_view(self, half: int) -> np.ndarray:
+        lo = self._center_base + half * self.n
+        return self._state_mem[lo : lo + self.n]
+
     def request(self, epoch: int) -> None:
         self._set(_EPOCH, epoch)
 
@@ -289,9 +272,9 @@ class StateChannel:
         self._control.Flush(MASTER)
 
     def table(self) -> dict[str, np.ndarray]:
-        """The workers' meta blocks (atomic read; the master calls it every poll, so no
-        decoding: see :meth:`rng_states`). ``ack``, ``steps``, ... are the latest half's;
-        ``half`` says which half that is and ``other_ack`` the epoch of the other one."""
+        """The workers' meta blocks (atomic read; the master calls it every poll, so nothing
+        is decoded). ``ack``, ``steps``, ... are the latest half's; ``half`` says which half
+        that is and ``other_ack`` the epoch of the other one."""
         MPI = self._MPI
         out = self._table_buf
         self._meta.Get_accumulate(
@@ -315,9 +298,7 @@ class StateChannel:
         return {
             "half": half,
             "ack": rows[:, _ACK],
-            "steps": rows[:, _STEPS],
-            "exchanges": rows[:, _EXCH],
-            "resets": rows[:, _RESETS],
+            **{name: rows[:, slot] for name, slot in _COUNTER_SLOTS.items()},
             "rng_words": rows[:, _RNG0 : _RNG0 + _RNG_WORDS],
         }
 
@@ -335,23 +316,42 @@ class StateChannel:
             half[(table["ack"] != epoch) & other] ^= 1
         return self._describe(table["meta"], half)
 
-    @staticmethod
-    def rng_states(cut) -> list[str]:
-        """Each worker's generator state, as JSON text, from a :meth:`table` or :meth:`cut`."""
-        return [json.dumps(decode_rng(words)) for words in cut["rng_words"]]
-
-    def states(self, cut) -> tuple[list[np.ndarray | None], np.ndarray | None]:
-        """Copies of the halves named by ``cut``: each row kind as [p, n] (None past ``rows``),
-        and the first worker's cut center (None where not saved)."""
+    def states(self, cut, age: np.ndarray | None = None) -> tuple[WorkerStates, np.ndarray | None]:
+        """The workers' states in the halves ``cut`` names (copies), and the first worker's
+        cut center (None where not saved)."""
         self._states.Sync()  # the workers' flushed writes, visible to this process's loads
-        rows = []
-        for r in range(2):
-            if r >= self.rows:
-                rows.append(None)
-                continue
+        rows = {}
+        for r, name in enumerate(self.row_names):
             out = np.empty((self.p, self.n), np.float32)
             for i in range(self.p):
                 out[i] = self._row_view(i, int(cut["half"][i]), r)
-            rows.append(out)
+            rows[name] = out
         center = self._center_view(int(cut["half"][0])).copy() if self.cut_center else None
-        return rows, center
+        states = WorkerStates(
+            counters={k: np.array(cut[k], np.int64) for k in COUNTERS},
+            rng_words=np.array(cut["rng_words"], np.int64),
+            rows=rows,
+            age=age,
+        )
+        return states, center
+
+
+def open_state_channel(
+    comm,
+    side: str,
+    n: int,
+    n_workers: int,
+    row_names=(),
+    cut_center: bool = False,
+    initial: WorkerStates | None = None,
+    initial_center: np.ndarray | None = None,
+):
+    """Collective: every rank opens its side, ``"master"``, ``"worker"`` or ``"none"`` (a
+    server other than the master: it takes part in building the windows, nothing else)."""
+    if side == "master":
+        return MasterSide(comm, n, n_workers, row_names, cut_center, initial, initial_center)
+    if side == "worker":
+        return WorkerSide(comm, n, n_workers, row_names, cut_center)
+    windows = _StateWindows(comm, n, n_workers, row_names, cut_center)
+    windows._open()
+    return windows

@@ -7,6 +7,7 @@ import time
 from .algorithms import make_algorithm
 from .collective import agree_epoch_and_stop
 from .data.sampling import worker_rng
+from .workerstate import WorkerState
 
 __all__ = ["run_worker"]
 
@@ -29,27 +30,25 @@ def run_worker(
     channel,
     alpha: float,
     direct_mpi: bool = False,
-    resume: dict | None = None,
+    resume: WorkerState | None = None,
     stop_flag=None,
 ) -> dict:
     """Train this worker's copy up to ``cfg.steps`` local steps (or until told to stop).
 
-    ``resume`` (from a checkpoint): ``steps``, ``exchanges``, ``resets``, ``rng`` (a numpy
-    bit-generator state), ``x`` and ``second`` (v or DOWNPOUR's pending sum; host arrays or
-    None). ``stop_flag()`` is true once
-    this process got a stop signal. Returns this worker's final counters.
+    ``resume``: the worker's saved state (a checkpoint's, workerstate.py) or None for a fresh
+    start. ``stop_flag()`` is true once this process got a stop signal. Returns this worker's
+    final counters.
     """
     slot = roles.worker_index
-    rng = worker_rng(cfg.seed, slot)
+    rng = worker_rng(cfg.seed, slot) if resume is None else resume.generator()
     algo = make_algorithm(
         cfg, problem, backend, center, alpha, rng, direct_mpi=direct_mpi, workers_comm=roles.workers
     )
     algo.pull_center()
     first = 0
     if resume is not None:
-        first = int(resume["steps"])
-        rng.bit_generator.state = resume["rng"]
-        algo.restore(resume.get("x"), resume.get("second"), resume["exchanges"], resume["resets"])
+        first = resume.steps
+        algo.restore(resume)
 
     stop_flag = stop_flag or (lambda: False)
     # Workers of a collective rule must leave the loop, and copy their states, at the same
@@ -85,7 +84,7 @@ def run_worker(
     _publish(center, slot, algo, steps, loss, done=True)
     # Finished: keep answering the master (its final checkpoint needs this worker's state)
     # until it has asked for the final epoch and got it.
-    while not channel.serve(
+    while not channel.answer_if_asked(
         slot, algo, rng, steps, finished=True, wants_stop=stopped and stop_flag()
     )[1]:
         time.sleep(_IDLE_POLL)

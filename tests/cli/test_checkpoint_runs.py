@@ -27,7 +27,7 @@ def test_resume_continues_counters_and_learns_like_an_uninterrupted_run(
     part = run(train_command(mpiexec, 3, tmp_path / "split", "steps=1000", *common), clean_env)
     assert part.returncode == 0, part.stderr
     first = load_checkpoint(list_checkpoints(tmp_path / "split")[-1])
-    assert first.total_steps == 2000 and list(first.worker_counters["steps"]) == [1000, 1000]
+    assert first.total_steps == 2000 and list(first.states.counters["steps"]) == [1000, 1000]
     rest = run(
         train_command(mpiexec, 3, tmp_path / "split", "steps=2000", *common, resume="auto"),
         clean_env,
@@ -36,7 +36,7 @@ def test_resume_continues_counters_and_learns_like_an_uninterrupted_run(
     assert "resuming from checkpoint #1: 2,000 worker steps" in rest.stdout
 
     final = load_checkpoint(list_checkpoints(tmp_path / "split")[-1])
-    assert final.sequence == 2 and list(final.worker_counters["steps"]) == [2000, 2000]
+    assert final.sequence == 2 and list(final.states.counters["steps"]) == [2000, 2000]
     assert final.total_exchanges == 2 * 2000 // 4
     records = read_metrics(tmp_path / "split" / "metrics.jsonl")
     times = [r["time"] for r in records]
@@ -112,7 +112,7 @@ def test_sigkill_of_a_worker_then_resume_auto_loses_at_most_one_interval(
     raw[at + 3] ^= 0x10
     newest_path.write_bytes(bytes(raw))
     before = load_checkpoint(list_checkpoints(run_dir)[-2])
-    target = int(before.worker_counters["steps"].max()) + 300
+    target = int(before.states.counters["steps"].max()) + 300
     resumed = run(
         train_command(
             mpiexec, 3, run_dir, f"steps={target}", "checkpoint.interval=0", resume="auto"
@@ -125,7 +125,7 @@ def test_sigkill_of_a_worker_then_resume_auto_loses_at_most_one_interval(
     )
     assert f"resuming from checkpoint #{before.sequence}" in resumed.stdout
     final = load_checkpoint(list_checkpoints(run_dir)[-1])
-    assert list(final.worker_counters["steps"]) == [target, target]
+    assert list(final.states.counters["steps"]) == [target, target]
     assert final.sequence > newest.sequence  # numbered past the damaged file, never under it
     assert (run_dir / "COMPLETED").exists()
     for path in list_checkpoints(run_dir):  # what the run wrote, HDF5 tools read
@@ -178,17 +178,17 @@ def test_sigterm_writes_a_final_checkpoint_and_exits_0(
     ckpt = load_checkpoint(list_checkpoints(run_dir)[-1])
     last = read_metrics(run_dir / "metrics.jsonl")[-1]
     assert ckpt.total_steps == last["steps"] > 0
-    assert ckpt.worker_x is not None and np.all(np.isfinite(ckpt.worker_x))
-    assert (ckpt.worker_v is not None) == bool(extra)
+    assert ckpt.states.row("x") is not None and np.all(np.isfinite(ckpt.states.row("x")))
+    assert (ckpt.states.row("v") is not None) == bool(extra)
     if algorithm in ("sync-easgd", "allreduce-sgd"):  # states copied on one common step
-        assert len(set(ckpt.worker_counters["steps"])) == 1
-        target = int(ckpt.worker_counters["steps"][0]) + 40
+        assert len(set(ckpt.states.counters["steps"])) == 1
+        target = int(ckpt.states.counters["steps"][0]) + 40
         resumed = run(
             train_command(mpiexec, 3, run_dir, f"steps={target}", resume="auto"), clean_env
         )
         assert resumed.returncode == 0, resumed.stderr
         again = load_checkpoint(list_checkpoints(run_dir)[-1])
-        assert set(again.worker_counters["steps"]) == {target}
+        assert set(again.states.counters["steps"]) == {target}
 
 
 @pytest.mark.parametrize("algorithm", ["easgd", "sync-easgd", "allreduce-sgd", "downpour"])
@@ -211,7 +211,7 @@ def test_nan_on_one_worker_never_reaches_the_center(algorithm, mpiexec, clean_en
     assert proc.returncode == 0, proc.stderr
     ckpt = load_checkpoint(list_checkpoints(run_dir)[-1])
     assert np.all(np.isfinite(ckpt.center))
-    assert list(ckpt.worker_counters["resets"]) == [2, 0]
+    assert list(ckpt.states.counters["resets"]) == [2, 0]
     records = read_metrics(run_dir / "metrics.jsonl")
     assert records[-1]["resets"] == 2
     assert all(r["center_loss"] is not None and np.isfinite(r["center_loss"]) for r in records)

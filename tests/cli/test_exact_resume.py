@@ -47,14 +47,14 @@ def _final(run_dir: Path):
 
 def _assert_identical(a, b) -> None:
     assert np.array_equal(a.center.view(np.uint32), b.center.view(np.uint32)), "center differs"
-    for name in ("worker_x", "worker_v", "worker_pending"):
-        left, right = getattr(a, name), getattr(b, name)
+    for name in ("x", "v", "pending"):
+        left, right = a.states.row(name), b.states.row(name)
         assert (left is None) == (right is None), name
         if left is not None:
             assert np.array_equal(left.view(np.uint32), right.view(np.uint32)), f"{name} differs"
     for key in ("steps", "exchanges", "resets"):
-        assert np.array_equal(a.worker_counters[key], b.worker_counters[key]), key
-    assert a.worker_rng == b.worker_rng
+        assert np.array_equal(a.states.counters[key], b.states.counters[key]), key
+    assert np.array_equal(a.states.rng_words, b.states.rng_words)
 
 
 def _reference(mpiexec, clean_env, tmp_path, algorithm, n, extra):
@@ -80,7 +80,7 @@ def test_resuming_a_periodic_checkpoint_ends_bit_identical(
     algorithm, n, extra, mpiexec, clean_env, tmp_path
 ):
     reference = _reference(mpiexec, clean_env, tmp_path, algorithm, n, extra)
-    assert reference.worker_counters["steps"].tolist() == [STEPS] * (n - 1)
+    assert reference.states.counters["steps"].tolist() == [STEPS] * (n - 1)
 
     slowed = tmp_path / "slowed"
     sets = (f"algorithm={algorithm}", f"steps={STEPS}", *extra)
@@ -94,18 +94,18 @@ def test_resuming_a_periodic_checkpoint_ends_bit_identical(
     middle = [
         p
         for p in list_checkpoints(slowed)
-        if 0 < load_checkpoint(p).worker_counters["steps"].max() < STEPS
+        if 0 < load_checkpoint(p).states.counters["steps"].max() < STEPS
     ]
     assert middle, "no checkpoint was written mid-run"
     if algorithm == "downpour":  # prefer a cut between pushes: a pending sum to restore
-        pending = [p for p in middle if np.abs(load_checkpoint(p).worker_pending).max() > 0]
+        pending = [p for p in middle if np.abs(load_checkpoint(p).states.row("pending")).max() > 0]
         middle = pending or middle
     cut = load_checkpoint(middle[len(middle) // 2])
     if algorithm in ("sync-easgd", "allreduce-sgd"):  # one common round
-        assert len(set(cut.worker_counters["steps"].tolist())) == 1
-    assert cut.worker_state_age is not None and np.all(cut.worker_state_age >= 0)
+        assert len(set(cut.states.counters["steps"].tolist())) == 1
+    assert cut.states.age is not None and np.all(cut.states.age >= 0)
     if algorithm == "downpour":
-        assert cut.worker_pending is not None
+        assert cut.states.row("pending") is not None
 
     resumed = tmp_path / "resumed"
     resumed.mkdir()
@@ -134,7 +134,7 @@ def test_stopping_with_sigterm_and_resuming_ends_bit_identical(
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     stopped = _final(run_dir)
-    assert 0 < stopped.worker_counters["steps"].max() < STEPS, "the stop came too late to test"
+    assert 0 < stopped.states.counters["steps"].max() < STEPS, "the stop came too late to test"
     done = run(train_command(mpiexec, n, run_dir, *sets, resume="auto"), clean_env)
     assert done.returncode == 0, done.stderr
     _assert_identical(_final(run_dir), reference)

@@ -162,7 +162,7 @@ def test_the_lock_of_a_killed_run_never_blocks_resume_auto(mpiexec, clean_env, t
         first.kill()
     assert holder_of(run_dir) == holder  # left behind
 
-    target = int(load_checkpoint(list_checkpoints(run_dir)[-1]).worker_counters["steps"].max())
+    target = int(load_checkpoint(list_checkpoints(run_dir)[-1]).states.counters["steps"].max())
     resumed = run(
         train_command(
             mpiexec, 3, run_dir, f"steps={target + 40}", "checkpoint.interval=0", resume="auto"

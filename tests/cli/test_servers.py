@@ -35,7 +35,7 @@ def test_a_checkpoint_resumes_with_another_number_of_servers(mpiexec, clean_env,
 
     proc, first = segment(4, 2, 400, resume=None)  # 2 servers, 2 workers
     assert "the center on 2 servers: rank 0 [0, 2,048), 8.0 KiB; rank 1 [2,048, " in proc.stdout
-    assert list(first.worker_counters["steps"]) == [400, 400]
+    assert list(first.states.counters["steps"]) == [400, 400]
 
     # 2 → 1 server, nothing left to train: the center comes back to the last bit.
     proc, same = segment(3, 1, 400)
@@ -45,11 +45,11 @@ def test_a_checkpoint_resumes_with_another_number_of_servers(mpiexec, clean_env,
     # 1 → 2 servers, the same.
     _, again = segment(4, 2, 400)
     assert again.sequence == 3 and np.array_equal(again.center, first.center)
-    assert np.array_equal(again.worker_x, first.worker_x)
+    assert np.array_equal(again.states.row("x"), first.states.row("x"))
 
     # 2 → 1 server and on to the end: counters continue, the digits are learnt.
     _, final = segment(3, 1, 1500)
-    assert list(final.worker_counters["steps"]) == [1500, 1500]
+    assert list(final.states.counters["steps"]) == [1500, 1500]
     records = read_metrics(run_dir / "metrics.jsonl")
     assert records[-1]["steps"] == 3000 and records[-1]["center_error"] <= 0.06
     assert (run_dir / "COMPLETED").exists()

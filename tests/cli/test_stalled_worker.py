@@ -97,21 +97,21 @@ def test_checkpoints_go_on_while_a_worker_is_stopped(mpiexec, clean_env, tmp_pat
         _wait_for(
             lambda: (
                 (c := _newest(run_dir)) is not None
-                and c.worker_state_age[1] > WAIT + 1.0
+                and c.states.age[1] > WAIT + 1.0
                 and time.monotonic() - stopped_at > WAIT + 1.5
             ),
             "checkpoints that keep the stopped worker's old state",
         )
         ckpt = _newest(run_dir)
         live = [0, 2]
-        assert np.all(ckpt.worker_state_age[live] < ckpt.worker_state_age[1])
-        assert np.all(np.isfinite(ckpt.worker_x))
-        frozen_steps = int(ckpt.worker_counters["steps"][1])
+        assert np.all(ckpt.states.age[live] < ckpt.states.age[1])
+        assert np.all(np.isfinite(ckpt.states.row("x")))
+        frozen_steps = int(ckpt.states.counters["steps"][1])
         _wait_for(
-            lambda: _newest(run_dir).worker_counters["steps"][0] > ckpt.worker_counters["steps"][0],
+            lambda: _newest(run_dir).states.counters["steps"][0] > ckpt.states.counters["steps"][0],
             "the live workers' states to move on",
         )
-        assert int(_newest(run_dir).worker_counters["steps"][1]) == frozen_steps
+        assert int(_newest(run_dir).states.counters["steps"][1]) == frozen_steps
     finally:
         job.send_signal(signal.SIGTERM)
         out, err = job.communicate(timeout=60)
@@ -141,15 +141,15 @@ def test_sigterm_with_a_stopped_worker_ends_within_the_bound(
     assert "did not answer the stop" in out
     assert (run_dir / "PREEMPTED").exists() and not (run_dir / "COMPLETED").exists()
     final = _newest(run_dir)
-    assert final.worker_state_age[2] >= 0.5
+    assert final.states.age[2] >= 0.5
     if algorithm == "sync-easgd":  # the others wait for it in the all-reduce: one common round
-        assert len(set(final.worker_counters["steps"].tolist())) == 1
+        assert len(set(final.states.counters["steps"].tolist())) == 1
     else:
-        assert final.worker_state_age[0] < final.worker_state_age[2]
+        assert final.states.age[0] < final.states.age[2]
 
     # The folder is free again and the run continues from that checkpoint, every worker from
     # its own saved state.
-    target = int(final.worker_counters["steps"].max()) + 30
+    target = int(final.states.counters["steps"].max()) + 30
     resumed = run(
         train_command(mpiexec, 4, run_dir, f"algorithm={algorithm}", f"steps={target}")
         + ["--resume", "auto"],
@@ -157,5 +157,5 @@ def test_sigterm_with_a_stopped_worker_ends_within_the_bound(
     )
     assert resumed.returncode == 0, resumed.stderr
     done = _newest(run_dir)
-    assert set(done.worker_counters["steps"].tolist()) == {target}
+    assert set(done.states.counters["steps"].tolist()) == {target}
     assert (run_dir / "COMPLETED").exists() and not (run_dir / "PREEMPTED").exists()

@@ -107,7 +107,7 @@ def test_resume_and_export_of_a_batchnorm_model(mpiexec, clean_env, tmp_path, ci
     assert again.returncode == 0, again.stderr
     assert "resuming from checkpoint" in again.stdout
     resumed = load_checkpoint(list_checkpoints(run_dir)[-1])
-    assert list(resumed.worker_counters["steps"]) == [50, 50]
+    assert list(resumed.states.counters["steps"]) == [50, 50]
     history = records(run_dir)
     assert history[-1]["steps"] == 100 and history[0]["steps"] == 0
 

@@ -4,7 +4,7 @@ Where the center of a cut is known exactly (the synchronous rules' replica; the 
 single asynchronous worker) the first worker saves it with its state. Were the master to read
 the window when it writes the checkpoint instead, the workers would have moved it on by then:
 here the master is held up between collecting the states and writing the file (a sleep wrapped
-around ``StateChannel.states``, the math untouched), so such a center is many steps later, every
+around ``MasterSide.states``, the math untouched), so such a center is many steps later, every
 time, and not the float64 recurrence of DESIGN.md §2 at the checkpoint's step count.
 
 Async EASGD at p = 1 runs on each pair of ranks (a leftover rank sits out); sync EASGD on the
@@ -19,7 +19,7 @@ from mpi4py import MPI
 
 import easgd_mpi as ea
 from easgd_mpi.checkpoint import list_checkpoints, load_checkpoint
-from easgd_mpi.snapshots import StateChannel
+from easgd_mpi.snapshots import MasterSide
 from recurrences import SETTINGS, TOL, H, WorkerQuadratic, as_toml, async_rule, sync_easgd
 
 #: Slow enough that 20 steps move the center by far more than TOL.
@@ -47,14 +47,14 @@ def expected_state(algorithm, p, steps, tau, alpha):
 
 
 def run_and_check(monkeypatch, tmp_path, comm, algorithm, p, worker):
-    original = StateChannel.states
+    original = MasterSide.states
 
-    def held_up(self, cut):
-        result = original(self, cut)
+    def held_up(self, cut, **kwargs):
+        result = original(self, cut, **kwargs)
         time.sleep(MASTER_DELAY)  # the workers go on meanwhile
         return result
 
-    monkeypatch.setattr(StateChannel, "states", held_up)
+    monkeypatch.setattr(MasterSide, "states", held_up)
     out = comm.bcast(str(tmp_path), root=0)
     values = {
         **SETTINGS,
@@ -80,16 +80,16 @@ def run_and_check(monkeypatch, tmp_path, comm, algorithm, p, worker):
     middle = []
     for path in list_checkpoints(summary["run_dir"]):
         data = load_checkpoint(path)
-        steps = data.worker_counters["steps"]
+        steps = data.states.counters["steps"]
         if 0 < steps.max() < STEPS:
             middle.append(data)
     assert middle, "no checkpoint was written mid-run"
     for data in middle:
-        steps = data.worker_counters["steps"]
+        steps = data.states.counters["steps"]
         assert len(set(steps.tolist())) == 1  # p = 1, or one common round
         x, c = expected_state(algorithm, p, int(steps[0]), 1, alpha)
         np.testing.assert_allclose(data.center[: len(H)], c, rtol=0, atol=TOL)
-        np.testing.assert_allclose(data.worker_x[:, : len(H)], x, rtol=0, atol=TOL)
+        np.testing.assert_allclose(data.states.row("x")[:, : len(H)], x, rtol=0, atol=TOL)
 
 
 @pytest.mark.mpi(min_size=2)

@@ -3,13 +3,13 @@
 Usage: mpiexec -n P python fail_on_one_rank.py RANK STEP OUTPUT_DIR
 """
 
+import logging
 import sys
 
 from mpi4py import MPI
 from wrapped_problem import WrappedProblem
 
 import easgd_mpi as ea
-from easgd_mpi.cli import run_or_abort
 
 FAIL_RANK, FAIL_STEP, OUTPUT = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 
@@ -35,8 +35,9 @@ def main() -> int:
     cfg = ea.Config.from_toml(
         None, overrides={"steps": 100000, "output": OUTPUT, "eval_interval": 0.2}
     )
-    ea.train(cfg, problem=Exploding, out=lambda line: None)
+    logging.getLogger("easgd_mpi").setLevel(logging.WARNING)  # no progress lines
+    ea.train(cfg, problem=Exploding)
     return 0
 
 
-sys.exit(run_or_abort(main))
+ea.run(main)

@@ -11,7 +11,6 @@ from mpi4py import MPI
 from wrapped_problem import WrappedProblem
 
 import easgd_mpi as ea
-from easgd_mpi.cli import run_or_abort
 
 RANK, STEPS, RUN_DIR = int(sys.argv[1]), {int(s) for s in sys.argv[2].split(",")}, sys.argv[3]
 
@@ -38,8 +37,8 @@ def main() -> int:
             **dict(arg.split("=", 1) for arg in sys.argv[4:]),
         },
     )
-    ea.train(cfg, problem=Poisoned, out=print)
+    ea.train(cfg, problem=Poisoned)  # progress lines on stdout: nothing configured logging
     return 0
 
 
-sys.exit(run_or_abort(main))
+ea.run(main)

@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from easgd_mpi.checkpoint import (
 from easgd_mpi.config import Config
 from easgd_mpi.errors import CheckpointError
 from easgd_mpi.flat import Layout
+from easgd_mpi.workerstate import WorkerStates, encode_rng
 
 LAYOUT = Layout([("w", (5, 3)), ("b", (3,))])
 
@@ -35,14 +37,18 @@ def make_data(seed=0, with_v=True, p=3) -> CheckpointData:
         algorithm="eamsgd",
         layout=LAYOUT,
         center=rng.standard_normal(n).astype(np.float32),
-        worker_counters={
-            "steps": np.array([10, 11, 12]),
-            "exchanges": np.array([3, 3, 4]),
-            "resets": np.array([0, 1, 0]),
-        },
-        worker_x=rng.standard_normal((p, n)).astype(np.float32),
-        worker_v=rng.standard_normal((p, n)).astype(np.float32) if with_v else None,
-        worker_rng=[json.dumps(np.random.default_rng(i).bit_generator.state) for i in range(p)],
+        states=WorkerStates(
+            counters={
+                "steps": np.array([10, 11, 12]),
+                "exchanges": np.array([3, 3, 4]),
+                "resets": np.array([0, 1, 0]),
+            },
+            rows={
+                "x": rng.standard_normal((p, n)).astype(np.float32),
+                **({"v": rng.standard_normal((p, n)).astype(np.float32)} if with_v else {}),
+            },
+            rng_words=np.stack([encode_rng(np.random.default_rng(i)) for i in range(p)]),
+        ),
         wall_time=12.5,
         sequence=7,
         metrics=[
@@ -59,13 +65,16 @@ def test_round_trip_is_bit_exact(tmp_path):
     assert back.layout == LAYOUT and back.algorithm == "eamsgd"
     for a, b in [
         (data.center, back.center),
-        (data.worker_x, back.worker_x),
-        (data.worker_v, back.worker_v),
+        (data.states.row("x"), back.states.row("x")),
+        (data.states.row("v"), back.states.row("v")),
     ]:
         assert a.dtype == b.dtype and np.array_equal(a.view(np.uint32), b.view(np.uint32))
-    for k, v in data.worker_counters.items():
-        assert np.array_equal(v, back.worker_counters[k])
-    assert back.worker_rng == data.worker_rng
+    for k, v in data.states.counters.items():
+        assert np.array_equal(v, back.states.counters[k])
+    assert np.array_equal(back.states.rng_words, data.states.rng_words)
+    for i in range(3):  # the words give back the very generator that was saved
+        want = np.random.default_rng(i).standard_normal(4)
+        assert np.array_equal(back.states.of(i).generator().standard_normal(4), want)
     assert back.metrics == data.metrics
     assert (back.wall_time, back.sequence, back.config_toml) == (12.5, 7, data.config_toml)
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporaries left
@@ -73,9 +82,9 @@ def test_round_trip_is_bit_exact(tmp_path):
 
 def test_without_worker_states(tmp_path):
     data = make_data(with_v=False)
-    data.worker_x = None
+    data.states.rows.clear()
     back = load_checkpoint(save_checkpoint(tmp_path / "c.h5", data))
-    assert back.worker_x is None and back.worker_v is None
+    assert back.states.row("x") is None and back.states.row("v") is None
     assert summarize(back)["worker_center_distance"] is None
 
 
@@ -159,7 +168,7 @@ def test_summary_text_and_json(tmp_path):
     w = data.center[:15].astype(np.float64)
     assert s["tensors"][0]["norm"] == pytest.approx(np.linalg.norm(w))
     assert s["worker_center_distance"][1] == pytest.approx(
-        np.linalg.norm(data.worker_x[1].astype(np.float64) - data.center)
+        np.linalg.norm(data.states.row("x")[1].astype(np.float64) - data.center)
     )
     text = format_summary(s)
     assert "algorithm eamsgd, 3 workers, checkpoint #7" in text
@@ -170,7 +179,7 @@ def test_easgd_inspect_command(tmp_path):
     path = save_checkpoint(tmp_path / "c.h5", make_data())
     cmd = [sys.executable, "-m", "easgd_mpi", "inspect", str(path)]
     text = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    assert "checkpoint version 1" in text.splitlines()[0] and "worker-to-center distance" in text
+    assert "checkpoint version 2" in text.splitlines()[0] and "worker-to-center distance" in text
     js = json.loads(
         subprocess.run(cmd + ["--json"], capture_output=True, text=True, check=True).stdout
     )
@@ -192,3 +201,17 @@ def test_h5dump_reads_it(tmp_path):
     out = subprocess.run([h5dump, "-H", str(path)], capture_output=True, text=True, check=True)
     for name in ("center", "layout", "workers", "metrics", "checksum_sha256"):
         assert name in out.stdout
+
+
+def test_a_version_1_file_still_loads_and_resumes_its_generators():
+    # tests/data/checkpoint-v1.h5 was written by the release before the worker-state type
+    # (generators as JSON text); its checksum, rows and generators read back as they were.
+    back = load_checkpoint(Path(__file__).parents[1] / "data" / "checkpoint-v1.h5")
+    assert back.format_version == 1 and back.sequence == 4 and back.workers == 2
+    assert list(back.states.counters["steps"]) == [7, 8]
+    assert set(back.states.rows) == {"x", "v"} and list(back.states.age) == [0.5, 1.5]
+    # The workers' streams continue where they were: their next draws, recorded at writing.
+    want = [[-1.18395674, 0.69795518, -2.16380642], [-0.75332789, 0.73413405, 0.82402834]]
+    for i, row in enumerate(want):
+        got = back.states.of(i).generator().standard_normal(3)
+        assert np.allclose(got, row, rtol=0, atol=1e-8)

@@ -17,6 +17,7 @@ from easgd_mpi.checkpoint import (
 )
 from easgd_mpi.errors import CheckpointError
 from easgd_mpi.flat import Layout
+from easgd_mpi.workerstate import COUNTERS, WorkerStates
 
 
 def write(folder, sequence):
@@ -25,8 +26,9 @@ def write(folder, sequence):
         algorithm="easgd",
         layout=Layout([("w", (8,))]),
         center=np.full(8, sequence, np.float32),
-        worker_counters={k: np.zeros(1, np.int64) for k in ("steps", "exchanges", "resets")},
-        worker_rng=["{}"],
+        states=WorkerStates(
+            counters={k: np.zeros(1, np.int64) for k in COUNTERS}, rng_words=np.zeros((1, 6))
+        ),
         sequence=sequence,
     )
     return save_checkpoint(checkpoint_path(folder, sequence), data)

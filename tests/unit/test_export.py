@@ -10,6 +10,7 @@ torch = pytest.importorskip("torch", reason="the torch extra is installed by `ma
 
 from easgd_mpi.checkpoint import CheckpointData, save_checkpoint  # noqa: E402
 from easgd_mpi.models.torch_adapter import _layout_of  # noqa: E402
+from easgd_mpi.workerstate import COUNTERS, WorkerStates  # noqa: E402
 
 
 def write_checkpoint(path, module):
@@ -20,8 +21,9 @@ def write_checkpoint(path, module):
         algorithm="easgd",
         layout=layout,
         center=center,
-        worker_counters={k: np.zeros(1, np.int64) for k in ("steps", "exchanges", "resets")},
-        worker_rng=["{}"],
+        states=WorkerStates(
+            counters={k: np.zeros(1, np.int64) for k in COUNTERS}, rng_words=np.zeros((1, 6))
+        ),
         trainable_size=trainable,
         local_tensors={k: v.numpy() + 7 for k, v in local.items()},
     )

@@ -17,6 +17,7 @@ from easgd_mpi.backend import NumpyBackend
 from easgd_mpi.config import Config
 from easgd_mpi.data.sampling import worker_rng
 from easgd_mpi.models import QuadraticProblem
+from easgd_mpi.workerstate import WorkerState, encode_rng
 from local_center import LocalCenter
 
 STEPS = 14
@@ -88,7 +89,15 @@ def test_restoring_the_saved_rows_continues_bit_identical(algorithm, tau, moment
 
     second, second_center, second_rng = start(cfg, saved[0])
     second_rng.bit_generator.state = saved[1]
-    second.restore(rows[0], rows[1] if len(rows) > 1 else None, saved[2], first.resets)
+    second.restore(
+        WorkerState(
+            steps=cut,
+            exchanges=saved[2],
+            resets=first.resets,
+            rng_words=encode_rng(first_rng),
+            rows=dict(zip(cfg.state_rows, rows, strict=True)),
+        )
+    )
     for t in range(cut, STEPS):
         second.step(t)
 
