@@ -30,6 +30,7 @@ from .comm import (
     check_layout,
     end_job,
     gather_to_master,
+    keep_progress,
     limit_blas_threads,
     make_roles,
     node_position,
@@ -55,6 +56,7 @@ from .models import make_problem
 from .runlock import acquire as lock_run_folder
 from .runlock import release as release_run_folder
 from .snapshots import InitialStates, StateChannel, encode_rng
+from .status_board import StatusBoard
 from .worker import run_worker
 
 __all__ = ["train", "resolve_resume", "STOP_SIGNALS"]
@@ -122,16 +124,19 @@ def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
     center = CenterWindow(
         roles.world,
         prob.layout.size,
-        p,
         initial=initial,
         lock_mode=cfg.lock_mode,
         chunk=cfg.resolve_chunk(backend.is_gpu),
         # Pinned host chunks on a GPU: the one-sided operations never see device memory.
         alloc_chunk=backend.host_empty,
-        initial_status=None
+        servers=roles.servers,
+    )
+    status = StatusBoard(
+        roles.world,
+        p,
+        initial=None
         if checkpoint is None
         else {k: checkpoint.worker_counters[k] for k in ("steps", "exchanges", "resets")},
-        servers=roles.servers,
     )
     if roles.is_master and roles.servers > 1:
         say(
@@ -156,7 +161,7 @@ def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
         if roles.is_server and not roles.is_master:
             # Nothing to compute here: keep MPI progress going for this slice until every
             # rank has joined the end-of-run barrier (the loop is that barrier).
-            served = center.serve()
+            served = keep_progress(roles.world)
         elif roles.is_master:
             metrics = MetricsLog(
                 Path(run_dir) / "metrics.jsonl", history=checkpoint.metrics if checkpoint else None
@@ -167,6 +172,7 @@ def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
                     roles,
                     prob,
                     center,
+                    status,
                     channel,
                     metrics,
                     run_dir,
@@ -185,6 +191,7 @@ def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
                 prob,
                 backend,
                 center,
+                status,
                 channel,
                 alpha,
                 direct_mpi=direct_mpi,
@@ -195,6 +202,7 @@ def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
         if served is None:
             wait_for_all(roles.world)
     channel.close()
+    status.close()
     center.close()
 
     def finish():
