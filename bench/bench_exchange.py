@@ -13,7 +13,7 @@ GB/s (8n bytes per exchange: n floats read from the center, n floats added to it
 With ``--servers S`` (a list: ``1,2``) the center is cut into S slices on ranks 0..S−1, as
 ``servers = S`` does in training, and the workers are ranks S..S+p−1; the ``sendrecv`` and
 ``pickle`` baselines keep their single server (rank 0) while the other servers idle. The servers
-other than rank 0 run ``CenterWindow.serve`` (the training's test-and-sleep loop) during the RMA
+other than rank 0 run ``comm.keep_progress`` (the training's test-and-sleep loop) during the RMA
 methods; its CPU use, as a share of one core over the loop's wall time, is reported as
 ``server_cpu``.
 
@@ -49,6 +49,7 @@ def child(args) -> None:
 
     from easgd_mpi.backend import NumpyBackend
     from easgd_mpi.center import CenterWindow
+    from easgd_mpi.comm import keep_progress
 
     comm = MPI.COMM_WORLD
     servers = args.servers[0]
@@ -72,7 +73,6 @@ def child(args) -> None:
                 window = CenterWindow(
                     comm,
                     n,
-                    p,
                     initial=np.zeros(n, np.float32) if rank == 0 else None,
                     chunk=args.chunk,
                     servers=servers,
@@ -81,7 +81,7 @@ def child(args) -> None:
                     _idle_master(comm)
                     rate = None
                 elif not worker:
-                    served = window.serve()  # the training's server loop, measured
+                    served = keep_progress(comm)  # the training's idle-server loop, measured
                     rate = None
                 elif method == "easgd":
                     rate = _timed(

@@ -201,7 +201,6 @@ def main(argv=None) -> int:
         window = CenterWindow(
             comm,
             prob.layout.size,
-            1,
             initial=x0,
             chunk=args.chunk,
             alloc_chunk=backend.host_empty,

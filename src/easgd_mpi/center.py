@@ -1,27 +1,29 @@
-"""The center variable in MPI one-sided windows on the server ranks, and the exchange protocol.
+"""The center variable in an MPI one-sided window on the server ranks, and the exchange protocol.
 
-DESIGN.md §4 and §4d. The flat center is cut into ``servers`` contiguous slices, one per server
-rank 0..S−1, balanced by bytes and cut on whole exchange chunks (:func:`shard_slices`). Each
-server exposes its slice as its own memory of one window that MPI allocates (``Win.Allocate``:
-on ``Win.Create`` over user memory passive-target RMA stalls while the owner is busy). Every
-rank opens one passive-target epoch (``Lock_all``) right after a barrier and keeps it open for
-the whole run, so workers read and accumulate while the servers compute or sleep. Reads are
-``Get_accumulate(NO_OP)`` and writes ``Accumulate(SUM)``: both element-wise atomic against each
-other, so concurrent exchanges never tear an element and every slice is exactly
-``initial + Σ e`` (the conservation invariant the tests check, per slice and in total).
+The flat center is cut into ``servers`` contiguous slices, one per server rank 0..S−1, balanced
+by bytes and cut on whole exchange chunks (:func:`shard_slices`). Each server exposes its slice
+as its own memory of one window that MPI allocates (``Win.Allocate``: on ``Win.Create`` over
+user memory passive-target RMA stalls while the owner is busy). In the default lock mode
+(``shared``) every rank opens one passive-target epoch (``Lock_all``) right after a barrier and
+keeps it open for the whole run, so workers read and accumulate while the servers compute or
+sleep; in ``exclusive`` mode each transfer locks every server it touches instead, one after the
+other in rank order (the same order on every rank: no deadlock). Reads are
+``Get_accumulate(NO_OP)`` and differences go in with ``Accumulate(SUM)``: both element-wise
+atomic against each other, so concurrent exchanges never tear an element and every slice is
+exactly ``initial + Σ e`` (the conservation invariant the tests check, per slice and in total).
 
 The exchange is pipelined in chunks: the first read of every slice goes out at once, the
 caller's kernel runs on whichever chunk arrives first, and while it does, the next read of that
 slice and the accumulates of earlier chunks are in flight (request-based RMA). The chunk
 buffers stay small enough to be cache- (or pinned-) resident.
 
-A second small window, on rank 0 alone, holds per-worker status slots (float64): the master's
-progress report and checkpoints read them without ever messaging the workers.
+This module is the center's exchange only: the workers' counters are on the status board
+(status_board.py), and the servers other than the master wait in the end-of-run barrier with
+``comm.keep_progress``, which keeps MPI's progress going for their slices meanwhile.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -31,18 +33,12 @@ from .config import LOCK_MODES
 
 __all__ = [
     "CenterWindow",
-    "STATUS_FIELDS",
     "LOCK_MODES",
     "CHUNK_MULTIPLE",
-    "SERVER_POLL",
     "round_chunk",
     "shard_slices",
     "describe_slice",
 ]
-
-#: Per-worker status slots in the status window, in order.
-STATUS_FIELDS = ("steps", "exchanges", "loss", "distance", "resets", "bytes", "done", "spare")
-_SLOTS = len(STATUS_FIELDS)
 
 #: compute(lo, hi, c_chunk, e_chunk): given the center's elements [lo, hi) in ``c_chunk``, write
 #: the elastic difference to add to them into ``e_chunk`` (and update the worker's own state).
@@ -55,9 +51,6 @@ ChunkKernel = Callable[[int, int, object, object], Callable[[], None] | None]
 #: Chunks are whole multiples of this many floats, so every chunk starts on a float4 (16-byte)
 #: boundary and the GPU kernels keep their vectorised path for all of them.
 CHUNK_MULTIPLE = 64
-
-#: Seconds a server that is not the master sleeps between two tests of the end of the run.
-SERVER_POLL = 0.002
 
 #: Floats per message of the initial fill of the other servers (each under 2^31 bytes).
 _FILL_PIECE = 1 << 26
@@ -117,23 +110,22 @@ class _Shard:
 class CenterWindow:
     """The center x̃ (float32, n elements) in an RMA window spread over ranks 0..servers−1.
 
-    Collective: every rank of ``comm`` constructs it; rank 0 passes the whole initial center and
-    sends each other server its slice before anyone locks. ``n_workers`` status slots are kept
-    on rank 0, one per worker (world rank w uses slot w − servers). ``chunk`` is this rank's
-    exchange chunk (GPU workers take larger ones than the servers); the slices are cut on the
-    largest chunk of any rank, so every rank cuts the same ones.
+    Collective: every rank of ``comm`` constructs it, and closes it with :meth:`close`; rank 0
+    passes the whole initial center (zeros when none) and sends each other server its slice
+    before anyone locks. ``chunk`` is this rank's exchange chunk (GPU workers take larger ones
+    than the servers); the slices are cut on the largest chunk of any rank, so every rank cuts
+    the same ones. ``alloc_chunk(k)`` makes the pipeline's host buffers (pinned ones on a GPU).
     """
 
     def __init__(
         self,
         comm,
         n: int,
-        n_workers: int,
+        *,
         initial: np.ndarray | None = None,
         lock_mode: str = "shared",
         chunk: int = 1 << 18,
         alloc_chunk: Callable[[int], object] | None = None,
-        initial_status: dict[str, np.ndarray] | None = None,
         servers: int = 1,
     ):
         from mpi4py import MPI  # noqa: PLC0415
@@ -146,7 +138,6 @@ class CenterWindow:
         self.comm = comm
         self.rank = comm.Get_rank()
         self.n = int(n)
-        self.n_workers = int(n_workers)
         self.lock_mode = lock_mode
         self.servers = int(servers)
         self.chunk = max(1, min(round_chunk(chunk), self.n or 1))
@@ -158,18 +149,8 @@ class CenterWindow:
 
         itemsize = np.dtype(np.float32).itemsize
         self._win = MPI.Win.Allocate((hi - lo) * itemsize, itemsize, comm=comm)
-        self._status_win = MPI.Win.Allocate(
-            self.n_workers * _SLOTS * 8 if self.rank == MASTER else 0, 8, comm=comm
-        )
         self._local = np.frombuffer(self._win.tomemory(), dtype=np.float32, count=hi - lo)
         self._fill(initial)
-        if self.rank == MASTER:
-            status = np.frombuffer(self._status_win.tomemory(), dtype=np.float64)
-            status[:] = 0.0
-            # A resumed run starts from the checkpoint's counters, so the master's first
-            # reports continue from there instead of from zero.
-            for name, values in (initial_status or {}).items():
-                status.reshape(self.n_workers, _SLOTS)[:, STATUS_FIELDS.index(name)] = values
 
         alloc = alloc_chunk or (lambda k: np.empty(k, dtype=np.float32))
         # Empty slices (a model of fewer than 64 floats per server) are never addressed.
@@ -179,15 +160,12 @@ class CenterWindow:
         # NO_OP still needs an origin buffer of the right size (mpi4py 4.1), never read.
         self._noop_origin = np.zeros(self.chunk, dtype=np.float32)
         self._probe = np.zeros(1, dtype=np.float32)
-        self._status_buf = np.zeros(_SLOTS, dtype=np.float64)
-        self._status_all = np.zeros(max(1, self.n_workers * _SLOTS), dtype=np.float64)
 
         # The initial fill must be complete before anyone locks, and every lock must be granted
         # before a server goes busy (MPICH only progresses passive targets inside MPI calls).
         comm.Barrier()
         if lock_mode == "shared":
             self._win.Lock_all()
-        self._status_win.Lock_all()
         comm.Barrier()
         self._closed = False
 
@@ -212,41 +190,14 @@ class CenterWindow:
 
     # ---- collective teardown ------------------------------------------------------------
     def close(self) -> None:
-        """Collective: end the epochs and free both windows."""
+        """Collective: end the epoch and free the window (a second call does nothing)."""
         if self._closed:
             return
         self._closed = True
         if self.lock_mode == "shared":
             self._win.Unlock_all()
-        self._status_win.Unlock_all()
         self.comm.Barrier()
         self._win.Free()
-        self._status_win.Free()
-
-    # ---- a server's idle time -------------------------------------------------------------
-    def serve(self, poll: float = SERVER_POLL) -> dict:
-        """A server that is not the master: keep MPI progress going until the run ends.
-
-        Its slice needs nothing from it on one node (MPICH moves intra-node RMA through shared
-        memory), but some MPI libraries complete accumulates from other nodes only while the
-        target is inside an MPI call. So it joins the end-of-run barrier of ``comm`` at once
-        (the master and the workers join it as they finish, with ``worker.wait_for_all``) and
-        tests it every ``poll`` seconds: each test drives MPI's progress engine, and the sleep
-        between tests leaves the core to the workers (a blocking wait would busy-poll it).
-        Returns the loop's wall and CPU seconds (this process's user + system time).
-        """
-        wall, cpu = time.monotonic(), time.process_time()
-        request = self.comm.Ibarrier()
-        tests = 1
-        while not request.Test():
-            time.sleep(poll)
-            tests += 1
-        return {
-            "rank": self.rank,
-            "wall_s": time.monotonic() - wall,
-            "cpu_s": time.process_time() - cpu,
-            "tests": tests,
-        }
 
     # ---- center transfers ---------------------------------------------------------------
     def exchange(self, compute: ChunkKernel) -> int:
@@ -374,36 +325,6 @@ class CenterWindow:
         finally:
             if exclusive:
                 self._win.Unlock(self.rank)
-
-    # ---- status slots -------------------------------------------------------------------
-    def publish_status(self, worker_slot: int, **values: float) -> None:
-        """Overwrite this worker's status slot (atomic element-wise REPLACE)."""
-        buf = self._status_buf
-        for name, value in values.items():
-            buf[STATUS_FIELDS.index(name)] = value
-        self._status_win.Accumulate(
-            buf,
-            MASTER,
-            target=(worker_slot * _SLOTS, _SLOTS, self._MPI.DOUBLE),
-            op=self._MPI.REPLACE,
-        )
-        self._status_win.Flush(MASTER)
-
-    def read_status(self) -> dict[str, np.ndarray]:
-        """All workers' status slots: field name → array of length n_workers."""
-        if self.n_workers == 0:
-            return {f: np.zeros(0) for f in STATUS_FIELDS}
-        out = self._status_all
-        self._status_win.Get_accumulate(
-            np.zeros_like(out),
-            out,
-            MASTER,
-            target=(0, out.size, self._MPI.DOUBLE),
-            op=self._MPI.NO_OP,
-        )
-        self._status_win.Flush(MASTER)
-        table = out.reshape(self.n_workers, _SLOTS)
-        return {name: table[:, i].copy() for i, name in enumerate(STATUS_FIELDS)}
 
     # ---- internals ----------------------------------------------------------------------
     def _rget(self, sh: _Shard, k: int):

@@ -1,10 +1,12 @@
 """MPI start-up: roles, node-local rank, agreement on errors, abort on failure.
 
-Ranks 0..S−1 serve the center (``servers = S``, default 1; DESIGN.md §4d), rank 0 is also the
-master, ranks S..S+p−1 are the p workers. Everything here is about the MPI world; nothing about
-models or updates. With center.py, snapshots.py and collective.py this is one of the four
-modules that call MPI (DESIGN.md §3): the command line, ``train()`` and ``easgd check`` reach the
-world through the small functions below (world, broadcast, gather, the end-of-run barrier).
+Ranks 0..S−1 serve the center (``servers = S``, default 1; docs/SCALING.md says when more than
+one pays), rank 0 is also the master, ranks S..S+p−1 are the p workers. Everything here is about
+the MPI world; nothing about models or updates. With center.py, status_board.py, snapshots.py
+and collective.py this is one of the five modules that call MPI (tests/unit/test_structure.py
+enforces it): the command line, ``train()`` and ``easgd check`` reach the world through the
+small functions below (world, broadcast, gather, the end-of-run barrier and the idle servers'
+loop in it).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ __all__ = [
     "send_object",
     "receive_object",
     "wait_for_all",
+    "keep_progress",
+    "BARRIER_POLL",
     "library_versions",
     "check_layout",
     "agree_or_fail",
@@ -54,6 +58,9 @@ __all__ = [
 
 MASTER = 0
 T = TypeVar("T")
+
+#: Seconds a rank waiting in the end-of-run barrier sleeps between two tests of it.
+BARRIER_POLL = 0.002
 
 
 def _mpi():
@@ -102,8 +109,8 @@ def check_layout(size: int, servers: int = 1) -> None:
     """Refuse a world that leaves no worker: size 1, or ``servers`` outside 1..size−1."""
     if size < 2:
         raise LaunchError(
-            "easgd needs at least 2 MPI ranks (rank 0 = master and the other ranks workers, "
-            f"or servers then workers), got world size 1: launch with e.g. `{launch_hint()}`"
+            "easgd needs at least 2 MPI ranks (the master, rank 0, and at least one worker), "
+            f"got world size 1: launch with e.g. `{launch_hint()}`"
         )
     if isinstance(servers, bool) or not isinstance(servers, int) or servers < 1:
         raise ConfigError(f"config: servers = {servers!r} must be an integer >= 1")
@@ -172,16 +179,44 @@ def receive_object(comm, source: int, tag: int) -> Any:
     return comm.recv(source=source, tag=tag)
 
 
-def wait_for_all(comm, poll: float = 0.002) -> None:
+def wait_for_all(comm, poll: float = BARRIER_POLL) -> None:
     """The end-of-run barrier of every rank of ``comm``, without busy-spinning a core.
 
     A blocking ``Barrier`` polls in MPICH's progress loop: a rank that finished early would take
     a core from the ranks still working on a node with fewer cores than ranks. A non-blocking
     barrier tested every ``poll`` seconds costs nothing while it waits.
     """
-    request = comm.Ibarrier()
+    _test_until_complete(comm.Ibarrier(), poll)
+
+
+def keep_progress(comm, poll: float = BARRIER_POLL) -> dict:
+    """The idle servers' loop: a server that is not the master joins the end-of-run barrier of
+    ``comm`` at once and keeps MPI's progress going until every other rank has joined it.
+
+    Its slice of the center needs nothing from it on one node (MPICH moves intra-node RMA
+    through shared memory), but some MPI libraries complete accumulates from other nodes only
+    while the target is inside an MPI call. Each test of the barrier is such a call, and the
+    sleep between tests leaves the core to the workers. Returns what the loop cost this rank:
+    ``rank``, ``wall_s``, ``cpu_s`` (this process's user + system seconds) and ``tests``, which
+    the run's summary reports as ``server_cpu``.
+    """
+    wall, cpu = time.monotonic(), time.process_time()
+    tests = _test_until_complete(comm.Ibarrier(), poll)
+    return {
+        "rank": comm.Get_rank(),
+        "wall_s": time.monotonic() - wall,
+        "cpu_s": time.process_time() - cpu,
+        "tests": tests,
+    }
+
+
+def _test_until_complete(request, poll: float) -> int:
+    """Test ``request`` every ``poll`` seconds until it completes; returns the tests made."""
+    tests = 1
     while not request.Test():
         time.sleep(poll)
+        tests += 1
+    return tests
 
 
 def library_versions() -> dict[str, str]:

@@ -41,8 +41,9 @@ class MasterResult(dict):
 
 
 class _Run:
-    def __init__(self, cfg, roles, problem, center, channel, metrics, run_dir, resume):
+    def __init__(self, cfg, roles, problem, center, status, channel, metrics, run_dir, resume):
         self.cfg, self.problem, self.center, self.channel = cfg, problem, center, channel
+        self.status = status
         self.metrics, self.run_dir = metrics, Path(run_dir)
         self.p = roles.n_workers
         self.first_worker_rank = roles.size - roles.n_workers
@@ -101,7 +102,7 @@ class _Run:
 
     def evaluate(self) -> dict:
         self.center.read(self.snapshot)  # atomic snapshot; workers keep going meanwhile
-        status = self.center.read_status()
+        status = self.status.read()
         result = self.problem.evaluate(self.snapshot)
         record = {
             "time": round(self.elapsed(), 4),
@@ -174,6 +175,7 @@ def run_master(
     roles,
     problem,
     center,
+    status,
     channel,
     metrics,
     run_dir,
@@ -182,11 +184,13 @@ def run_master(
 ) -> MasterResult:
     """Serve until every worker has finished (or a stop); returns the last metrics record.
 
+    Evaluates snapshots of ``center``, reads the workers' counters on ``status`` (the
+    :class:`~easgd_mpi.status_board.StatusBoard`) and their states through ``channel``.
     Waits for the workers' states are bounded by ``checkpoint.state_wait``: past it a periodic
     checkpoint is written with the states at hand, and a stop writes its final checkpoint
     without the workers that did not answer (they are returned as ``abandoned``).
     """
-    run = _Run(cfg, roles, problem, center, channel, metrics, run_dir, resume)
+    run = _Run(cfg, roles, problem, center, status, channel, metrics, run_dir, resume)
     stop_flag = stop_flag or (lambda: False)
     interval, wait = cfg.checkpoint.interval, cfg.checkpoint.state_wait
     next_eval = time.monotonic()

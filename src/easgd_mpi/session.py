@@ -32,6 +32,7 @@ from .comm import (
     check_layout,
     end_job,
     gather_to_master,
+    keep_progress,
     limit_blas_threads,
     make_roles,
     node_position,
@@ -50,6 +51,7 @@ from .metrics import MetricsLog, format_error
 from .models import make_problem
 from .rundir import RunFolder, find_checkpoint
 from .snapshots import open_state_channel
+from .status_board import StatusBoard
 from .workerstate import WorkerState, WorkerStates
 
 __all__ = ["Session", "STOP_SIGNALS"]
@@ -210,19 +212,19 @@ class Session:
     def _open_windows_(self, initial) -> None:
         cfg, roles, prob, data = self.cfg, self.roles, self.problem, self.checkpoint
         p = roles.n_workers
+        # Collective, in this order on every rank: center, status board, worker-state channel.
         self.center = CenterWindow(
             roles.world,
             prob.layout.size,
-            p,
             initial=initial,
             lock_mode=cfg.lock_mode,
             chunk=cfg.resolve_chunk(self.backend.is_gpu),
             # Pinned host chunks on a GPU: the one-sided operations never see device memory.
             alloc_chunk=self.backend.host_empty,
-            initial_status=None
-            if data is None
-            else {k: data.states.counters[k] for k in ("steps", "exchanges", "resets")},
             servers=roles.servers,
+        )
+        self.status = StatusBoard(
+            roles.world, p, initial=None if data is None else dict(data.states.counters)
         )
         if roles.is_master and roles.servers > 1:
             _log.info(
@@ -321,7 +323,7 @@ class Session:
         if roles.is_server and not roles.is_master:
             # Nothing to compute here: keep MPI progress going for this slice until every
             # rank has joined the end-of-run barrier (the loop is that barrier).
-            self.served = self.center.serve()
+            self.served = keep_progress(roles.world)
             self._barrier_done = True
         elif roles.is_master:
             history = self.checkpoint.metrics if self.checkpoint else None
@@ -332,6 +334,7 @@ class Session:
                     roles,
                     self.problem,
                     self.center,
+                    self.status,
                     self.channel,
                     metrics,
                     self.run_dir,
@@ -349,6 +352,7 @@ class Session:
                 self.problem,
                 self.backend,
                 self.center,
+                self.status,
                 self.channel,
                 self.alpha,
                 direct_mpi=self.direct_mpi,
@@ -389,6 +393,7 @@ class Session:
             self._barrier_done = True
         if self._open_windows:
             self.channel.close()
+            self.status.close()
             self.center.close()
             self._open_windows = False
         self._restore_signals()

@@ -27,6 +27,7 @@ def run_worker(
     problem,
     backend,
     center,
+    status,
     channel,
     alpha: float,
     direct_mpi: bool = False,
@@ -35,6 +36,9 @@ def run_worker(
 ) -> dict:
     """Train this worker's copy up to ``cfg.steps`` local steps (or until told to stop).
 
+    It exchanges with ``center`` (a :class:`~easgd_mpi.center.CenterWindow`), publishes its
+    counters on ``status`` (the :class:`~easgd_mpi.status_board.StatusBoard`) and answers the
+    master's requests for its state on ``channel`` (its :class:`~easgd_mpi.snapshots.WorkerSide`).
     ``resume``: the worker's saved state (a checkpoint's, workerstate.py) or None for a fresh
     start. ``stop_flag()`` is true once this process got a stop signal. Returns this worker's
     final counters.
@@ -67,7 +71,7 @@ def run_worker(
         now = time.monotonic()
         due = now - last_status >= _STATUS_PERIOD
         if due:
-            _publish(center, slot, algo, steps, loss, done=False)
+            _publish(status, slot, algo, steps, loss, done=False)
             last_status = now
         if collective:  # on the same round everywhere (all workers count the same rounds)
             due = algo.exchanges != before and algo.exchanges % agree_every == 0
@@ -81,7 +85,7 @@ def run_worker(
                 stopped = True
                 break
     backend.synchronize()
-    _publish(center, slot, algo, steps, loss, done=True)
+    _publish(status, slot, algo, steps, loss, done=True)
     # Finished: keep answering the master (its final checkpoint needs this worker's state)
     # until it has asked for the final epoch and got it.
     while not channel.answer_if_asked(
@@ -91,10 +95,10 @@ def run_worker(
     return {"steps": steps, "exchanges": algo.exchanges, "resets": algo.resets, "stopped": stopped}
 
 
-def _publish(center, slot, algo, steps, loss, done):
+def _publish(status, slot, algo, steps, loss, done):
     # The loss stays where the model computed it (a 0-d device array on a GPU) until here:
     # converting it every step would make the host wait for the GPU on every step.
-    center.publish_status(
+    status.publish(
         slot,
         steps=steps,
         exchanges=algo.exchanges,

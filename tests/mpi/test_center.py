@@ -1,4 +1,5 @@
-"""The RMA center under concurrent exchanges: the conservation invariant, status slots, slices.
+"""The RMA center under concurrent exchanges: the conservation invariant, slices, and with it
+the status board and the idle servers' loop, as training uses them.
 
 Run under ``mpiexec -n P python -m pytest --with-mpi tests/mpi`` (P ≥ 2). With S servers
 (ranks 0..S−1 hold a slice each) the workers are ranks S..P−1; an S that leaves no worker is
@@ -10,6 +11,8 @@ import pytest
 from mpi4py import MPI
 
 from easgd_mpi.center import CHUNK_MULTIPLE, CenterWindow
+from easgd_mpi.comm import keep_progress
+from easgd_mpi.status_board import StatusBoard
 
 N = 50_003  # not a multiple of the chunk: the last chunk is short
 ROUNDS = 40
@@ -44,12 +47,12 @@ def test_center_equals_initial_plus_every_accumulated_difference(servers, lock_m
     window = CenterWindow(
         comm,
         N,
-        workers,
         initial=initial if rank == 0 else None,
         lock_mode=lock_mode,
         chunk=chunk,
         servers=servers,
     )
+    board = StatusBoard(comm, workers)
     sent = np.zeros(N, np.float64)
     visits = np.zeros(N, np.int64)  # each element must be handed to the kernel once per round
     seen_ok = True
@@ -65,11 +68,11 @@ def test_center_equals_initial_plus_every_accumulated_difference(servers, lock_m
                 visits[lo:hi] += 1
 
             window.exchange(difference)
-            window.publish_status(rank - servers, steps=round_ + 1, exchanges=round_ + 1)
+            board.publish(rank - servers, steps=round_ + 1, exchanges=round_ + 1)
         assert np.all(visits == ROUNDS)
         wait_for_all(comm)
     elif rank > 0:
-        served = window.serve()  # the server loop, until every worker is done
+        served = keep_progress(comm)  # the idle server's loop, until every worker is done
         assert served["tests"] >= 1 and served["cpu_s"] <= served["wall_s"] + 0.05
     else:
         wait_for_all(comm)
@@ -87,9 +90,10 @@ def test_center_equals_initial_plus_every_accumulated_difference(servers, lock_m
         final = np.empty(N, np.float32)
         window.read(final)
         np.testing.assert_array_equal(final.astype(np.float64), expected)
-        status = window.read_status()
+        status = board.read()
         assert list(status["exchanges"]) == [ROUNDS] * workers
     comm.Barrier()
+    board.close()
     window.close()
 
 
@@ -97,7 +101,7 @@ def test_center_equals_initial_plus_every_accumulated_difference(servers, lock_m
 @pytest.mark.parametrize("servers", [1, 2])
 def test_add_and_read_round_trip(servers):
     comm, rank, workers = world_with_workers(servers)
-    window = CenterWindow(comm, 1000, workers, chunk=128, servers=servers)
+    window = CenterWindow(comm, 1000, chunk=128, servers=servers)
     if rank >= servers:
         window.add(np.full(1000, float(rank), np.float32))
     comm.Barrier()

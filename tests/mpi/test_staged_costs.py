@@ -15,8 +15,8 @@ from mpi_helpers import config, train_quietly
 
 import easgd_mpi.training as training
 from easgd_mpi.backend import NumpyBackend
-from easgd_mpi.center import CenterWindow
 from easgd_mpi.models import make_problem
+from easgd_mpi.status_board import StatusBoard
 
 N = 5000  # quadratic.dim: the flat vector has 5000 floats
 CHUNK = 1024  # five chunks per exchange
@@ -120,13 +120,13 @@ def run(tmp_path, monkeypatch, algorithm, **extra):
     backend = CountingGPU()
     monkeypatch.setattr(training, "select_backend", lambda **kw: (backend, ""))
     reports = []  # the worker's status reports: the only moments its loss may reach the host
-    publish = CenterWindow.publish_status
+    publish = StatusBoard.publish
 
     def counted_publish(self, slot, **values):
         reports.append(slot)
         return publish(self, slot, **values)
 
-    monkeypatch.setattr(CenterWindow, "publish_status", counted_publish)
+    monkeypatch.setattr(StatusBoard, "publish", counted_publish)
     trace = []  # (allocations, copies so far, syncs) at each step, after the step's gradient
 
     class Traced:
