@@ -72,7 +72,6 @@ def run_and_check(monkeypatch, tmp_path, comm, algorithm, p, worker):
         cfg,
         problem=lambda cfg, xp: SlowWorkerQuadratic(cfg.quadratic, worker, xp),
         comm=comm,
-        out=lambda line: None,
     )
     if comm.Get_rank() != 0:
         return

@@ -46,7 +46,7 @@ def train_recording(cfg, comm, worker):
         made.append(WorkerQuadratic(cfg.quadratic, worker, xp))
         return made[-1]
 
-    summary = ea.train(cfg, problem=factory, comm=comm, out=lambda line: None)
+    summary = ea.train(cfg, problem=factory, comm=comm)
     return summary, made[0]
 
 

@@ -72,7 +72,7 @@ def test_sync_rules_give_the_same_center_with_one_or_two_servers(tmp_path, algor
     one = None
     sub = world.Split(0 if rank < size - 1 else MPI.UNDEFINED, rank)
     if sub != MPI.COMM_NULL:
-        one = final_center(ea.train(one_server, comm=sub, out=lambda line: None))
+        one = final_center(ea.train(one_server, comm=sub))
         sub.Free()
     wait_for_all(world)  # the rank that sat out waits here without spinning a core
     two = final_center(train_quietly(two_servers))

@@ -13,7 +13,7 @@ import pytest
 from mpi4py import MPI
 from mpi_helpers import config, train_quietly
 
-import easgd_mpi.training as training
+import easgd_mpi.session as training
 from easgd_mpi.backend import NumpyBackend
 from easgd_mpi.models import make_problem
 from easgd_mpi.status_board import StatusBoard

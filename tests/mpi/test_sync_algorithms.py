@@ -39,7 +39,7 @@ def train_recording(cfg):
         made.append(WorkerQuadratic(cfg.quadratic, -1, xp))  # every rank: the config's optimum
         return made[-1]
 
-    summary = ea.train(cfg, problem=factory, comm=MPI.COMM_WORLD, out=lambda line: None)
+    summary = ea.train(cfg, problem=factory, comm=MPI.COMM_WORLD)
     return summary, made[0]
 
 

@@ -12,7 +12,7 @@ from mpi_helpers import config, train_quietly
 
 torch = pytest.importorskip("torch", reason="the torch extra is installed by `make test`")
 
-import easgd_mpi.training as training  # noqa: E402
+import easgd_mpi.session as training  # noqa: E402
 from easgd_mpi.backend import NumpyBackend  # noqa: E402
 from easgd_mpi.checkpoint import list_checkpoints, load_checkpoint  # noqa: E402
 from easgd_mpi.data import load_dataset  # noqa: E402

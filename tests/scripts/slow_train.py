@@ -12,7 +12,7 @@ import time
 
 from wrapped_problem import WrappedProblem
 
-import easgd_mpi.training
+import easgd_mpi.session
 from easgd_mpi.cli import main
 
 DELAY = float(sys.argv[1])
@@ -24,5 +24,5 @@ class SlowProblem(WrappedProblem):
         return self.inner.loss_and_grad(x, batch, g)
 
 
-easgd_mpi.training.make_problem = lambda cfg, xp=None: SlowProblem(cfg, xp)
+easgd_mpi.session.make_problem = lambda cfg, xp=None: SlowProblem(cfg, xp)
 sys.exit(main(sys.argv[2:]))

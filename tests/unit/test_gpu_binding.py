@@ -1,7 +1,7 @@
 """Binding each rank to its GPU before MPI starts (src/easgd_mpi/gpu_binding.py, and the same
 logic in the jobs/ templates' RANK_WRAPPER).
 
-The mapping must give every worker the GPU that ``training._choose_backend`` picked before the
+The mapping must give every worker the GPU that ``session._choose_backend`` picked before the
 binding existed (its index among the workers on its node, round-robin over the node's GPUs), the
 master none, and must leave the environment alone when switched off, when the launcher is
 unknown, when no GPU is visible, or when a worker already sees one GPU.
@@ -230,7 +230,7 @@ def test_count_node_gpus_without_a_driver_is_a_number():
 
 # ---- the training side ---------------------------------------------------------------------
 def test_choose_backend_uses_device_0_when_bound(monkeypatch):
-    from easgd_mpi import training
+    from easgd_mpi import session as training
 
     calls = []
 
