@@ -3,7 +3,9 @@
 * MPI is imported and called only in comm.py, center.py, snapshots.py and collective.py;
   every other module reaches MPI through their functions.
 * Every exception class is defined in errors.py.
-* config.py reaches none of the modules that touch MPI or run training, not even indirectly.
+* config.py reaches none of the modules that touch MPI or run training, not even indirectly;
+  the modules it is built from (config_io.py, stability.py) import nothing of the package but
+  errors.py, so the config layer stays one way: config → its parts → errors.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "src" / "easgd_mpi"
 MPI_MODULES = {"comm", "center", "snapshots", "collective"}
 NOT_FROM_CONFIG = MPI_MODULES | {"training", "worker", "master"}
+#: The parts of config.py: TOML and the other sources as text, the stability region.
+CONFIG_PARTS = ("config_io", "stability")
 
 #: Methods of MPI communicators, windows and requests (mpi4py's names). A call of one of these
 #: on anything but an imported module (``threading.Lock()`` is not MPI) is an MPI call.
@@ -187,6 +191,15 @@ def test_config_imports_nothing_that_touches_mpi():
     bad = {m: via for m, via in reached.items() if m in NOT_FROM_CONFIG}
     assert not bad, "config.py must not import (even through another module): " + ", ".join(
         f"{m} (imported by {via})" for m, via in sorted(bad.items())
+    )
+
+
+@pytest.mark.parametrize("part", CONFIG_PARTS)
+def test_the_parts_of_config_import_only_errors(part):
+    assert part in reachable_from("config"), f"config.py no longer imports {part}.py"
+    reached = reachable_from(part)
+    assert set(reached) <= {"errors"}, f"{part}.py must import no module of the package but " + (
+        "errors.py (config.py imports it): " + ", ".join(sorted(set(reached) - {"errors"}))
     )
 
 
