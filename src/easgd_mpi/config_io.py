@@ -5,6 +5,10 @@ config.py decides what the keys are and which source wins (its dataclasses and
 :meth:`Config.from_toml`); this module only moves values between text and those dataclasses,
 for any dataclass, so it never imports config.py (config.py imports it). Every failure is a
 one-line :class:`ConfigError` naming the file, variable or key.
+
+TOML is written by ``tomli-w`` (read by the standard library's ``tomllib``): it escapes every
+character a TOML string cannot hold literally, so a run's ``config.toml`` loads back whatever
+its strings hold (newlines, control characters, quotes, any unicode).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+import tomli_w
 
 from .errors import ConfigError
 
@@ -72,29 +78,17 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def show_value(v: Any) -> str:
-    """One value as TOML text, on one line (also for messages: ``tau 8 → 2``)."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, list):
-        return "[" + ", ".join(show_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {v!r} as TOML")
+def dump_toml(tables: Mapping[str, Any]) -> str:
+    """TOML text of nested tables, keys in the mapping's order (plain keys first, then one
+    ``[table]`` each). The mapping must hold no None (TOML has no null: drop them first)."""
+    return tomli_w.dumps(tables)
 
 
-def dump_toml(d: dict) -> str:
-    """TOML text of nested tables (the config only holds tables, numbers, strings and lists of
-    numbers); the mapping must hold no None."""
-    lines = [f"{k} = {show_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
-    for k, v in d.items():
-        if isinstance(v, dict):
-            lines.append("")
-            lines.append(f"[{k}]")
-            lines.extend(f"{kk} = {show_value(vv)}" for kk, vv in v.items())
-    return "\n".join(lines) + "\n"
+def show_value(value: Any) -> str:
+    """One value as TOML writes it, on one line (for messages: ``tau 8 → 2``)."""
+    if isinstance(value, list):  # tomli-w puts each item of a list on its own line
+        return "[" + ", ".join(show_value(v) for v in value) + "]"
+    return tomli_w.dumps({"v": value}).removeprefix("v = ").removesuffix("\n")
 
 
 # ---------------------------------------------------------------------------------------------
