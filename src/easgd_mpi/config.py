@@ -1,4 +1,8 @@
-"""Configuration: one dataclass, defaults, TOML files, environment, CLI overrides, validation.
+"""Configuration: the dataclasses, their defaults, where each value comes from, validation.
+
+Reading and writing the values as text (TOML, ``--set``, ``EASGD_*``, type checks) is
+config_io.py's job; the stability region that validation checks once the number of workers is
+known is stability.py's.
 
 Precedence (one rule, in :meth:`Config.from_toml`): ``--set`` on the command line > config file
 > ``EASGD_*`` environment variables > a resumed checkpoint's config > defaults. Every key is
@@ -13,17 +17,26 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
-import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from .config_io import (
+    apply_mapping,
+    dotted_keys,
+    drop_none,
+    dump_toml,
+    environment_values,
+    flatten,
+    load_toml,
+    parse_value,
+    read_toml,
+    show_value,
+)
 from .errors import ConfigError
+from .stability import check_elastic_stability, check_local_stability
 
 __all__ = [
     "Config",
@@ -183,7 +196,7 @@ class Config:
     def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> Config:
         """Build from a nested mapping (as TOML gives it); unknown keys are errors."""
         cfg = cls()
-        _apply_mapping(cfg, values, source, prefix="")
+        apply_mapping(cfg, values, source)
         return cfg
 
     @classmethod
@@ -206,13 +219,8 @@ class Config:
         cfg = cls()
         layers = []
         if base_toml is not None:
-            try:
-                base = tomllib.loads(base_toml)
-            except tomllib.TOMLDecodeError as exc:
-                raise ConfigError(f"the checkpoint's config is not valid TOML: {exc}") from None
-            layers.append(
-                ("the checkpoint", lambda: _apply_mapping(cfg, base, "checkpoint config", ""))
-            )
+            base = load_toml(base_toml, "the checkpoint's config")
+            layers.append(("the checkpoint", lambda: apply_mapping(cfg, base, "checkpoint config")))
         env = os.environ if environ is None else environ
         layers.append(("the environment", lambda: _apply_environment(cfg, env)))
         if path is not None:
@@ -228,9 +236,9 @@ class Config:
         sources: dict[str, str] = {}
         given: dict[str, str] = {}
         for name, apply in layers:
-            before = _flatten(cfg.to_dict())
+            before = flatten(cfg.to_dict())
             keys = apply()
-            after = _flatten(cfg.to_dict())
+            after = flatten(cfg.to_dict())
             sources.update(
                 {k: name for k in after.keys() | before.keys() if after.get(k) != before.get(k)}
             )
@@ -244,12 +252,13 @@ class Config:
     def changes_from(self, base_toml: str) -> list[str]:
         """What this config changes of a checkpoint's (``key old → new (where from)``), for the
         start-up line of a resumed run."""
-        base = _flatten(Config.from_dict(tomllib.loads(base_toml), "checkpoint config").to_dict())
-        mine = _flatten(self.to_dict())
+        base_values = load_toml(base_toml, "the checkpoint's config")
+        base = flatten(Config.from_dict(base_values, "checkpoint config").to_dict())
+        mine = flatten(self.to_dict())
         sources = getattr(self, "_sources", {})
         return [
-            f"{key} {_toml_value(base[key]) if key in base else 'unset'} → "
-            f"{_toml_value(mine[key]) if key in mine else 'unset'}"
+            f"{key} {show_value(base[key]) if key in base else 'unset'} → "
+            f"{show_value(mine[key]) if key in mine else 'unset'}"
             f" ({sources.get(key, 'this launch')})"
             for key in sorted(base.keys() | mine.keys())
             if base.get(key) != mine.get(key)
@@ -262,7 +271,7 @@ class Config:
         given = getattr(self, "_given", None)
         if given is not None:
             return dict(given)
-        default, mine = _flatten(Config().to_dict()), _flatten(self.to_dict())
+        default, mine = flatten(Config().to_dict()), flatten(self.to_dict())
         return {
             k: "the script" for k in default.keys() | mine.keys() if default.get(k) != mine.get(k)
         }
@@ -273,7 +282,7 @@ class Config:
         launch states (:meth:`given_keys`) set over it. The CLI and ``train()`` both use it."""
         given = self.given_keys()
         merged = Config.from_toml(environ={}, base_toml=base_toml)
-        mine = _flatten(self.to_dict())
+        mine = flatten(self.to_dict())
         nested: dict = {}
         for key in given.keys() & mine.keys():  # (a key left unset here has nothing to give)
             *parents, last = key.split(".")
@@ -281,7 +290,7 @@ class Config:
             for part in parents:
                 cursor = cursor.setdefault(part, {})
             cursor[last] = mine[key]
-        _apply_mapping(merged, nested, "this launch", prefix="")
+        apply_mapping(merged, nested, "this launch")
         merged._sources = {**merged._sources, **given}
         merged._given = given
         merged.validate()
@@ -290,14 +299,14 @@ class Config:
     def set(self, dotted_key: str, value: Any, source: str = "--set") -> None:
         """Set one key by its dotted name; strings are parsed as TOML values."""
         if isinstance(value, str):
-            value = _parse_value(value)
+            value = parse_value(value)
         parts = dotted_key.strip().split(".")
         nested: dict = {}
         cursor = nested
         for part in parts[:-1]:
             cursor = cursor.setdefault(part, {})
         cursor[parts[-1]] = value
-        _apply_mapping(self, nested, source, prefix="")
+        apply_mapping(self, nested, source)
 
     # ---- derived values -----------------------------------------------------------------
     @property
@@ -469,7 +478,11 @@ class Config:
             )
 
         if workers is not None:
-            self._validate_stability(workers)
+            # The stability region (docs/STABILITY.md), as far as it can be known.
+            if self.algorithm in ELASTIC_ALGORITHMS:
+                check_elastic_stability(self, workers)
+            else:
+                check_local_stability(self)
         return self
 
     def _validate_schedule(self) -> None:
@@ -549,274 +562,35 @@ class Config:
                 f"lock): set lock_mode = 'shared'"
             )
 
-    def _validate_stability(self, workers: int) -> None:
-        """The stability region (DESIGN.md §2, docs/STABILITY.md), as far as it can be known.
-
-        Without a curvature (every model but the quadratic) only the ηh-free parts apply; on
-        the quadratic every curvature h_j, with weight decay λ added (g = h(x − m) + λx), must
-        lie in the region of the rule's linear recurrence.
-        """
-        if self.algorithm not in ELASTIC_ALGORITHMS:
-            self._validate_local_stability()
-            return
-        alpha = self.resolve_alpha(workers)
-        beta = self.resolve_beta(workers)
-        how = self._alpha_origin(workers)
-        if self.elastic_key == "beta":
-            if not (0.0 < beta < 2.0):
-                raise ConfigError(
-                    f"config: beta = {beta:g} is outside the stable range 0 < beta < 2"
-                )
-        elif self.algorithm == "sync-easgd":
-            # The sync center update x̃ ← (1 − β)x̃ + β·mean(x^i) needs |1 − β| < 1.
-            if not (0.0 < beta < 2.0):
-                raise ConfigError(
-                    f"config: beta = p*alpha = {workers}*{alpha:g} = {beta:g} (from {how}) is "
-                    f"outside the stable range 0 < beta < 2 of sync-easgd's center update"
-                )
-        # Without knowing the curvature, ηh → 0 gives the loosest bound: 0 < α ≤ 1.
-        if not (0.0 < alpha <= 1.0):
-            raise ConfigError(
-                f"config: {how} = {alpha:g} is outside the stability region 0 < alpha <= 1"
-            )
-        if self.algorithm == "sync-easgd" and alpha + beta > 2.0 + _SLACK:
-            # As ηh → 0 a round multiplies x^i − x̃ (all workers alike) by 1 − α − β.
-            raise ConfigError(
-                f"config: alpha + beta = {alpha:g} + {workers}*{alpha:g} = {alpha + beta:g} "
-                f"(from {how}) is outside the stability region alpha + beta <= 2 of "
-                f"sync-easgd (each round multiplies x - center by 1 - alpha - beta)"
-            )
-        steps = self._validate_local_stability()
-        if steps is None:
-            return
-        a, sym, h_of = steps
-        delta = self.momentum if self.keeps_velocity else 0.0
-        if self.algorithm != "sync-easgd" and delta == 0.0:
-            # The paper's region (round-robin, τ = 1); bound decreasing in ηh: the largest counts.
-            eta_h = float(a.max())
-            bound = (4.0 - 2.0 * eta_h) / (4.0 - eta_h)
-            if alpha > bound + _SLACK:
-                raise ConfigError(
-                    f"config: {how} = {alpha:g} is outside the stability region "
-                    f"alpha <= (4 - 2*lr*h)/(4 - lr*h) = {bound:.4g} for {sym} = {eta_h:g}"
-                )
-            return
-        if self.algorithm == "sync-easgd":
-            # Exact: a mean mode (β = pα) and, with p ≥ 2, p − 1 deviation modes.
-            ratio, taus, deviation = float(workers), (self.tau,), workers >= 2
-            cap = min(1.0, 2.0 / (workers + 1), (2.0 - _SLACK) / workers)
-            setting = f"sync-easgd with p = {workers}, momentum = {delta:g}, tau = {self.tau}"
-        else:
-            # One worker and the center, at the configured τ and at τ = 1 (docs/STABILITY.md).
-            ratio, taus, deviation, cap = 1.0, tuple(sorted({1, self.tau})), False, 1.0
-            at = " and ".join(f"tau = {t}" for t in taus)
-            setting = (
-                f"{self.algorithm} with momentum = {delta:g} (one worker and the center, at {at})"
-            )
-        ok = np.ones(a.shape, dtype=bool)
-        for tau in taus:
-            ok &= _elastic_stable(a, alpha, ratio * alpha, delta, tau, deviation)
-        if ok.all():
-            return
-        bad = a[~ok]
-        if bad.size > 32:  # the message needs the binding one; a sample of them is enough
-            bad = bad[np.linspace(0, bad.size - 1, 32).round().astype(int)]
-        limits = [_alpha_limit(x, ratio, delta, taus, deviation, cap) for x in bad]
-        k = int(np.argmin(limits))
-        limit, eta_h = limits[k], float(bad[k])
-        beta_part = f", beta <= {workers * limit:.4g}" if self.algorithm == "sync-easgd" else ""
-        raise ConfigError(
-            f"config: {how} = {alpha:g} is outside the stability region of {setting} for "
-            f"{sym} = {eta_h:.4g} ({h_of(eta_h)}): stable for alpha <= {limit:.4g}{beta_part} "
-            f"(docs/STABILITY.md)"
-        )
-
-    def _alpha_origin(self, workers: int) -> str:
-        return {
-            "rho": f"alpha = lr*rho = {self.lr}*{self.rho}",
-            "alpha": "alpha",
-            "beta": f"alpha = beta/p = {self.resolve_beta(workers):g}/{workers}",
-        }[self.elastic_key]
-
-    def _validate_local_stability(self):
-        """The local step alone on the quadratic: plain SGD needs ηh ≤ 2, Nesterov momentum
-        δ needs ηh < 2(1 + δ)/(1 + 2δ), with h + λ for every curvature h (weight decay λ).
-
-        Returns None without a curvature, else (ηh of every distinct curvature, how ηh is
-        written, a function naming the curvature behind one of them).
-        """
-        if self.model.name != "quadratic":
-            return None
-        curvatures = np.unique(
-            np.asarray(_as_list(self.quadratic.curvature, self.quadratic.dim), dtype=np.float64)
-        )
-        wd = self.weight_decay
-        a = self.lr * (curvatures + wd)
-        eta_h = float(a.max())
-        h_max = float(curvatures.max())
-        if wd:
-            what = f"lr*(h + weight_decay) = {self.lr}*({h_max:g} + {wd:g}) = {eta_h:g}"
-            sym = "lr*(h + weight_decay)"
-        else:
-            what = f"lr*h = {self.lr}*{h_max:g} = {eta_h:g}"
-            sym = "lr*h"
-        if self.keeps_velocity:
-            delta = self.momentum
-            bound = _nesterov_limit(delta)
-            if not eta_h < bound:
-                raise ConfigError(
-                    f"config: {what} is outside the stability region of the Nesterov "
-                    f"momentum step {sym} < 2*(1 + momentum)/(1 + 2*momentum) = {bound:.4g} "
-                    f"for momentum = {delta:g} (h = largest quadratic.curvature; "
-                    f"docs/STABILITY.md)"
-                )
-        elif eta_h > 2.0:
-            raise ConfigError(
-                f"config: {what} is outside the stability region "
-                f"{sym} <= 2 (h = largest quadratic.curvature)"
-            )
-
-        def h_of(x: float) -> str:
-            h = float(curvatures[np.argmin(np.abs(a - x))])
-            return f"quadratic.curvature h = {h:g}" + (f", weight_decay = {wd:g}" if wd else "")
-
-        return a, sym, h_of
-
     # ---- output -------------------------------------------------------------------------
     def to_dict(self) -> dict:
         """Nested plain dict; keys left unset (None) are omitted."""
-        return _drop_none(dataclasses.asdict(self))
+        return drop_none(dataclasses.asdict(self))
 
     def to_toml(self) -> str:
         """The resolved config as TOML text (what every run records)."""
-        return _dump_toml(self.to_dict())
+        return dump_toml(self.to_dict())
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading helpers
-
-
-def _read_toml(path: Path) -> dict:
-    try:
-        text = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except OSError as exc:
-        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
-    try:
-        return tomllib.loads(text.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {path} is not UTF-8 text") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
+# Helpers
 
 
 def _apply_environment(cfg: Config, environ: Mapping[str, str]) -> list[str]:
-    """``EASGD_TAU=8``, ``EASGD_DATA__NAME=synthetic``; other EASGD_* variables are not keys.
+    """``EASGD_TAU=8``, ``EASGD_DATA__NAME=synthetic``: parsed as ``--set`` values are.
     Returns the keys set."""
-    known = set(_all_keys(cfg))
     keys = []
-    for name, value in sorted(environ.items()):
-        if not name.startswith("EASGD_"):
-            continue
-        key = name[len("EASGD_") :].lower().replace("__", ".")
-        if key in known:
-            cfg.set(key, value, source=f"environment variable {name}")
-            keys.append(key)
+    for key, value, name in environment_values(environ, dotted_keys(cfg)):
+        cfg.set(key, value, source=f"environment variable {name}")
+        keys.append(key)
     return keys
 
 
 def _apply_file(cfg: Config, path: Path) -> list[str]:
-    """The keys of a TOML config file over ``cfg``; returns the keys it gives."""
-    values = _read_toml(path)
-    _apply_mapping(cfg, values, str(path), "")
-    return list(_flatten(values))
-
-
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"data": {"name": x}}`` → ``{"data.name": x}``."""
-    flat: dict[str, Any] = {}
-    for key, value in d.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, prefix + key + "."))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
-def _all_keys(obj, prefix: str = "") -> list[str]:
-    keys = []
-    for f in fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            keys.extend(_all_keys(value, prefix + f.name + "."))
-        else:
-            keys.append(prefix + f.name)
-    return keys
-
-
-def _apply_mapping(obj, values: Mapping[str, Any], source: str, prefix: str) -> None:
-    by_name = {f.name: f for f in fields(obj)}
-    for key, value in values.items():
-        full = prefix + key
-        if key not in by_name:
-            candidates = [prefix + n for n in by_name]
-            hint = difflib.get_close_matches(full, candidates + _all_keys(Config()), n=1)
-            suggestion = f"; did you mean '{hint[0]}'?" if hint else ""
-            raise ConfigError(f"{source}: unknown key '{full}'{suggestion}")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"{source}: '{full}' must be a table of keys, not {value!r}")
-            _apply_mapping(current, value, source, prefix=full + ".")
-        else:
-            setattr(obj, key, _coerce(full, by_name[key], value, source))
-
-
-def _coerce(full: str, f: dataclasses.Field, value: Any, source: str) -> Any:
-    """Check a value against the field's declared type; ints are accepted for floats."""
-    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-
-    def bad(expected: str):
-        return ConfigError(f"{source}: '{full}' must be {expected}, got {value!r}")
-
-    if kind in ("float", "float | None"):
-        if value is None and kind.endswith("None"):
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad("a number")
-        if not math.isfinite(value):
-            raise bad("a finite number")
-        return float(value)
-    if kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("an integer")
-        return value
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise bad("true or false")
-        return value
-    if kind == "str":
-        if not isinstance(value, str):
-            raise bad("a string")
-        return value
-    if kind == "list":
-        if not isinstance(value, list):
-            raise bad("a list")
-        return value
-    if kind == "Any":  # number or list of numbers
-        items = value if isinstance(value, list) else [value]
-        if not items or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in items):
-            raise bad("a number or a list of numbers")
-        return [float(v) for v in value] if isinstance(value, list) else float(value)
-    raise AssertionError(f"unhandled config type {kind} for {full}")
+    """A TOML config file's keys over ``cfg``; returns the keys it gives."""
+    values = read_toml(path)
+    apply_mapping(cfg, values, str(path))
+    return list(flatten(values))
 
 
 def _check_choice(key: str, value: str, choices) -> None:
@@ -845,130 +619,3 @@ def _check_vector(key: str, value: Any, dim: int) -> None:
 
 def _as_list(value: Any, dim: int) -> list[float]:
     return list(value) if isinstance(value, list) else [float(value)] * dim
-
-
-# ---------------------------------------------------------------------------------------------
-# Stability of the update rules on the quadratic (the derivation: docs/STABILITY.md)
-
-#: Boundary points count as inside (the paper's region is closed: α ≤ (4 − 2ηh)/(4 − ηh)).
-_SLACK = 1e-12
-
-
-def _nesterov_limit(delta: float) -> float:
-    """The bound on ηh of Nesterov's step with momentum δ on a quadratic of curvature h:
-    stable iff 0 < ηh < 2(1 + δ)/(1 + 2δ) (2 at δ = 0, ≈ 1.357 at δ = 0.9)."""
-    return 2.0 * (1.0 + delta) / (1.0 + 2.0 * delta)
-
-
-def _step_matrices(a, alpha, beta, delta):
-    """The linear maps of one step on the state (x, v, x̃) of one curvature, ηh = a.
-
-    ``E``: the exchange step (gradient at x + δv, e = α(x − x̃), v ← δv − ηg, x ← x − e + v,
-    x̃ ← x̃ + β(x − x̃)); ``L``: a local step (x̃ unchanged). Arrays broadcast; shape (n, 3, 3).
-    """
-    a, alpha, beta = (np.ravel(t).astype(np.float64) for t in np.broadcast_arrays(a, alpha, beta))
-    n = a.shape[0]
-    keep = delta * (1.0 - a)
-    E = np.zeros((n, 3, 3))
-    E[:, 0, 0], E[:, 0, 1], E[:, 0, 2] = 1.0 - alpha - a, keep, alpha
-    E[:, 1, 0], E[:, 1, 1] = -a, keep
-    E[:, 2, 0], E[:, 2, 2] = beta, 1.0 - beta
-    L = np.zeros((n, 3, 3))
-    L[:, 0, 0], L[:, 0, 1] = 1.0 - a, keep
-    L[:, 1, 0], L[:, 1, 1] = -a, keep
-    L[:, 2, 2] = 1.0
-    return E, L
-
-
-def _schur_stable(P) -> np.ndarray:
-    """Whether every eigenvalue of each 2×2 or 3×3 matrix in P lies in the closed unit disk,
-    by Jury's test on the characteristic polynomial (no eigenvalue solver: exact on the
-    boundary up to rounding, where a double root would cost an eigen-solver √ε)."""
-    with np.errstate(all="ignore"):
-        tr = np.trace(P, axis1=-2, axis2=-1)
-        det = np.linalg.det(P)
-        if P.shape[-1] == 2:  # z² + c1 z + c0
-            c1, c0 = -tr, det
-            ok = (1 + c1 + c0 >= -_SLACK) & (1 - c1 + c0 >= -_SLACK)
-            return ok & (np.abs(c0) <= 1 + _SLACK)
-        minors = (
-            P[..., 0, 0] * P[..., 1, 1]
-            - P[..., 0, 1] * P[..., 1, 0]
-            + P[..., 0, 0] * P[..., 2, 2]
-            - P[..., 0, 2] * P[..., 2, 0]
-            + P[..., 1, 1] * P[..., 2, 2]
-            - P[..., 1, 2] * P[..., 2, 1]
-        )
-        c2, c1, c0 = -tr, minors, -det  # z³ + c2 z² + c1 z + c0
-        ok = (1 + c2 + c1 + c0 >= -_SLACK) & (1 - c2 + c1 - c0 >= -_SLACK)
-        ok &= np.abs(c0) <= 1 + _SLACK
-        ok &= (1 - c0 * c0) - np.abs(c1 - c0 * c2) >= -_SLACK
-        return ok & np.isfinite(c0) & np.isfinite(c1) & np.isfinite(c2)
-
-
-def _elastic_stable(a, alpha, beta, delta: float, tau: int, deviation: bool) -> np.ndarray:
-    """Whether the period map (one exchange step, then τ − 1 local steps) is stable.
-
-    The mean mode is (x, v, x̃) with the center moved by β(x − x̃): β = α for one worker and
-    the center, β = pα for sync EASGD's average. ``deviation``: also the modes in which the
-    workers differ from one another (sync EASGD at p ≥ 2): (x, v) pulled by α, no center.
-    """
-    E, L = _step_matrices(a, alpha, beta, delta)
-    with np.errstate(all="ignore"):
-        Lk = np.linalg.matrix_power(L, int(tau) - 1)
-        ok = _schur_stable(E @ Lk)
-        if deviation:
-            ok &= _schur_stable(E[:, :2, :2] @ Lk[:, :2, :2])
-    return ok
-
-
-def _alpha_limit(a: float, ratio: float, delta: float, taus, deviation: bool, cap: float):
-    """The largest α ≤ cap such that every α' in (0, α] is stable at ηh = a (β = ratio·α) for
-    every τ in taus: a scan of 400 points, then bisection to 1e-6."""
-
-    def stable(alphas):
-        ok = np.ones(np.shape(alphas), dtype=bool)
-        for tau in taus:
-            ok &= _elastic_stable(a, alphas, ratio * np.asarray(alphas), delta, tau, deviation)
-        return ok
-
-    grid = np.linspace(cap / 400, cap, 400)
-    ok = stable(grid)
-    if ok.all():
-        return cap
-    k = int(np.argmin(ok))
-    lo, hi = (grid[k - 1], grid[k]) if k else (0.0, grid[0])
-    while hi - lo > 1e-6:
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if stable(np.array([mid]))[0] else (lo, mid)
-    return lo
-
-
-# ---------------------------------------------------------------------------------------------
-# TOML output (the config only holds tables, numbers, strings and lists of numbers)
-
-
-def _drop_none(d: dict) -> dict:
-    return {k: (_drop_none(v) if isinstance(v, dict) else v) for k, v in d.items() if v is not None}
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {v!r} as TOML")
-
-
-def _dump_toml(d: dict) -> str:
-    lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
-    for k, v in d.items():
-        if isinstance(v, dict):
-            lines.append("")
-            lines.append(f"[{k}]")
-            lines.extend(f"{kk} = {_toml_value(vv)}" for kk, vv in v.items())
-    return "\n".join(lines) + "\n"

@@ -13,17 +13,17 @@ import pytest
 
 from easgd_mpi.algorithms import AllreduceSGD, SyncEASGD, make_algorithm
 from easgd_mpi.backend import NumpyBackend
-from easgd_mpi.config import (
-    Config,
-    _alpha_limit,
-    _elastic_stable,
-    _nesterov_limit,
-    _schur_stable,
-    _step_matrices,
-)
+from easgd_mpi.config import Config
 from easgd_mpi.data.sampling import worker_rng
 from easgd_mpi.errors import ConfigError
 from easgd_mpi.models import QuadraticProblem
+from easgd_mpi.stability import (
+    alpha_limit,
+    elastic_stable,
+    nesterov_limit,
+    schur_stable,
+    step_matrices,
+)
 from local_center import LocalCenter
 
 OPTIMUM = 1.0  # start 0: the initial error is 1
@@ -173,7 +173,7 @@ def test_jury_test_agrees_with_the_eigenvalues():
     alpha = rng.uniform(0.0, 1.1, n)
     beta = alpha * rng.choice([1.0, 2.0, 4.0], n)
     for delta in (0.0, 0.9):
-        E, L = _step_matrices(a, alpha, beta, delta)
+        E, L = step_matrices(a, alpha, beta, delta)
         for tau in (1, 3):
             P = E @ np.linalg.matrix_power(L, tau - 1)
             for M in (P, P[:, :2, :2] if tau == 1 else None):
@@ -181,23 +181,23 @@ def test_jury_test_agrees_with_the_eigenvalues():
                     continue
                 radius = np.abs(np.linalg.eigvals(M)).max(axis=1)
                 clear = np.abs(radius - 1.0) > 1e-6
-                assert np.array_equal((radius <= 1.0)[clear], _schur_stable(M)[clear])
+                assert np.array_equal((radius <= 1.0)[clear], schur_stable(M)[clear])
 
 
 def test_paper_region_and_nesterov_bound_are_what_the_analysis_gives():
     # δ = 0, τ = 1, one worker and the center: the paper's α ≤ (4 − 2ηh)/(4 − ηh).
     for a in (0.1, 0.5, 1.0, 1.5, 1.9):
-        assert _alpha_limit(a, 1.0, 0.0, (1,), False, 1.0) == pytest.approx(
+        assert alpha_limit(a, 1.0, 0.0, (1,), False, 1.0) == pytest.approx(
             (4 - 2 * a) / (4 - a), abs=2e-6
         )
-    assert _nesterov_limit(0.9) == pytest.approx(1.3571, abs=1e-4)
-    assert _nesterov_limit(0.99) == pytest.approx(1.3356, abs=1e-4)
-    assert _nesterov_limit(0.0) == 2.0
+    assert nesterov_limit(0.9) == pytest.approx(1.3571, abs=1e-4)
+    assert nesterov_limit(0.99) == pytest.approx(1.3356, abs=1e-4)
+    assert nesterov_limit(0.0) == 2.0
     # The local Nesterov step alone (α = 0 leaves the center still): stable iff ηh < bound.
     for delta in (0.5, 0.9, 0.99):
-        nb = _nesterov_limit(delta)
-        assert _elastic_stable(0.999 * nb, 1e-9, 1e-9, delta, 1, False)[0]
-        assert not _elastic_stable(1.001 * nb, 1e-9, 1e-9, delta, 1, False)[0]
+        nb = nesterov_limit(delta)
+        assert elastic_stable(0.999 * nb, 1e-9, 1e-9, delta, 1, False)[0]
+        assert not elastic_stable(1.001 * nb, 1e-9, 1e-9, delta, 1, False)[0]
 
 
 # ---- the Nesterov bound: EAMSGD and the synchronous rules with momentum ------------------------
@@ -214,9 +214,9 @@ def test_the_issues_example_is_refused_and_diverges():
 
 @pytest.mark.parametrize("delta", [0.9, 0.99])
 def test_nesterov_bound_eamsgd(delta):
-    nb = _nesterov_limit(delta)
+    nb = nesterov_limit(delta)
     inside_a = 0.98 * nb
-    alpha = 0.5 * _alpha_limit(inside_a, 1.0, delta, (1,), False, 1.0)
+    alpha = 0.5 * alpha_limit(inside_a, 1.0, delta, (1,), False, 1.0)
     inside = quadratic("eamsgd", lr=inside_a, momentum=delta, alpha=alpha)
     assert accepted(inside, 1) and converges(inside, 1)
     outside = quadratic("eamsgd", lr=1.02 * nb, momentum=delta, alpha=alpha)
@@ -228,7 +228,7 @@ def test_nesterov_bound_allreduce_sgd():
     """All-reduce SGD keeps its workers identical: the bound is exactly Nesterov's, at any p
     (validated at p = 3; the identical workers are iterated as one)."""
     workers = 3
-    nb = _nesterov_limit(0.9)
+    nb = nesterov_limit(0.9)
     inside = quadratic("allreduce-sgd", lr=0.98 * nb, momentum=0.9)
     assert accepted(inside, workers) and converges(inside, 1)
     outside = quadratic("allreduce-sgd", lr=1.02 * nb, momentum=0.9)
@@ -237,7 +237,7 @@ def test_nesterov_bound_allreduce_sgd():
 
 
 def test_weight_decay_counts_in_the_curvature():
-    nb = _nesterov_limit(0.9)
+    nb = nesterov_limit(0.9)
     cfg = quadratic("allreduce-sgd", lr=0.9 * nb, momentum=0.9, weight_decay=0.2)  # ηh·1.2
     assert "lr*(h + weight_decay)" in refusal(cfg, 2)
     assert diverges(cfg, 1)
@@ -259,7 +259,7 @@ ELASTIC_CASES = [
 
 @pytest.mark.parametrize("algorithm, eta_h, delta, tau", ELASTIC_CASES)
 def test_elastic_bound_one_worker(algorithm, eta_h, delta, tau):
-    limit = _alpha_limit(eta_h, 1.0, delta, tuple(sorted({1, tau})), False, 1.0)
+    limit = alpha_limit(eta_h, 1.0, delta, tuple(sorted({1, tau})), False, 1.0)
     assert 1.03 * limit < 1  # below the ηh-free α ≤ 1, so that it is this bound being tested
     common = {"lr": eta_h, "tau": tau, "momentum": delta}
     inside = quadratic(algorithm, alpha=0.97 * limit, **common)
@@ -277,8 +277,8 @@ def test_elastic_bound_one_worker(algorithm, eta_h, delta, tau):
 def test_tau_one_region_is_also_enforced_for_longer_periods():
     """At τ = 4, ηh = 1.2, δ = 0.9 the τ = 1 region binds: refused, although one worker at
     τ = 4 still converges there (the conservative part of the enforced region)."""
-    limit = _alpha_limit(1.2, 1.0, 0.9, (1,), False, 1.0)
-    assert _alpha_limit(1.2, 1.0, 0.9, (4,), False, 1.0) == 1.0
+    limit = alpha_limit(1.2, 1.0, 0.9, (1,), False, 1.0)
+    assert alpha_limit(1.2, 1.0, 0.9, (4,), False, 1.0) == 1.0
     outside = quadratic("eamsgd", lr=1.2, tau=4, momentum=0.9, alpha=1.03 * limit)
     assert "tau = 1 and tau = 4" in refusal(outside, 1)
     assert converges(outside, 1)
@@ -290,8 +290,8 @@ def test_every_curvature_is_checked_not_only_the_largest():
     """With momentum the enforced bound is not monotone in ηh (at δ = 0.99, τ = 4: ≈ 0.962
     at ηh = 0.1, ≈ 0.971 at ηh = 0.2), so the largest curvature alone would not do."""
     delta, tau = 0.99, 4
-    low = _alpha_limit(0.1, 1.0, delta, (1, tau), False, 1.0)
-    high = _alpha_limit(0.2, 1.0, delta, (1, tau), False, 1.0)
+    low = alpha_limit(0.1, 1.0, delta, (1, tau), False, 1.0)
+    high = alpha_limit(0.2, 1.0, delta, (1, tau), False, 1.0)
     assert low < high
     alpha = 0.5 * (low + high)
     assert accepted(quadratic("eamsgd", lr=1.0, tau=tau, momentum=delta, h=0.2, alpha=alpha), 1)
@@ -313,7 +313,7 @@ def test_every_curvature_is_checked_not_only_the_largest():
 )
 def test_sync_easgd_bound(workers, eta_h, delta, tau):
     cap = min(1.0, 2.0 / (workers + 1))
-    limit = _alpha_limit(eta_h, workers, delta, (tau,), workers >= 2, cap)
+    limit = alpha_limit(eta_h, workers, delta, (tau,), workers >= 2, cap)
     assert 1.03 * limit < cap  # the curvature-dependent bound binds, not α + β ≤ 2
     common = {"lr": eta_h, "tau": tau, "momentum": delta}
     inside = quadratic("sync-easgd", beta=0.97 * workers * limit, **common)

@@ -5,7 +5,9 @@
   window, the status board's window, the state channel's windows, the workers' all-reduce);
   every other module reaches MPI through their functions.
 * Every exception class is defined in errors.py.
-* config.py reaches none of the modules that touch MPI or run training, not even indirectly.
+* config.py reaches none of the modules that touch MPI or run training, not even indirectly;
+  the modules it is built from (config_io.py, stability.py) import nothing of the package but
+  errors.py, so the config layer stays one way: config → its parts → errors.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "src" / "easgd_mpi"
 # windows with unrelated jobs): it owns its window's MPI calls, as center does its own.
 MPI_MODULES = {"comm", "center", "status_board", "snapshots", "collective"}
 NOT_FROM_CONFIG = MPI_MODULES | {"training", "session", "worker", "master"}
+#: The parts of config.py: TOML and the other sources as text, the stability region.
+CONFIG_PARTS = ("config_io", "stability")
 
 #: Methods of MPI communicators, windows and requests (mpi4py's names). A call of one of these
 #: on anything but an imported module (``threading.Lock()`` is not MPI) is an MPI call.
@@ -193,6 +197,15 @@ def test_config_imports_nothing_that_touches_mpi():
     bad = {m: via for m, via in reached.items() if m in NOT_FROM_CONFIG}
     assert not bad, "config.py must not import (even through another module): " + ", ".join(
         f"{m} (imported by {via})" for m, via in sorted(bad.items())
+    )
+
+
+@pytest.mark.parametrize("part", CONFIG_PARTS)
+def test_the_parts_of_config_import_only_errors(part):
+    assert part in reachable_from("config"), f"config.py no longer imports {part}.py"
+    reached = reachable_from(part)
+    assert set(reached) <= {"errors"}, f"{part}.py must import no module of the package but " + (
+        "errors.py (config.py imports it): " + ", ".join(sorted(set(reached) - {"errors"}))
     )
 
 
