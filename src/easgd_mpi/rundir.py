@@ -8,7 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from .checkpoint import load_checkpoint, newest_valid_checkpoint
+from .checkpoint import list_checkpoints, load_checkpoint, newest_valid_checkpoint  # noqa: F401
 from .errors import CheckpointError, ConfigError, RunFolderError, os_reason
 from .runlock import acquire, release
 

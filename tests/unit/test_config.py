@@ -145,3 +145,50 @@ def test_resume_precedence_is_one_rule_and_the_changes_are_listed(tmp_path):
         "steps 100 → 400 (--set)",
         f"tau 8 → 2 ({file})",
     ]
+
+
+# ---- the one precedence rule on resume (Config.over_checkpoint) ------------------------------
+
+
+def _checkpoint_config(**values) -> str:
+    cfg = Config()
+    for key, value in values.items():
+        cfg.set(key.replace("__", "."), value, source="test")
+    return cfg.to_toml()
+
+
+def test_what_a_launch_states_wins_over_the_checkpoint_and_the_rest_is_the_checkpoints(
+    tmp_path,
+):
+    base = _checkpoint_config(lr=0.1, tau=2, steps=77, seed=9, data__name="synthetic")
+    path = tmp_path / "run.toml"
+    path.write_text("tau = 8\n[data]\nname = 'digits'\n")
+    launch = Config.from_toml(path, overrides={"steps": "500"}, environ={"EASGD_SEED": "3"})
+    merged = launch.over_checkpoint(base)
+    # defaults < checkpoint (lr) < environment (seed) < file (tau, data.name) < --set (steps)
+    assert (merged.lr, merged.seed, merged.tau, merged.data.name, merged.steps) == (
+        0.1,
+        3,
+        8,
+        "digits",
+        500,
+    )
+    changes = merged.changes_from(base)
+    assert "steps 77 → 500 (--set)" in changes and "tau 2 → 8 (" + str(path) + ")" in changes
+    assert "seed 9 → 3 (the environment)" in changes
+
+
+def test_a_launch_that_states_the_default_still_wins_over_the_checkpoint():
+    # tau = 4 is the default; the checkpoint's run had tau = 2: the launch said 4, so 4.
+    base = _checkpoint_config(tau=2)
+    merged = Config.from_toml(overrides={"tau": "4"}, environ={}).over_checkpoint(base)
+    assert merged.tau == 4
+
+
+def test_a_config_built_in_code_states_what_differs_from_the_defaults():
+    base = _checkpoint_config(lr=0.1, steps=77)
+    cfg = Config()
+    cfg.steps = 500
+    merged = cfg.over_checkpoint(base)
+    assert (merged.steps, merged.lr) == (500, 0.1)
+    assert cfg.given_keys() == {"steps": "the script"}
