@@ -151,20 +151,23 @@ def _cmd_train(args) -> int:
     def run() -> int:
         from .comm import agree_or_fail, broadcast, rank_and_size, world_comm  # noqa: PLC0415
         from .config import Config  # noqa: PLC0415
-        from .training import resolve_resume, train  # noqa: PLC0415
+        from .rundir import find_checkpoint  # noqa: PLC0415
+        from .training import train  # noqa: PLC0415
 
         world = world_comm()
         rank, size = rank_and_size(world)
         say = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
+        _print_log_records(args.quiet)
 
-        def find_checkpoint():
+        def open_checkpoint():
             # Rank 0 alone reads checkpoints; the others get the config text.
             if args.resume is None or rank != 0:
                 return None
             run_dir = Config.from_toml(
                 args.config, overrides=_parse_overrides(args.overrides)
             ).run_dir
-            return resolve_resume(args.resume, run_dir, say)[1]
+            found = find_checkpoint(args.resume, run_dir)
+            return None if found is None else found[1]
 
         def load(base_toml):
             return Config.from_toml(
@@ -175,11 +178,13 @@ def _cmd_train(args) -> int:
             cfg = load(None)  # a config error is the more useful message, so it goes first
             checkpoint = None
         else:
-            checkpoint = agree_or_fail(world, find_checkpoint)
+            checkpoint = agree_or_fail(world, open_checkpoint)
             base = broadcast(world, checkpoint.config_toml if checkpoint else None)
             cfg = agree_or_fail(world, lambda: load(base))
         try:
-            train(cfg, comm=world, out=say, resume=checkpoint)
+            # Nothing found by --resume auto: train() opens the folder as a first segment.
+            resume = args.resume if checkpoint is None else checkpoint
+            train(cfg, comm=world, out=say, resume=resume)
         except EasgdError as exc:
             if size < 2:
                 raise AgreedError(str(exc)) from None
@@ -187,6 +192,25 @@ def _cmd_train(args) -> int:
         return 0
 
     return run_or_abort(run)
+
+
+def _print_log_records(quiet: bool) -> None:
+    """The package's log records print as its lines did before it logged: notes on stdout,
+    warnings on stderr, the message alone (--quiet keeps the warnings). Interim: the session's
+    logging set-up replaces it."""
+    import logging  # noqa: PLC0415
+
+    logger = logging.getLogger("easgd_mpi")
+    if logger.handlers:
+        return
+    notes = logging.StreamHandler(sys.stdout)
+    notes.addFilter(lambda record: record.levelno < logging.WARNING)
+    warnings = logging.StreamHandler(sys.stderr)
+    warnings.setLevel(logging.WARNING)
+    logger.addHandler(notes)
+    logger.addHandler(warnings)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
 
 
 def _cmd_inspect(args) -> int:

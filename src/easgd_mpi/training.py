@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import sys
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 
 from .backend import NumpyBackend, select_backend
 from .center import CenterWindow, describe_slice, shard_slices
-from .checkpoint import CheckpointData, check_matches, load_checkpoint, newest_valid_checkpoint
+from .checkpoint import CheckpointData, check_matches
 from .comm import (
     EXIT_STALLED,
     agree_or_fail,
@@ -42,22 +40,15 @@ from .comm import (
 )
 from .config import SYNC_ALGORITHMS, Config
 from .data.sampling import worker_rng
-from .errors import (
-    CheckpointError,
-    ConfigError,
-    EasgdError,
-    RunFolderError,
-    os_reason,
-)
+from .errors import CheckpointError, ConfigError, EasgdError
 from .master import run_master
-from .metrics import MetricsLog, format_error
+from .metrics import format_error
 from .models import make_problem
-from .runlock import acquire as lock_run_folder
-from .runlock import release as release_run_folder
+from .rundir import COMPLETED, PREEMPTED, RunFolder, Start, find_checkpoint
 from .snapshots import InitialStates, StateChannel, encode_rng
 from .worker import run_worker
 
-__all__ = ["train", "resolve_resume", "STOP_SIGNALS"]
+__all__ = ["train", "STOP_SIGNALS"]
 
 #: Signals that end a run early with a final checkpoint (Slurm sends them before a time limit).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -93,21 +84,26 @@ def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
     def open_checkpoint():
         if not roles.is_master or resume is None:
             return None
-        data = (
-            resume
-            if isinstance(resume, CheckpointData)
-            else resolve_resume(resume, cfg.run_dir, say)[1]
-        )
+        if isinstance(resume, CheckpointData):
+            data = resume
+        else:
+            found = find_checkpoint(resume, cfg.run_dir)
+            data = None if found is None else found[1]
         if data is not None:
             _check_resumable(data, cfg, prob, p)
         return data
 
     checkpoint = agree_or_fail(roles.world, open_checkpoint)
     resuming = broadcast(roles.world, checkpoint is not None)
-    run_dir = agree_or_fail(
-        roles.world, lambda: _make_run_dir(cfg, checkpoint) if roles.is_master else None
+    folder = agree_or_fail(
+        roles.world,
+        lambda: (
+            _open_run_folder(cfg, Start.of(resume, checkpoint), checkpoint)
+            if roles.is_master
+            else None
+        ),
     )
-    run_dir = broadcast(roles.world, run_dir)
+    run_dir = broadcast(roles.world, None if folder is None else str(folder.path))
     devices = gather_to_master(roles.world, (backend.name, why_cpu, device_id))
 
     initial = None
@@ -158,9 +154,7 @@ def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
             # rank has joined the end-of-run barrier (the loop is that barrier).
             served = center.serve()
         elif roles.is_master:
-            metrics = MetricsLog(
-                Path(run_dir) / "metrics.jsonl", history=checkpoint.metrics if checkpoint else None
-            )
+            metrics = folder.open_metrics()
             try:
                 final = run_master(
                     cfg,
@@ -169,7 +163,7 @@ def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
                     center,
                     channel,
                     metrics,
-                    run_dir,
+                    folder,
                     out=say,
                     resume=checkpoint,
                     stop_flag=stop_flag,
@@ -177,7 +171,7 @@ def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
             finally:
                 metrics.close()
             if final["abandoned"]:
-                _end_stalled(final, run_dir, say, cfg.checkpoint.state_wait)
+                _end_stalled(final, folder, say, cfg.checkpoint.state_wait)
         else:
             run_worker(
                 cfg,
@@ -207,10 +201,10 @@ def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
             if failure is not None:
                 raise failure
             stopped = final.pop("stopped")
-            _write_marker(Path(run_dir), "PREEMPTED" if stopped else "COMPLETED")
+            folder.mark(PREEMPTED if stopped else COMPLETED)
             return stopped
         finally:
-            release_run_folder(run_dir)
+            folder.release()
 
     try:
         stopped = agree_or_fail(roles.world, finish)
@@ -283,33 +277,6 @@ def _check_memory(cfg, roles, prob, backend) -> None:
             )
 
     agree_or_fail(roles.world, check)
-
-
-def resolve_resume(spec, run_dir: str, report=print) -> tuple[Path | None, CheckpointData | None]:
-    """Find and load the checkpoint that ``--resume spec`` means (rank 0 only).
-
-    ``auto``: the newest valid checkpoint of ``run_dir``, or (None, None) when it holds no
-    checkpoint at all (a first segment of a preemptible job); an error when it holds only
-    damaged ones. A folder: its newest valid checkpoint (an error when it has none). A file:
-    that file.
-    """
-    if str(spec) == "auto":
-        if not run_dir:
-            raise ConfigError(
-                "--resume auto needs the run folder: set run_dir (e.g. --set run_dir=runs/myjob)"
-            )
-        found = newest_valid_checkpoint(run_dir, report)
-        if found is None:
-            report(f"easgd: no checkpoint in {run_dir}: starting a new run")
-            return None, None
-        return found
-    path = Path(spec)
-    if path.is_dir():
-        found = newest_valid_checkpoint(path, report)
-        if found is None:
-            raise CheckpointError(f"no checkpoint in {path} (checkpoint-NNNNNN.h5 files)")
-        return found
-    return path, load_checkpoint(path)
 
 
 def _check_resumable(data: CheckpointData, cfg, prob, p: int) -> None:
@@ -386,15 +353,15 @@ def _initial_states(cfg, prob, p: int, center: np.ndarray, data) -> InitialState
     )
 
 
-def _end_stalled(final: dict, run_dir, say, wait: float) -> None:
+def _end_stalled(final: dict, folder, say, wait: float) -> None:
     """The master after a stop that some worker never answered: the final checkpoint holds
     that worker's last saved state; mark the folder, let it go, and end every rank (the stalled
     one would never reach the end of the run)."""
     ranks = ", ".join(str(r) for r in final["abandoned"])
     if final.get("failure") is None:
         with contextlib.suppress(EasgdError):
-            _write_marker(Path(run_dir), "PREEMPTED")
-    release_run_folder(run_dir)
+            folder.mark(PREEMPTED)
+    folder.release()
     outcome = (
         f"the final checkpoint {final['checkpoint']} holds their last saved states"
         if final.get("checkpoint")
@@ -437,21 +404,6 @@ def _stop_signals():
             signal.signal(sig, old)
 
 
-#: Markers of how a run ended; a starting run clears those of an earlier segment.
-_MARKERS = ("PREEMPTED", "COMPLETED")
-
-
-def _write_marker(run_dir: Path, name: str) -> None:
-    try:
-        for old in _MARKERS:
-            action, target = "remove", run_dir / old
-            target.unlink(missing_ok=True)
-        action, target = "write", run_dir / name
-        target.write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
-    except OSError as exc:
-        raise RunFolderError(f"cannot {action} {target}: {os_reason(exc)}") from None
-
-
 def _choose_backend(cfg, roles):
     """Workers use a GPU when one is usable; the servers (the master evaluates) use the host."""
     if roles.is_server:
@@ -484,50 +436,15 @@ def _build_problem(cfg, problem, xp):
     return problem
 
 
-def _make_run_dir(cfg, checkpoint) -> str:
-    """Create or reuse the run folder and lock it for this run (rank 0; docs/CHECKPOINT.md).
-
-    The lock comes before anything is written there, so a second run on the folder changes
-    nothing of the first's. Markers of an earlier segment are cleared: a run that fails later
-    leaves none behind.
-    """
-    if cfg.run_dir:
-        path = Path(cfg.run_dir)
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise RunFolderError(f"run folder {path} cannot be created: {os_reason(exc)}") from None
-    else:
-        base = Path(cfg.output) / time.strftime("%Y%m%d-%H%M%S")
-        path, k = base, 1
-        while True:  # created exclusively: two runs started in the same second never share one
-            try:
-                path.mkdir(parents=True)
-                break
-            except FileExistsError:
-                path, k = Path(f"{base}-{k}"), k + 1
-            except OSError as exc:
-                raise RunFolderError(
-                    f"run folder {path} cannot be created: {os_reason(exc)}"
-                ) from None
-    lock_run_folder(path)
-    tmp = path / ".config.toml.tmp"
+def _open_run_folder(cfg, start: Start, checkpoint) -> RunFolder:
+    """Open and lock the run folder (rank 0; docs/CHECKPOINT.md) and record the config."""
+    folder = RunFolder.open(cfg, start, checkpoint)
     try:
-        for name in _MARKERS:
-            action, target = "remove", path / name
-            target.unlink(missing_ok=True)
-        action, target = "write", path / "config.toml"
-        tmp.write_text(cfg.to_toml(), encoding="utf-8")
-        os.replace(tmp, target)
-        if checkpoint is None:  # a fresh run in a reused folder starts a fresh metrics file
-            action, target = "remove", path / "metrics.jsonl"
-            target.unlink(missing_ok=True)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        release_run_folder(path)
-        raise RunFolderError(f"cannot {action} {target}: {os_reason(exc)}") from None
-    return str(path)
+        folder.write_config(cfg.to_toml())
+    except EasgdError:
+        folder.release()
+        raise
+    return folder
 
 
 def _servers_text(served: list[dict]) -> str:

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from easgd_mpi.checkpoint import checkpoint_sequence, list_checkpoints, load_checkpoint
+from easgd_mpi.checkpoint import load_checkpoint
 from easgd_mpi.metrics import read_metrics
+from easgd_mpi.rundir import checkpoint_sequence, list_checkpoints
 from easgd_mpi.runlock import LOCK_NAME, holder_of
 from launching import run, train_command
 
