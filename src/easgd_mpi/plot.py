@@ -16,10 +16,11 @@ from pathlib import Path
 
 from .errors import PlotError
 from .metrics import read_metrics
+from .rundir import METRICS_NAME as _METRICS
+from .rundir import config_path, metrics_path
 
 __all__ = ["PlotError", "Run", "load_run", "plot_runs"]
 
-_METRICS = "metrics.jsonl"
 #: (record key, axis label) of the quantities plotted, one row of panels each.
 _ROWS = (("center_error", "center test error"), ("center_loss", "center loss"))
 #: (record key, axis label) of the x axes, one column of panels each.
@@ -47,7 +48,7 @@ class Run:
 def load_run(path: str | os.PathLike) -> Run:
     """Read a run folder or a metrics.jsonl file (and the config.toml next to it, if any)."""
     path = Path(path)
-    metrics = path / _METRICS if path.is_dir() else path
+    metrics = metrics_path(path) if path.is_dir() else path
     if not metrics.is_file():
         where = f"{path} has no {_METRICS}" if path.is_dir() else f"{path} does not exist"
         raise PlotError(f"plot: {where} (give a run folder or its {_METRICS})")
@@ -62,10 +63,10 @@ def load_run(path: str | os.PathLike) -> Run:
             f"with time, steps, center_error, ...)"
         )
     config = {}
-    config_path = metrics.parent / "config.toml"
-    if config_path.is_file():
+    config_file = config_path(metrics.parent)
+    if config_file.is_file():
         try:
-            config = tomllib.loads(config_path.read_text(encoding="utf-8"))
+            config = tomllib.loads(config_file.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
             config = {}  # a label is all it is for; the folder name will do
     return Run(

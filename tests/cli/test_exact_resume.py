@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from easgd_mpi.checkpoint import list_checkpoints, load_checkpoint
+from easgd_mpi.checkpoint import load_checkpoint
+from easgd_mpi.rundir import list_checkpoints
 from launching import run, start, train_command
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"

@@ -14,9 +14,10 @@ torch = pytest.importorskip("torch", reason="the torch extra is installed by `ma
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the file writers
 
-from easgd_mpi.checkpoint import list_checkpoints, load_checkpoint  # noqa: E402
+from easgd_mpi.checkpoint import load_checkpoint  # noqa: E402
 from easgd_mpi.config import Config  # noqa: E402
 from easgd_mpi.models import make_problem  # noqa: E402
+from easgd_mpi.rundir import list_checkpoints  # noqa: E402
 from image_files import write_cifar_folder, write_cifar_tar, write_mnist  # noqa: E402
 from launching import assert_one_line_per_rank, run, train_command, with_path  # noqa: E402
 

@@ -13,7 +13,8 @@ from mpi_helpers import config, train_quietly
 
 import easgd_mpi.session as training
 from easgd_mpi.backend import NumpyBackend
-from easgd_mpi.checkpoint import list_checkpoints, load_checkpoint
+from easgd_mpi.checkpoint import load_checkpoint
+from easgd_mpi.rundir import list_checkpoints
 
 
 class StagedNumpy(NumpyBackend):
