@@ -56,23 +56,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = sub.add_parser(
         "inspect",
-        help="summarize a checkpoint file",
+        help="summarize a checkpoint file (or a run folder's newest valid checkpoint)",
         description="Print a checkpoint's format version, config, algorithm and p, counters, "
-        "each tensor (shape, norm, min/max), worker-to-center distances and the last metrics.",
+        "each tensor (shape, norm, min/max), worker-to-center distances and the last metrics. "
+        "A run folder stands for its newest valid checkpoint, as with `train --resume`.",
     )
-    inspect.add_argument("file", metavar="FILE.h5")
+    inspect.add_argument("file", metavar="FILE.h5|RUN_DIR")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
     inspect.set_defaults(func=_cmd_inspect)
 
     export = sub.add_parser(
         "export",
         help="write a checkpoint's center as a PyTorch state_dict (.pt) or arrays (.npz)",
-        description="Write the center of a checkpoint, named as the model names its "
-        "parameters and buffers: FILE.pt is a state_dict that model.load_state_dict("
-        "torch.load(FILE.pt, weights_only=True)) accepts (needs PyTorch); FILE.npz holds "
-        "plain arrays.",
+        description="Write the center of a checkpoint (or of a run folder's newest valid "
+        "checkpoint, as with `train --resume`), named as the model names its parameters and "
+        "buffers: FILE.pt is a state_dict that model.load_state_dict(torch.load(FILE.pt, "
+        "weights_only=True)) accepts (needs PyTorch); FILE.npz holds plain arrays.",
     )
-    export.add_argument("file", metavar="CHECKPOINT.h5")
+    export.add_argument("file", metavar="CHECKPOINT.h5|RUN_DIR")
     export.add_argument("-o", "--output", required=True, metavar="OUT.pt|OUT.npz")
     export.set_defaults(func=_cmd_export)
 
@@ -192,10 +193,12 @@ def _cmd_train(args) -> int:
 def _cmd_inspect(args) -> int:
     import json  # noqa: PLC0415
 
-    from .checkpoint import format_summary, load_checkpoint, summarize  # noqa: PLC0415
+    from .checkpoint import format_summary, summarize  # noqa: PLC0415
+    from .export import read_checkpoint  # noqa: PLC0415
 
     try:
-        summary = summarize(load_checkpoint(args.file), args.file)
+        path, data = read_checkpoint(args.file)
+        summary = summarize(data, path)
     except EasgdError as exc:
         sys.stderr.write(f"easgd: error: {exc}\n")
         return exc.exit_code
@@ -289,13 +292,14 @@ def _with_bindings(report: str, infos: list[dict]) -> str:
     return "\n".join([*lines, *(f"rank {i['rank']}: {x}" for i, x in pairs)])
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def _print(text: str) -> None:
     """Print, tolerating a closed pipe (``easgd inspect FILE | head``)."""
     try:
         print(text, flush=True)
     except BrokenPipeError:
         sys.stdout = None  # nothing more can be written; avoid a second error at exit
+
+
+# Last: `python -m easgd_mpi.cli` runs main() here, so everything it calls must be defined.
+if __name__ == "__main__":
+    sys.exit(main())
