@@ -209,3 +209,45 @@ def test_bad_models_are_one_line_errors():
     frozen.requires_grad_(False)
     with pytest.raises(ConfigError, match="no trainable parameters"):
         TorchProblem(frozen, pair, pair)
+
+
+def test_outputs_are_checked_against_every_label_not_the_probes_two():
+    """Five outputs, ten classes: the start-up forward pass on two samples would pass (their
+    labels are below 5); the largest label of the whole data set refuses the model."""
+    data = digits()
+    probe = np.random.default_rng(0).integers(0, len(data.y_train), 16)[:2]  # as _probe draws
+    y = np.where(np.isin(np.arange(len(data.y_train)), probe), 0, data.y_train)
+    pair = (data.x_train, y)
+    with pytest.raises(ConfigError) as info:
+        TorchProblem(torch.nn.Linear(64, 5), pair, pair, batch_size=16)
+    assert str(info.value) == (
+        "the model gives 5 outputs per sample but the training data has label 9: a classifier "
+        "needs one output per class (10 or more here); check its number of outputs against the "
+        "data"
+    )
+    low = np.where(y > 4, 0, y)  # training labels 0..4 fit; a held-out 7 does not
+    held_out = (data.x_test[:3], np.array([0, 7, 1]))
+    with pytest.raises(ConfigError, match="the held-out data has label 7"):
+        TorchProblem(torch.nn.Linear(64, 5), (data.x_train, low), held_out, batch_size=16)
+    TorchProblem(torch.nn.Linear(64, 5), (data.x_train, low), (data.x_test[:3], low[:3]))
+
+
+def test_a_datasets_targets_are_its_labels():
+    """A Dataset is not read item by item for this: torchvision's ``targets`` is used."""
+
+    class Items(torch.utils.data.Dataset):
+        def __init__(self, x, y):
+            self.x, self.y_items = torch.as_tensor(x), torch.as_tensor(y)
+            self.targets = list(y)
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return self.x[i], self.y_items[i]
+
+    data = digits()
+    ones = np.ones(len(data.y_train), np.int64)
+    ones[-1] = 6  # never among the probe's two samples
+    with pytest.raises(ConfigError, match="the training data has label 6"):
+        TorchProblem(torch.nn.Linear(64, 3), Items(data.x_train, ones), (data.x_test, data.y_test))
