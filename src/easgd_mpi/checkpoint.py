@@ -461,7 +461,16 @@ def _read(f, path: Path) -> CheckpointData:
     return data
 
 
-_INT_METRICS = {"steps", "exchanges", "bytes", "resets"}
+_INT_METRICS = {
+    "steps",
+    "exchanges",
+    "bytes",
+    "resets",
+    "steps_per_worker",
+    "step_budget",
+    "slowest_rank",
+    "slowest_steps",
+}
 
 
 def _int_if_whole(key: str, value) -> float | int:
