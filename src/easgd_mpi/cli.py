@@ -264,32 +264,11 @@ def _cmd_check(args) -> int:
         infos = gather_to_master(world, info)
         if infos is not None:
             slices = center_slices(cfg, infos)
-            if args.json:
-                text = json.dumps(infos, indent=2)
-            else:
-                text = _with_bindings(format_report(infos, slices), infos)
+            text = json.dumps(infos, indent=2) if args.json else format_report(infos, slices)
             print(text, flush=True)
         return 0
 
     return run_or_abort(run)
-
-
-def _with_bindings(report: str, infos: list[dict]) -> str:
-    """``easgd check``'s text with each rank's CUDA_VISIBLE_DEVICES and GPU binding appended
-    to that rank's line (one line per rank after the MPI line)."""
-    lines = report.splitlines()
-    extra = []
-    for info in infos:
-        visible = info["cuda_visible_devices"]
-        extra.append(
-            f"CUDA_VISIBLE_DEVICES={'(unset)' if visible is None else visible}; "
-            f"GPU binding: {info['gpu_binding'] or 'none'}"
-        )
-    if len(lines) == len(infos) + 1:
-        pairs = zip(lines[1:], extra, strict=True)
-        return "\n".join([lines[0], *(f"{ln}; {x}" for ln, x in pairs)])
-    pairs = zip(infos, extra, strict=True)
-    return "\n".join([*lines, *(f"rank {i['rank']}: {x}" for i, x in pairs)])
 
 
 def _print(text: str) -> None:
