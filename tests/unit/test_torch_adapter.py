@@ -251,3 +251,55 @@ def test_a_datasets_targets_are_its_labels():
     ones[-1] = 6  # never among the probe's two samples
     with pytest.raises(ConfigError, match="the training data has label 6"):
         TorchProblem(torch.nn.Linear(64, 3), Items(data.x_train, ones), (data.x_test, data.y_test))
+
+
+def test_dropout_resumes_bit_identical_from_the_workers_stream():
+    """Dropout's masks are drawn from PyTorch's generator, reseeded each step from the worker's
+    stream (which a checkpoint stores as six words): a worker stopped after 20 steps and
+    continued by a fresh process (new module, PyTorch's generator elsewhere) ends bit-identical
+    to one that never stopped. One worker, so nothing else varies."""
+    from easgd_mpi.snapshots import decode_rng, encode_rng
+
+    cfg = config(algorithm="easgd", lr=0.05, tau=1, batch_size=16)
+    data = digits()
+
+    def build():
+        torch.manual_seed(1)  # the module's initial values
+        model = torch.nn.Sequential(
+            torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Dropout(0.5), torch.nn.Linear(32, 10)
+        )
+        return on_digits(model, data)
+
+    def worker(center_value, x=None, rng_words=None):
+        prob = build()
+        rng = worker_rng(0, 0)
+        if rng_words is not None:  # a new process: PyTorch's generator is not stored
+            rng.bit_generator.state = decode_rng(rng_words)
+            torch.manual_seed(12345)
+        center = LocalCenter(center_value, chunk=97)
+        algo = make_algorithm(cfg, prob, NumpyBackend(), center, 0.5, rng)
+        algo.pull_center()
+        if x is not None:
+            algo.restore(x, None, exchanges=20, resets=0)
+        return algo, center
+
+    start = build()
+    x0 = start.layout.zeros()
+    start.init_params(x0, 0)
+    assert np.abs(x0).max() > 0.1
+
+    whole, whole_center = worker(x0)
+    for t in range(40):
+        whole.step(t)
+
+    first, first_center = worker(x0)
+    for t in range(20):
+        first.step(t)
+    saved = (first.x.copy(), first_center.value.copy(), encode_rng(first.rng))
+    resumed, resumed_center = worker(saved[1], x=saved[0], rng_words=saved[2])
+    for t in range(20, 40):
+        resumed.step(t)
+
+    assert np.array_equal(resumed.x.view(np.uint32), whole.x.view(np.uint32))
+    assert np.array_equal(resumed_center.value.view(np.uint32), whole_center.value.view(np.uint32))
+    assert not np.array_equal(whole.x, saved[0])  # it trained on after the cut
