@@ -465,7 +465,16 @@ def _words_of_json(text: str) -> np.ndarray:
     return encode_rng(rng)
 
 
-_INT_METRICS = {"steps", "exchanges", "bytes", "resets"}
+_INT_METRICS = {
+    "steps",
+    "exchanges",
+    "bytes",
+    "resets",
+    "steps_per_worker",
+    "step_budget",
+    "slowest_rank",
+    "slowest_steps",
+}
 
 
 def _int_if_whole(key: str, value) -> float | int:

@@ -15,7 +15,7 @@ import numpy as np
 from .checkpoint import CheckpointData
 from .config import SYNC_ALGORITHMS
 from .errors import CheckpointError
-from .metrics import format_progress
+from .metrics import format_progress, progress_fields
 
 __all__ = ["run_master", "MasterResult"]
 
@@ -86,8 +86,15 @@ class _Run:
         self.center.read(self.snapshot)  # atomic snapshot; workers keep going meanwhile
         status = self.status.read()
         result = self.problem.evaluate(self.snapshot)
+        now = round(self.elapsed(), 4)
+        # The rate is measured from the previous record of this start (a resumed run's last
+        # record is older than this start: time_offset is its checkpoint's wall time).
+        last = self.records[-1] if self.records else None
+        previous = (
+            (last["time"], last["steps"]) if last and last["time"] > self.time_offset else None
+        )
         record = {
-            "time": round(self.elapsed(), 4),
+            "time": now,
             "steps": int(status["steps"].sum()),
             "exchanges": int(status["exchanges"].sum()),
             "center_loss": float(result["loss"]),
@@ -96,6 +103,9 @@ class _Run:
             "worker_loss": float(np.nanmean(status["loss"])) if self.p else 0.0,
             "bytes": int(status["bytes"].sum()),
             "resets": int(status["resets"].sum()),
+            **progress_fields(
+                status["steps"], self.cfg.steps, self.first_worker_rank, now, previous
+            ),
         }
         self.records.append(record)
         self.metrics.write(record)

@@ -282,18 +282,22 @@ print(seen)
 
 
 def test_check_text_ends_each_rank_line_with_its_binding():
-    from easgd_mpi.cli import _with_bindings
+    from easgd_mpi.diagnostics import format_report
 
+    gpu = {"reason": "CuPy is not installed", "devices": [], "kernel_source_dir": "k"}
+    base = {"world_size": 2, "host": "h", "mpi_library": "x", "mpi_standard": "4", "mpi4py": "4"}
+    base |= {"cuda_aware_mpi": False, "mpi_cuda_support": False, "gpu": gpu, "backend": "numpy"}
     infos = [
-        {"rank": 0, "cuda_visible_devices": "", "gpu_binding": "world rank 0, ...: master"},
-        {"rank": 1, "cuda_visible_devices": None, "gpu_binding": ""},
+        {**base, "rank": 0, "role": "master", "local_rank": 0}
+        | {"cuda_visible_devices": "", "gpu_binding": "world rank 0, ...: master"},
+        {**base, "rank": 1, "role": "worker 0", "local_rank": 1}
+        | {"cuda_visible_devices": None, "gpu_binding": ""},
     ]
-    text = _with_bindings("MPI: x\nrank 0 (master) a\nrank 1 (worker 0) b", infos)
-    assert text.splitlines() == [
-        "MPI: x",
-        "rank 0 (master) a; CUDA_VISIBLE_DEVICES=; GPU binding: world rank 0, ...: master",
-        "rank 1 (worker 0) b; CUDA_VISIBLE_DEVICES=(unset); GPU binding: none",
-    ]
+    lines = format_report(infos).splitlines()
+    assert lines[1].startswith("rank 0 (master) ")
+    assert lines[1].endswith("; CUDA_VISIBLE_DEVICES=; GPU binding: world rank 0, ...: master")
+    assert lines[2].startswith("rank 1 (worker 0) ")
+    assert lines[2].endswith("; CUDA_VISIBLE_DEVICES=(unset); GPU binding: none")
 
 
 def test_real_mpiexec_environment(tmp_path):

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from ..flat import Layout
-from .torch_data import make_batches
+from .torch_data import largest_label, make_batches
 
 __all__ = ["TorchProblem", "import_torch", "MEMORY_COPIES"]
 
@@ -205,14 +205,18 @@ class TorchProblem:
     def _probe(self) -> None:
         """One forward pass and loss on two training samples, in eval mode and without
         gradients (nothing changes): a model that does not fit its data fails here, at
-        start-up on every rank, as one line, instead of deep inside a worker's first step."""
+        start-up on every rank, as one line, instead of deep inside a worker's first step.
+
+        Two samples show only their own labels: a classifier's outputs are then checked
+        against the largest label of the whole training and held-out data."""
         torch = self.torch
         drawn = self._train.draw(np.random.default_rng(0))
         try:
             self.module.eval()
             with torch.no_grad():
                 inputs, targets = self._train.batch(drawn)
-                self.loss_fn(self.module(inputs[:2]), targets[:2])
+                outputs = self.module(inputs[:2])
+                self.loss_fn(outputs, targets[:2])
         except Exception as exc:  # noqa: BLE001  (whatever the user's model raises)
             text = str(exc).strip().splitlines()
             raise ConfigError(
@@ -222,6 +226,19 @@ class TorchProblem:
             ) from None
         finally:
             self.module.train()
+        # (N, classes) scores against class indices: what evaluate() counts as classification.
+        if outputs.ndim == 2 and targets.ndim == 1 and not targets.is_floating_point():
+            self._check_outputs_cover(int(outputs.shape[1]))
+
+    def _check_outputs_cover(self, outputs: int) -> None:
+        for split, source in (("training", self._train), ("held-out", self._test_source)):
+            top = largest_label(source)
+            if top is not None and top >= outputs:
+                raise ConfigError(
+                    f"the model gives {outputs} outputs per sample but the {split} data has "
+                    f"label {top}: a classifier needs one output per class ({top + 1} or "
+                    f"more here); check its number of outputs against the data"
+                )
 
     # ---- what checkpoints and exports need -------------------------------------------------
     def local_state(self) -> dict[str, np.ndarray]:

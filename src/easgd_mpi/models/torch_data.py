@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import DataError
 
-__all__ = ["ImageBatches", "TensorBatches", "DatasetBatches", "make_batches"]
+__all__ = ["ImageBatches", "TensorBatches", "DatasetBatches", "make_batches", "largest_label"]
 
 
 class ImageBatches:
@@ -176,6 +176,29 @@ def make_batches(torch, data, device, batch=128, what="training data"):
         f"{what} must be a pair (inputs, targets) of tensors or arrays, or a "
         f"torch.utils.data.Dataset; got {type(data).__name__}"
     )
+
+
+def largest_label(data) -> int | None:
+    """The largest class index among the targets of ``data``: a batch source, an ``(x, y)``
+    pair or a Dataset with a ``targets`` attribute (torchvision's). None when the targets are
+    not integer class indices, or cannot be had without fetching every item of a Dataset."""
+    if isinstance(data, DatasetBatches):
+        data = data.dataset
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        targets = data[1]
+    else:
+        targets = getattr(data, "y", getattr(data, "targets", None))
+    if targets is None:
+        return None
+    if hasattr(targets, "detach"):  # a tensor, perhaps on a GPU: its labels come to the host
+        targets = targets.detach().cpu().numpy()
+    try:
+        labels = np.asarray(targets)
+    except (TypeError, ValueError):
+        return None
+    if labels.ndim != 1 or labels.size == 0 or labels.dtype.kind not in "iu":
+        return None
+    return int(labels.max())
 
 
 def _as_tensor(torch, a, what):
