@@ -4,6 +4,10 @@ Under ``mpiexec ... pytest --with-mpi`` (pytest-mpi) every rank runs every test.
 such runs sane: a failure on any rank aborts the whole MPI job at once (otherwise the other
 ranks wait forever in the test's next collective), and only rank 0 reports, so the output is
 one readable summary.
+
+Optional heavy libraries (PyTorch, matplotlib) come from the fixtures below, imported when a
+test first needs them: collecting the suite imports neither (PyTorch alone takes seconds, and
+every pytest-xdist worker collects the whole suite).
 """
 
 from __future__ import annotations
@@ -69,3 +73,15 @@ def clean_env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EASGD_")}
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+@pytest.fixture(scope="session")
+def torch():
+    """PyTorch (the ``torch`` extra), imported on first use; without it the test is skipped."""
+    return pytest.importorskip("torch", reason="the torch extra is installed by `make test`")
+
+
+@pytest.fixture(scope="session")
+def matplotlib():
+    """matplotlib (the ``plot`` extra), imported on first use; without it the test is skipped."""
+    return pytest.importorskip("matplotlib", reason="the plot extra is installed by `make test`")

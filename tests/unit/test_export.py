@@ -6,13 +6,14 @@ import sys
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="the torch extra is installed by `make test`")
+from easgd_mpi.checkpoint import CheckpointData, save_checkpoint
+from easgd_mpi.models.torch_adapter import _layout_of
 
-from easgd_mpi.checkpoint import CheckpointData, save_checkpoint  # noqa: E402
-from easgd_mpi.models.torch_adapter import _layout_of  # noqa: E402
+# PyTorch comes from the `torch` fixture (tests/conftest.py): imported when these tests run,
+# never when the suite is collected.
 
 
-def write_checkpoint(path, module):
+def write_checkpoint(torch, path, module):
     layout, trainable, local = _layout_of(torch, module)
     center = np.random.default_rng(0).standard_normal(layout.size).astype(np.float32)
     data = CheckpointData(
@@ -37,18 +38,18 @@ def export(*args):
     )
 
 
-def model():
+def model(torch):
     return torch.nn.Sequential(
         torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(4, 2)
     )
 
 
-def test_pt_and_npz_hold_the_center_under_the_modules_names(tmp_path):
+def test_pt_and_npz_hold_the_center_under_the_modules_names(tmp_path, torch):
     ckpt = tmp_path / "checkpoint-000001.h5"
-    layout, center = write_checkpoint(ckpt, model())
+    layout, center = write_checkpoint(torch, ckpt, model(torch))
     assert export(ckpt, "-o", tmp_path / "m.pt").returncode == 0
     assert export(ckpt, "-o", tmp_path / "c.npz").returncode == 0
-    fresh = model()
+    fresh = model(torch)
     state = torch.load(tmp_path / "m.pt", weights_only=True)
     assert not fresh.load_state_dict(state).missing_keys
     assert int(fresh[1].num_batches_tracked) == 7  # the stored integer buffer
@@ -65,17 +66,17 @@ def test_pt_and_npz_hold_the_center_under_the_modules_names(tmp_path):
     "target, fragment",
     [("model.pkl", "must end in .pt or .pth"), ("no/such/folder/m.pt", "cannot write")],
 )
-def test_bad_targets_are_one_line(tmp_path, target, fragment):
+def test_bad_targets_are_one_line(tmp_path, target, fragment, torch):
     ckpt = tmp_path / "checkpoint-000001.h5"
-    write_checkpoint(ckpt, model())
+    write_checkpoint(torch, ckpt, model(torch))
     proc = export(ckpt, "-o", tmp_path / target)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and fragment in proc.stderr, proc.stderr
 
 
-def test_a_damaged_checkpoint_is_refused_by_name(tmp_path):
+def test_a_damaged_checkpoint_is_refused_by_name(tmp_path, torch):
     ckpt = tmp_path / "checkpoint-000001.h5"
-    write_checkpoint(ckpt, model())
+    write_checkpoint(torch, ckpt, model(torch))
     raw = ckpt.read_bytes()
     ckpt.write_bytes(raw[: len(raw) // 2])  # a copy cut short
     proc = export(ckpt, "-o", tmp_path / "m.pt")
