@@ -39,6 +39,15 @@ def pytest_configure(config):
             config.pluginmanager.unregister(reporter)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups from the markers
+def pytest_collection_modifyitems(items):
+    """One GPU, one test on it at a time: under pytest-xdist (``--dist loadgroup``) every
+    ``gpu`` test runs in the same worker, while the CPU tests run beside them."""
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(pytest.mark.xdist_group("gpu"))
+
+
 def pytest_runtest_logreport(report):
     if report.failed and "mpi" in report.keywords:
         from mpi4py import MPI
