@@ -45,10 +45,11 @@ test-tools:
 
 ## test-unit: the unit, CLI and GPU tests in parallel (pytest-xdist; a group that shares a
 ## module fixture or the GPU stays in one worker), then the `serial` ones alone: they bound in
-## seconds how a run they signal or kill ends, which a busy machine would break
+## seconds how a run they signal or kill ends, which a busy machine would break. The CLI tests
+## (MPI launches, seconds each) are handed out first, the short unit tests fill the last gaps.
 test-unit: venv test-tools
 	timeout 1500 $(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses=4 --dist loadgroup \
-	  -m "not serial" tests/unit tests/cli tests/gpu
+	  -m "not serial" tests/cli tests/gpu tests/unit
 	timeout 600 $(PY) -m pytest -q -m serial tests/unit tests/cli tests/gpu
 
 test-mpi: venv
