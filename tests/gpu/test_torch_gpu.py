@@ -16,15 +16,12 @@ import pytest
 
 from launching import run, train_command
 
-try:
-    import torch
-except ImportError:  # the torch_on_gpu fixture skips every test and says so
-    torch = None
-
+# PyTorch comes from the torch_on_gpu fixture (tests/gpu/conftest.py), which skips every test
+# and says why when it is missing: imported when these tests run, never at collection.
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("torch_on_gpu")]
 
 
-def _problem(xp, batchnorm=False):
+def _problem(torch, xp, batchnorm=False):
     from easgd_mpi.config import Config
     from easgd_mpi.data import load_dataset
     from easgd_mpi.models import TorchProblem
@@ -39,7 +36,7 @@ def _problem(xp, batchnorm=False):
     return TorchProblem(module, pair, (data.x_test, data.y_test), batch_size=32, xp=xp)
 
 
-def test_module_views_the_cupy_buffers_and_matches_the_cpu():
+def test_module_views_the_cupy_buffers_and_matches_the_cpu(torch_on_gpu):
     import cupy
 
     from easgd_mpi.algorithms import make_algorithm
@@ -54,7 +51,7 @@ def test_module_views_the_cupy_buffers_and_matches_the_cpu():
         cfg.set(key, value)
     runs = []
     for backend in (NumpyBackend(), CupyBackend(device_id=0)):
-        prob = _problem(backend.xp, batchnorm=True)
+        prob = _problem(torch_on_gpu, backend.xp, batchnorm=True)
         x0 = prob.layout.zeros()
         prob.init_params(x0, 0)
         center = LocalCenter(x0, chunk=1000)

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("matplotlib")
+from easgd_mpi.cli import main
+from easgd_mpi.plot import PlotError, load_run, plot_runs
 
-from easgd_mpi.cli import main  # noqa: E402
-from easgd_mpi.plot import PlotError, load_run, plot_runs  # noqa: E402
+# matplotlib comes from the `matplotlib` fixture (tests/conftest.py: skipped without it),
+# imported when these tests run, never when the suite is collected.
+pytestmark = pytest.mark.usefixtures("matplotlib")
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
