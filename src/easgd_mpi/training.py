@@ -49,6 +49,7 @@ from .errors import (
     RunFolderError,
     os_reason,
 )
+from .gpu_binding import bind_before_mpi
 from .master import run_master
 from .metrics import MetricsLog, format_error
 from .models import make_problem
@@ -72,6 +73,7 @@ def train(cfg: Config, problem=None, comm=None, out=None, resume=None) -> dict:
     fresh start when it has none) or a loaded :class:`CheckpointData`. ``out`` prints the
     master's progress lines (default: stdout). Returns a summary dict, the same on every rank.
     """
+    bind_before_mpi(cfg.servers)  # a script's train(): as `easgd train` binds (gpu_binding.py)
     base = world_comm(comm)
     # A bad servers value is every rank's same mistake: one line each, agreed before roles.
     agree_or_fail(base, lambda: check_layout(rank_and_size(base)[1], cfg.servers))
@@ -468,10 +470,10 @@ def _choose_backend(cfg, roles):
     if bound is not None:
         # Bound before MPI started (gpu_binding: the same numbering): CUDA_VISIBLE_DEVICES holds
         # this worker's GPU alone, device 0 in here. The start-up line names the node's GPU.
-        backend, why = select_backend(prefer_gpu=True, device_id=0)
+        backend, why = select_backend(prefer_gpu=True, device_id=0, mode=cfg.device)
         label = int(bound) if bound.isdigit() else bound
         return backend, why, label if getattr(backend, "is_gpu", False) else None
-    backend, why = select_backend(prefer_gpu=True, device_id=local_worker)
+    backend, why = select_backend(prefer_gpu=True, device_id=local_worker, mode=cfg.device)
     return backend, why, getattr(backend, "device_id", None)
 
 
