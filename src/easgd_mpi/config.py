@@ -52,6 +52,7 @@ __all__ = [
     "OPTIONAL_MOMENTUM_ALGORITHMS",
     "TORCH_MODELS",
     "LOCK_MODES",
+    "DEVICES",
 ]
 
 #: Algorithms the worker loop knows (DESIGN.md §2).
@@ -75,6 +76,8 @@ LOCK_MODES = ("shared", "exclusive")
 CPU_CHUNK = 1 << 18
 GPU_CHUNK = 1 << 22
 
+#: The ``device`` settings (backend.select_backend says what each does).
+DEVICES = ("auto", "gpu", "cpu-fallback", "off")
 DATASETS = ("digits", "synthetic", "file", "cifar10", "mnist")
 #: Data sets read from files named by data.path.
 FILE_DATASETS = ("file", "cifar10", "mnist")
@@ -182,7 +185,9 @@ class Config:
     #: Floats per RMA transfer in the pipelined exchange; 0 = auto: 262144 (1 MiB) on a CPU
     #: worker, 4194304 (16 MiB) on a GPU worker, where each chunk costs one synchronisation.
     chunk: int = 0
-    #: Use a GPU on workers that have one ("auto") or never ("off").
+    #: Where workers compute (``DEVICES``): "auto" a GPU when CuPy sees one (one that cannot
+    #: run the kernels stops the run), "gpu" a GPU or stop, "cpu-fallback" a GPU when it
+    #: works and NumPy otherwise, "off" always NumPy.
     device: str = "auto"
     #: BLAS threads per rank (0 = this node's cores divided by its ranks).
     threads: int = 0
@@ -396,7 +401,7 @@ class Config:
         _check_positive("eval_interval", self.eval_interval)
         _check_choice("lock_mode", self.lock_mode, LOCK_MODES)
         _check_int("servers", self.servers, low=1)
-        _check_choice("device", self.device, ("auto", "off"))
+        _check_choice("device", self.device, DEVICES)
         if self.chunk != 0:
             _check_int("chunk", self.chunk, low=1024)
         _check_int("threads", self.threads, low=0)

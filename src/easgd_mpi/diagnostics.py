@@ -72,7 +72,9 @@ def describe_rank(comm, servers: int = 1) -> dict:
     elif rank < servers:
         info["backend"] = "numpy (a server of the center holds no GPU)"
     else:
-        backend, why = select_backend(prefer_gpu=True, device_id=None)
+        # Reported, not enforced: a GPU that cannot run the kernels is named with its reason
+        # (training stops there unless device = 'cpu-fallback').
+        backend, why = select_backend(prefer_gpu=True, device_id=None, mode="cpu-fallback")
         info["backend"] = backend.name if not why else f"{backend.name} ({why})"
         info["is_gpu"] = bool(backend.is_gpu)
         info["transfers"] = gpu_transfer_plan(backend.is_gpu, mode, info["mpi_cuda_support"])

@@ -46,6 +46,7 @@ from .comm import (
 from .config import SYNC_ALGORITHMS, Config
 from .data.sampling import worker_rng
 from .errors import CheckpointError, ConfigError, EasgdError
+from .gpu_binding import bind_before_mpi
 from .log import console_if_unconfigured
 from .metrics import format_error
 from .models import make_problem
@@ -115,6 +116,8 @@ class Session:
 
     def open(self) -> None:
         console_if_unconfigured()
+        # A script's run: bound to its GPU as `easgd train` binds, while MPI has not started.
+        bind_before_mpi(self.cfg.servers)
         base = world_comm(self._comm)
         self._resolve_config(base)
         cfg = self.cfg
@@ -519,10 +522,10 @@ def _choose_backend(cfg, roles):
     if bound is not None:
         # Bound before MPI started (gpu_binding: the same numbering): CUDA_VISIBLE_DEVICES holds
         # this worker's GPU alone, device 0 in here. The start-up line names the node's GPU.
-        backend, why = select_backend(prefer_gpu=True, device_id=0)
+        backend, why = select_backend(prefer_gpu=True, device_id=0, mode=cfg.device)
         label = int(bound) if bound.isdigit() else bound
         return backend, why, label if getattr(backend, "is_gpu", False) else None
-    backend, why = select_backend(prefer_gpu=True, device_id=local_worker)
+    backend, why = select_backend(prefer_gpu=True, device_id=local_worker, mode=cfg.device)
     return backend, why, getattr(backend, "device_id", None)
 
 

@@ -72,6 +72,54 @@ def test_module_views_the_cupy_buffers_and_matches_the_cpu(torch_on_gpu):
     np.testing.assert_allclose(gpu_center.value, cpu_center.value, atol=2e-3)
 
 
+def test_torch_and_cupy_share_one_real_stream_and_steps_never_synchronise(torch_on_gpu):
+    torch = torch_on_gpu
+    """PyTorch's current stream is the worker's compute stream (a real stream, not CuPy's
+    default), and a worker's steps, CIFAR-style crops included, run under PyTorch's sync debug
+    mode "error": any synchronising PyTorch call in a step raises."""
+    import cupy
+
+    from easgd_mpi.algorithms import make_algorithm
+    from easgd_mpi.backend.cupy_backend import CupyBackend
+    from easgd_mpi.config import Config
+    from easgd_mpi.data.sampling import worker_rng
+    from easgd_mpi.models import TorchProblem
+    from easgd_mpi.models.cifar_convnet import build_cifar_convnet
+    from easgd_mpi.models.torch_data import ImageBatches
+    from image_files import synthetic_images
+    from local_center import LocalCenter
+
+    backend = CupyBackend(device_id=0)
+    x, y = synthetic_images(256)
+    mean, std = np.full(3, 128, np.float32), np.full(3, 64, np.float32)
+
+    def images(train):
+        return lambda dev: ImageBatches(torch, x, y, dev, mean, std, 24, train, 32)
+
+    torch.manual_seed(0)
+    module = build_cifar_convnet(torch, 3, 24)
+    prob = TorchProblem(module, images(True), images(False), xp=cupy)
+    stream = torch.cuda.current_stream()
+    assert stream.cuda_stream == cupy.cuda.get_current_stream().ptr == backend.stream.ptr
+    assert stream.cuda_stream not in (0, 1, 2)  # a real stream, not a default stream's handle
+    x0 = prob.layout.zeros()
+    prob.init_params(x0, 0)
+    cfg = Config()
+    cfg.set("tau", 4)
+    algo = make_algorithm(cfg, prob, backend, LocalCenter(x0, chunk=1 << 16), 0.5, worker_rng(0, 0))
+    algo.pull_center()
+    algo.step(1)  # warm-up: cuDNN's algorithm choice and the allocator may synchronise once
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for t in range(2, 12):
+            if t % 4:  # local steps (an exchange waits for its chunks, by design)
+                algo.step(t)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    backend.synchronize()
+    assert np.all(np.isfinite(cupy.asnumpy(algo.x)))
+
+
 def test_cifar_convnet_trains_on_gpu_workers(mpiexec, tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from easgd_mpi.metrics import read_metrics
