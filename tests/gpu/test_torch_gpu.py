@@ -73,10 +73,10 @@ def test_module_views_the_cupy_buffers_and_matches_the_cpu(torch_on_gpu):
 
 
 def test_torch_and_cupy_share_one_real_stream_and_steps_never_synchronise(torch_on_gpu):
-    torch = torch_on_gpu
     """PyTorch's current stream is the worker's compute stream (a real stream, not CuPy's
     default), and a worker's steps, CIFAR-style crops included, run under PyTorch's sync debug
     mode "error": any synchronising PyTorch call in a step raises."""
+    torch = torch_on_gpu
     import cupy
 
     from easgd_mpi.algorithms import make_algorithm
