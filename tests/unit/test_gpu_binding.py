@@ -405,7 +405,7 @@ def test_a_scripts_train_binds_like_the_cli(tmp_path):
         "import easgd_mpi as ea\n"
         "cfg = ea.Config.from_toml(None, environ={}, overrides={'steps': '5', "
         "'eval_interval': '60', 'checkpoint.interval': '0', 'output': sys.argv[1]})\n"
-        "extra = [ea.train(cfg, out=lambda line: None)['steps']]\n"
+        "extra = [ea.train(cfg)['steps']]\n"
         "from mpi4py import MPI\n" + _RECORD
     )
     seen = _launch_recording(tmp_path, 3, code, str(tmp_path / "runs"))
