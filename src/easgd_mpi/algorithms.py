@@ -1,4 +1,4 @@
-"""The update rules of DESIGN.md §2, one small class each.
+"""The update rules of docs/ARCHITECTURE.md §2, one small class each.
 
 An algorithm owns a worker's state (x, gradient, momentum...) on its backend and performs one
 local step at a time. It knows the equations, not MPI: the center is reached only through
@@ -8,7 +8,8 @@ over the workers only through :class:`WorkerAllreduce`.
 
 The synchronous rules (sync EASGD, all-reduce SGD) keep the master's window up to date so that
 evaluation, metrics and checkpoints work as in the asynchronous case: after each round, the first
-worker adds (replica − window) to the window, so the window equals the workers' common center.
+worker sets the window to the workers' common center (``CenterWindow.write``, an element-wise
+``Accumulate(REPLACE)``: nothing is added, so the window is that center bit for bit).
 """
 
 from __future__ import annotations

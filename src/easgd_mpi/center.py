@@ -8,8 +8,9 @@ user memory passive-target RMA stalls while the owner is busy). In the default l
 keeps it open for the whole run, so workers read and accumulate while the servers compute or
 sleep; in ``exclusive`` mode each transfer locks every server it touches instead, one after the
 other in rank order (the same order on every rank: no deadlock). Reads are
-``Get_accumulate(NO_OP)`` and differences go in with ``Accumulate(SUM)``: both element-wise
-atomic against each other, so concurrent exchanges never tear an element and every slice is
+``Get_accumulate(NO_OP)`` (``Rget_accumulate`` in the exchange) and differences go in with
+``Accumulate(SUM)`` (``Raccumulate``); a synchronous rule's exact write is ``Accumulate(REPLACE)``:
+all element-wise atomic against each other, so concurrent exchanges never tear an element and every slice is
 exactly ``initial + Σ e`` (the conservation invariant the tests check, per slice and in total).
 
 The exchange is pipelined in chunks: the first read of every slice goes out at once, the

@@ -55,7 +55,7 @@ __all__ = [
     "DEVICES",
 ]
 
-#: Algorithms the worker loop knows (DESIGN.md §2).
+#: Algorithms the worker loop knows (docs/ARCHITECTURE.md §2).
 ALGORITHMS = ("easgd", "eamsgd", "sync-easgd", "downpour", "allreduce-sgd")
 #: Algorithms that exchange through the RMA window without a collective.
 ASYNC_ALGORITHMS = ("easgd", "eamsgd", "downpour")
@@ -68,7 +68,7 @@ MOMENTUM_ALGORITHMS = ("eamsgd",)
 #: Algorithms that keep a velocity (Nesterov) only when momentum > 0; see Config.keeps_velocity.
 OPTIONAL_MOMENTUM_ALGORITHMS = ("sync-easgd", "allreduce-sgd")
 #: How workers lock the center's window (``lock_mode``); the window itself (center.py) takes them
-#: from here, so this module imports nothing that touches MPI (DESIGN.md §3).
+#: from here, so this module imports nothing that touches MPI (docs/ARCHITECTURE.md §1.1).
 LOCK_MODES = ("shared", "exclusive")
 
 #: Default exchange chunks (floats): CPU workers overlap small chunks best; a GPU worker pays one

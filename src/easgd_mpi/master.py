@@ -1,4 +1,5 @@
-"""The master loop: serve the center, evaluate snapshots, report, checkpoint, end the run.
+"""The master loop: evaluate snapshots of the center, report, checkpoint, end the run (the center's
+window itself is a passive RMA target: nothing runs to serve it).
 
 The master never blocks the workers: between its own jobs it only reads the workers' rows in
 the RMA windows and sleeps briefly, so on an oversubscribed node it leaves the cores to them.

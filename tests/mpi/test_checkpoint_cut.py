@@ -5,7 +5,7 @@ single asynchronous worker) the first worker saves it with its state. Were the m
 the window when it writes the checkpoint instead, the workers would have moved it on by then:
 here the master is held up between collecting the states and writing the file (a sleep wrapped
 around ``MasterSide.states``, the math untouched), so such a center is many steps later, every
-time, and not the float64 recurrence of DESIGN.md §2 at the checkpoint's step count.
+time, and not the float64 recurrence of docs/ARCHITECTURE.md §2 at the checkpoint's step count.
 
 Async EASGD at p = 1 runs on each pair of ranks (a leftover rank sits out); sync EASGD on the
 whole world, p = world size − 1, every worker with its own optimum.

@@ -1,6 +1,6 @@
 """Problems with flat parameters: the only code that knows a model.
 
-A *problem* (DESIGN.md §4b) offers:
+A *problem* (docs/ARCHITECTURE.md §1.4) offers:
 
 - ``layout``: the :class:`~easgd_mpi.flat.Layout` of its parameters;
 - ``init_params(x_host, seed)``: fill a host float32 vector with initial parameters;

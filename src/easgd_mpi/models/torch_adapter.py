@@ -1,4 +1,4 @@
-"""A ``torch.nn.Module`` as a problem on the flat buffers (DESIGN.md §4c).
+"""A ``torch.nn.Module`` as a problem on the flat buffers (docs/ARCHITECTURE.md §1.5).
 
 The module's trainable parameters, then its frozen parameters and floating-point buffers
 (BatchNorm running statistics), are laid out in one flat float32 vector. On a worker every
