@@ -5,7 +5,8 @@ A checkpoint is plain HDF5 (h5dump and HDFView open it; no pickles anywhere). It
 center, the flat layout, the resolved config as TOML text, global counters and every worker's
 state at the cut (workerstate.py: counters, generator words, the rows x and v or DOWNPOUR's
 pending row unless ``checkpoint.worker_states = false``, each state's age), the trainable size,
-a model's local tensors, and the metrics so far. A SHA-256 over every stored array and the config is checked on load.
+a model's local tensors, and the metrics so far. A SHA-256 over every stored array and the config
+is checked on load.
 
 Files are written to a temporary name in the same folder, flushed, fsynced and renamed over the
 target, then the folder is fsynced: a crash at any point leaves either the old set of

@@ -1,4 +1,5 @@
-"""Training with the center in slices on several servers (``servers = S``, docs/ARCHITECTURE.md §3.3).
+"""Training with the center in slices on several servers (``servers = S``,
+docs/ARCHITECTURE.md §3.3).
 
 Needs S + 1 ranks at least (`make test`: 3 and 5 ranks run it, 2 skips it). p = world size − S
 workers; the digits MLP must learn as well as with one server, and the synchronous rules,

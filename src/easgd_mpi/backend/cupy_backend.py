@@ -10,8 +10,8 @@ the reference bit for bit, except that CuPy always compiles with ``-ftz=true`` (
 any options we pass): subnormal inputs and results (|v| < 1.2e-38) become 0. The tests allow a
 relative error of 1e-6 plus an absolute error of the smallest normal float32.
 
-Host staging (docs/ARCHITECTURE.md §3.7): the MPI window lives in host memory, so a worker moves the center and
-the elastic difference through pinned buffers from :meth:`CupyBackend.host_empty`.
+Host staging (docs/ARCHITECTURE.md §3.7): the MPI window lives in host memory, so a worker moves
+the center and the elastic difference through pinned buffers from :meth:`CupyBackend.host_empty`.
 :meth:`~CupyBackend.to_host` and :meth:`~CupyBackend.from_host` are synchronous like NumPy's (the
 host buffer may be used or reused when they return). ``to_host_async``/``from_host_async`` only
 enqueue the copy on the current stream (call :meth:`synchronize` before MPI touches the host

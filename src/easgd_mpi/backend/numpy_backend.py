@@ -6,8 +6,8 @@ exactly this signature and the same per-element formula, written in ``kernels/ea
 tests hold both to this reference. The formulas below are evaluated in float32 in the order
 written, so that a host build of the C++ header matches them bit for bit.
 
-Notation (docs/ARCHITECTURE.md §2): lr = η, alpha = α, beta = β, delta = δ (momentum), wd = λ (weight
-decay, part of the gradient: g + λ·point where the gradient was taken).
+Notation (docs/ARCHITECTURE.md §2): lr = η, alpha = α, beta = β, delta = δ (momentum), wd = λ
+(weight decay, part of the gradient: g + λ·point where the gradient was taken).
 """
 
 from __future__ import annotations
