@@ -11,7 +11,8 @@ other in rank order (the same order on every rank: no deadlock). Reads are
 ``Get_accumulate(NO_OP)`` (``Rget_accumulate`` in the exchange) and differences go in with
 ``Accumulate(SUM)`` (``Raccumulate``); a synchronous rule's exact write is ``Accumulate(REPLACE)``:
 all element-wise atomic against each other, so concurrent exchanges never tear an element and
-every slice is exactly ``initial + Σ e`` (the conservation invariant the tests check, per slice and in total).
+every slice is exactly ``initial + Σ e`` (the conservation invariant the tests check, per slice
+and in total).
 
 The exchange is pipelined in chunks: the first read of every slice goes out at once, the
 caller's kernel runs on whichever chunk arrives first, and while it does, the next read of that
