@@ -323,3 +323,61 @@ def test_the_parts_of_config_import_only_errors(part):
 )
 def test_the_scan_tells_mpi_from_other_calls(source, found):
     assert bool(mpi_uses(ast.parse(source), "probe.py")) is found
+
+
+def _top(name: str) -> str:
+    """A module's floor-plan unit: the package's files, its sub-packages as one module each."""
+    return name.split(".")[0] if name else "__init__"
+
+
+def import_graph() -> dict[str, set[str]]:
+    """unit → the units it imports (at any depth of its code), self-imports left out."""
+    graph: dict[str, set[str]] = {}
+    modules = _modules()
+    for name, path in modules.items():
+        unit = _top(name)
+        targets = {
+            _top(t) for t in _package_imports(name, path) if _top(t) in {_top(m) for m in modules}
+        }
+        graph.setdefault(unit, set()).update(targets - {unit})
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` as [a, b, ..., a], or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node):
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        state[node] = 2
+        path.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def test_the_packages_imports_run_one_way():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "an import cycle (docs/ARCHITECTURE.md §1.1): " + " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    graph = import_graph()
+    graph["errors"] = {"session"}  # errors.py importing the session would close a loop
+    assert find_cycle(graph) is not None
