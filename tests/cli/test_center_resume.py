@@ -13,10 +13,10 @@ import shutil
 
 import numpy as np
 import pytest
+from test_exact_resume import STEPS, _assert_identical, _final, _reference, _slow_command
 
 from easgd_mpi.checkpoint import list_checkpoints, load_checkpoint
 from launching import run, train_command
-from test_exact_resume import STEPS, _assert_identical, _final, _reference, _slow_command
 
 #: (algorithm, ranks, extra settings). τ = 1 for the rules that move the center every step.
 CASES = [
