@@ -569,7 +569,7 @@ class Config:
                 check_elastic_stability(self, workers)
             else:
                 check_local_stability(self)
-            if self.algorithm in OUTER_ALGORITHMS or self.algorithm == "mdownpour":
+            if self.algorithm in (*OUTER_ALGORITHMS, "mdownpour", "mvadownpour"):
                 check_center_stability(self, workers)
         return self
 

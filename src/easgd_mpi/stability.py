@@ -127,22 +127,27 @@ def check_center_stability(cfg, workers: int) -> None:
     """The center's own optimizer: diloco, async-diloco (outer Nesterov) and mdownpour
     (Nesterov at the master, the paper's δ = ``momentum``), with ``workers`` workers.
 
-    Every model: the outer step on a direction that the τ local steps resolve (c = 1: the
-    round reaches the local optimum) is Nesterov with step ``outer_lr``, stable iff
-    outer_lr < 2(1 + μ)/(1 + 2μ). On the quadratic, every curvature: the exact round map of
-    the center and one worker's mean mode (and the workers' deviation mode) at p = 1, and for
+    Every model but the quadratic: the outer step on a direction that the τ local steps
+    resolve (c = 1: the round reaches the local optimum) is Nesterov with step ``outer_lr``,
+    stable iff outer_lr < 2(1 + μ)/(1 + 2μ). On the quadratic, every curvature: the exact
+    round map of the center and one worker's mean mode (and the workers' deviation mode) at p = 1, and for
     the asynchronous rules with p ≥ 2 the round-robin schedule of p equal workers, each
     pushing a pseudo-gradient p − 1 pushes old (docs/STABILITY.md §7).
     """
     lr, mu, what = _outer_step(cfg)
-    if cfg.algorithm != "mdownpour" and not lr < nesterov_limit(mu):
+    quadratic = cfg.model.name == "quadratic"
+    if (
+        cfg.algorithm in ("diloco", "async-diloco")
+        and not quadratic
+        and not lr < nesterov_limit(mu)
+    ):
         raise ConfigError(
             f"config: outer_lr = {lr:g} is outside the stability region of the outer Nesterov "
             f"step outer_lr < 2*(1 + outer_momentum)/(1 + 2*outer_momentum) = "
             f"{nesterov_limit(mu):.4g} for outer_momentum = {mu:g} (a direction that the tau "
             f"local steps resolve, c = 1; docs/STABILITY.md)"
         )
-    if cfg.model.name != "quadratic":
+    if not quadratic:  # (on the quadratic c is known: the exact round maps below decide)
         return
     curvatures = np.unique(np.atleast_1d(np.asarray(cfg.quadratic.curvature, dtype=np.float64)))
     a_all = cfg.lr * (curvatures + cfg.weight_decay)
@@ -158,35 +163,46 @@ def check_center_stability(cfg, workers: int) -> None:
         mean, dev = outer_round_map(a, cfg.tau, delta, lr_, mu_)
         return spectral_radius(mean) <= 1 + 1e-9 and abs(dev) <= 1 + 1e-9
 
+    refusals = []
     for a in a_all:
         if stable(a, lr, mu):
             continue
-        setting = (
-            f"{cfg.algorithm} with p = {workers} (round-robin, each push {workers - 1} pushes "
-            f"old), tau = {cfg.tau}"
-            if delayed
-            else f"{cfg.algorithm} (one round of the center and the workers' mean), tau = "
-            f"{cfg.tau}, momentum = {delta:g}"
-        )
-        if cfg.algorithm == "mdownpour":
+        h = float(curvatures[np.argmin(np.abs(a_all - a))])
+        if cfg.algorithm in ("mdownpour", "mvadownpour") and not stable(a, 1.0, 0.0):
+            # DOWNPOUR's own center is unstable here: only a smaller lr helps.
+            hw = h + cfg.weight_decay
+            limit = _interval_end(lambda x, hw=hw: stable(x * hw, 1.0, mu), cfg.lr)
+            knob, name = f"lr = {cfg.lr:g}", "lr"
+        elif cfg.algorithm == "mdownpour":
             limit = _interval_end(lambda m, a=a: stable(a, 1.0, m), mu)
-            knob = f"momentum = {mu:g}"
-            bound = f"momentum <= {limit:.4g}"
+            knob, name = f"momentum = {mu:g}", "momentum"
         else:
             limit = _interval_end(lambda x, a=a: stable(a, x, mu), lr)
-            knob = f"outer_lr = {lr:g} ({what})"
-            bound = f"outer_lr <= {limit:.4g}"
-        h = float(curvatures[np.argmin(np.abs(a_all - a))])
-        raise ConfigError(
-            f"config: {knob} is outside the stability region of {setting} for lr*h = {a:.4g} "
-            f"(quadratic.curvature h = {h:g}): stable for {bound} (docs/STABILITY.md)"
-        )
+            knob, name = f"outer_lr = {lr:g} ({what})", "outer_lr"
+        refusals.append((limit, a, h, knob, name))
+    if not refusals:
+        return
+    # The binding curvature: the smallest limit (the stable set is an interval in each knob).
+    limit, a, h, knob, name = min(refusals)
+    setting = (
+        f"{cfg.algorithm} with p = {workers} (round-robin, each push {workers - 1} pushes "
+        f"old), tau = {cfg.tau}"
+        if delayed
+        else f"{cfg.algorithm} (one round of the center and the workers' mean), tau = "
+        f"{cfg.tau}, momentum = {delta:g}"
+    )
+    raise ConfigError(
+        f"config: {knob} is outside the stability region of {setting} for lr*h = {a:.4g} "
+        f"(quadratic.curvature h = {h:g}): stable for {name} <= {limit:.4g} (docs/STABILITY.md)"
+    )
 
 
 def _outer_step(cfg) -> tuple[float, float, str]:
     """(the center's step size, its momentum, how they were set) of a center rule."""
     if cfg.algorithm == "mdownpour":
         return 1.0, cfg.momentum, "the master's step is the pushed update itself"
+    if cfg.algorithm == "mvadownpour":  # DOWNPOUR's center; the average is a stable filter
+        return 1.0, 0.0, "DOWNPOUR's center"
     lr, mu = cfg.resolve_center("outer_lr"), cfg.resolve_center("outer_momentum")
     return lr, mu, f"outer_momentum = {mu:g}"
 
