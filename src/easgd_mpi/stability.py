@@ -130,7 +130,7 @@ def check_center_stability(cfg, workers: int) -> None:
     Every model but the quadratic: the outer step on a direction that the τ local steps
     resolve (c = 1: the round reaches the local optimum) is Nesterov with step ``outer_lr``,
     stable iff outer_lr < 2(1 + μ)/(1 + 2μ). On the quadratic, every curvature: the exact
-    round map of the center and one worker's mean mode (and the workers' deviation mode) at p = 1, and for
+    round map of the center and the workers' mean mode (and their deviation mode), and for
     the asynchronous rules with p ≥ 2 the round-robin schedule of p equal workers, each
     pushing a pseudo-gradient p − 1 pushes old (docs/STABILITY.md §7).
     """
