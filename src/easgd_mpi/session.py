@@ -23,7 +23,7 @@ import numpy as np
 
 from .backend import NumpyBackend, select_backend
 from .center import CenterWindow, describe_slice, shard_slices
-from .center_server import ActiveCenter
+from .center_server import SERVER_POLL, ActiveCenter
 from .checkpoint import CheckpointData, check_matches
 from .comm import (
     EXIT_STALLED,
@@ -350,7 +350,10 @@ class Session:
             # A passive center: nothing to compute here, keep MPI progress going for this
             # slice until every rank has joined the end-of-run barrier (the loop is that
             # barrier). A center that computes: apply the pushes between the tests.
-            self.served = keep_progress(roles.world, work=server.poll if server else None)
+            if server is None:
+                self.served = keep_progress(roles.world)
+            else:  # polled at the center's pace, not the barrier's
+                self.served = keep_progress(roles.world, poll=SERVER_POLL, work=server.poll)
             self._barrier_done = True
         elif roles.is_master:
             history = self.checkpoint.metrics if self.checkpoint else None

@@ -136,11 +136,8 @@ def check_center_stability(cfg, workers: int) -> None:
     """
     lr, mu, what = _outer_step(cfg)
     quadratic = cfg.model.name == "quadratic"
-    if (
-        cfg.algorithm in ("diloco", "async-diloco")
-        and not quadratic
-        and not lr < nesterov_limit(mu)
-    ):
+    outer = cfg.algorithm in ("diloco", "async-diloco")
+    if outer and not quadratic and not lr < nesterov_limit(mu):
         raise ConfigError(
             f"config: outer_lr = {lr:g} is outside the stability region of the outer Nesterov "
             f"step outer_lr < 2*(1 + outer_momentum)/(1 + 2*outer_momentum) = "
@@ -148,6 +145,8 @@ def check_center_stability(cfg, workers: int) -> None:
             f"local steps resolve, c = 1; docs/STABILITY.md)"
         )
     if not quadratic:  # (on the quadratic c is known: the exact round maps below decide)
+        if outer and cfg.keeps_velocity:
+            _check_flat_directions(cfg, lr, mu)
         return
     curvatures = np.unique(np.atleast_1d(np.asarray(cfg.quadratic.curvature, dtype=np.float64)))
     a_all = cfg.lr * (curvatures + cfg.weight_decay)
@@ -194,6 +193,32 @@ def check_center_stability(cfg, workers: int) -> None:
     raise ConfigError(
         f"config: {knob} is outside the stability region of {setting} for lr*h = {a:.4g} "
         f"(quadratic.curvature h = {h:g}): stable for {name} <= {limit:.4g} (docs/STABILITY.md)"
+    )
+
+
+#: ηh of the flat directions every network has (docs/STABILITY.md §7): checked for DiLoCo with
+#: a velocity that carries over rounds, where the two momenta compound on them.
+FLAT_ETA_H = np.geomspace(1e-4, 0.1, 61)
+
+
+def _check_flat_directions(cfg, lr: float, mu: float) -> None:
+    """diloco / async-diloco whose workers keep a Nesterov velocity across rounds: the inner
+    and the outer momentum compound, and on a band of small ηh, which every network's flat
+    directions fill, one round of the center and the workers' mean can grow."""
+    delta, tau = cfg.momentum, cfg.tau
+
+    def stable(a, x) -> bool:
+        return spectral_radius(outer_round_map(a, tau, delta, x, mu)[0]) <= 1 + 1e-9
+
+    bad = [a for a in FLAT_ETA_H if not stable(a, lr)]
+    if not bad:
+        return
+    limit, a = min((_interval_end(lambda x, a=a: stable(a, x), lr), a) for a in bad)
+    raise ConfigError(
+        f"config: outer_lr = {lr:g} is outside the stability region of {cfg.algorithm} with "
+        f"momentum = {delta:g} (the workers' velocity carries over rounds), tau = {tau}, "
+        f"outer_momentum = {mu:g} on the flat directions every network has (lr*h = {a:.2g}): "
+        f"stable for outer_lr <= {limit:.4g}, or lower momentum (docs/STABILITY.md)"
     )
 
 

@@ -167,3 +167,47 @@ def test_mdownpour_with_the_papers_momentum_needs_few_workers():
     assert round_robin(c, 4, 1.0, 0.99, False) > 1.0
     assert round_robin(c, 4, 1.0, 0.97 * message_limit, False) < 1.0
     config("mdownpour", tau=1, momentum=0.99).validate(workers=1)
+
+
+def one_flat_direction(a, tau, delta, lr, mu, rounds=4000) -> float:
+    """|θ| after ``rounds`` DiLoCo rounds on one coordinate (optimum 0, ηh = a), the workers'
+    Nesterov velocity carried over rounds."""
+    theta, m, v = 1.0, 0.0, 0.0
+    for _ in range(rounds):
+        x = theta
+        for _ in range(tau):
+            y = x + delta * v
+            v = delta * v - a * y
+            x = x + v
+        d = theta - x
+        m = mu * m + d
+        theta -= lr * (d + mu * m)
+        if not abs(theta) < 1e12:
+            return float("inf")
+    return abs(theta)
+
+
+@pytest.mark.parametrize("algorithm", ["diloco", "async-diloco"])
+def test_two_momenta_compound_on_the_flat_directions_of_every_model(algorithm):
+    # DiLoCo's outer 0.7/0.9 with an inner Nesterov 0.9 that carries over rounds of τ = 4:
+    # a band of small ηh, which every network's flat directions fill, grows. Refused for
+    # every model, and the round on such a direction diverges; inside the bound it converges.
+    values = {"algorithm": algorithm, "momentum": "0.9", "tau": "4"}
+    with pytest.raises(ConfigError) as info:
+        Config.from_toml(None, environ={}, overrides=values).validate(workers=2)
+    message = str(info.value)
+    assert "the workers' velocity carries over rounds" in message and "\n" not in message
+    a = float(
+        re.search(
+            r"on the flat directions every network has \(lr\*h = ([0-9.e-]+)\)", message
+        ).group(1)
+    )
+    limit = float(re.search(r"stable for outer_lr <= ([0-9.e+-]+)", message).group(1))
+    assert one_flat_direction(a, 4, 0.9, 0.7, 0.9) == float("inf")
+    assert one_flat_direction(a, 4, 0.9, 0.97 * limit, 0.9) < 0.01  # (flat: slowly)
+    ok = {**values, "outer_lr": str(0.97 * limit)}
+    Config.from_toml(None, environ={}, overrides=ok).validate(workers=2)
+    # Plain local steps never compound: DiLoCo's defaults stand at any τ.
+    for tau in ("1", "4", "64"):
+        plain = {"algorithm": algorithm, "tau": tau}
+        Config.from_toml(None, environ={}, overrides=plain).validate(workers=2)
