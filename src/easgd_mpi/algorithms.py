@@ -19,6 +19,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
+from .center_rules import outer_nesterov, staleness_weight
 from .collective import WorkerAllreduce
 
 __all__ = [
@@ -28,6 +29,12 @@ __all__ = [
     "SyncEASGD",
     "Downpour",
     "AllreduceSGD",
+    "MDownpour",
+    "ADownpour",
+    "MVADownpour",
+    "LocalSGD",
+    "DiLoCo",
+    "AsyncDiLoCo",
     "make_algorithm",
 ]
 
@@ -202,6 +209,16 @@ class WorkerAlgorithm(ABC):
     def cut_center(self):
         """The center at this moment, where this worker holds it exactly (the synchronous
         rules); None for the asynchronous rules, whose center is the window itself."""
+        return None
+
+    def cut_state(self) -> list:
+        """The center-side rows (``Config.center_rows``) at this moment, where this worker
+        holds them exactly (saved with :meth:`cut_center`); none by default."""
+        return []
+
+    def finish(self) -> None:
+        """Complete this worker's part before it reports done (a center that computes: its
+        pushes applied)."""
         return None
 
     def restore(self, state) -> None:
@@ -480,18 +497,7 @@ class Downpour(WorkerAlgorithm):
 
     def _push_and_copy(self) -> None:
         b = self.backend
-        if self._buffers_base is not None:  # Δ of the buffers: their change since the copy
-            delta = self.acc[self.m :]
-            delta[...] = self.x[self.m :] - self._buffers_base
-            if self._buffers_share != 1.0:
-                b.scale(delta, self._buffers_share)
-        # ‖Δ‖: how far this worker moved away from the center it last copied.
-        self.distance = math.sqrt(b.sum_squares(self.acc))
-        if not b.all_finite(self.acc):
-            # A non-finite update never reaches the center: drop it, restart from the center.
-            self.acc[...] = 0
-            self.resets += 1
-            self.distance = float("nan")
+        self._complete_update()
         if self._host is None:  # host memory: MPI reads and writes the worker's own arrays
             self.center.add(self.acc)  # x̃ ← x̃ + Δ (atomic accumulate)
             self.center.read(self.x)  # x ← x̃, with every worker's updates so far
@@ -506,20 +512,353 @@ class Downpour(WorkerAlgorithm):
         self.bytes += 8 * self.problem.layout.size
         self.exchanges += 1
 
+    def _complete_update(self) -> None:
+        """acc ← the whole Δ to push: the buffers' share past the trainable part; ‖Δ‖ as the
+        distance; a non-finite Δ dropped (the copy that follows restarts the worker)."""
+        b = self.backend
+        if self._buffers_base is not None:  # Δ of the buffers: their change since the copy
+            delta = self.acc[self.m :]
+            delta[...] = self.x[self.m :] - self._buffers_base
+            if self._buffers_share != 1.0:
+                b.scale(delta, self._buffers_share)
+        # ‖Δ‖: how far this worker moved away from the center it last copied.
+        self.distance = math.sqrt(b.sum_squares(self.acc))
+        if not b.all_finite(self.acc):
+            # A non-finite update never reaches the center: drop it, restart from the center.
+            self.acc[...] = 0
+            self.resets += 1
+            self.distance = float("nan")
 
-_RULES = {cls.name: cls for cls in (AsyncEASGD, EAMSGD, SyncEASGD, Downpour, AllreduceSGD)}
+
+class LocalSGD(_Synchronous):
+    """Local SGD (model averaging): τ local steps (SGD, or Nesterov when momentum > 0), then
+    every worker's x becomes the mean of all of them.
+
+    Each worker keeps a replica θ of the center (the last mean). After the τ-th local step (and
+    after the last step) one all-reduce averages the workers' Δ = θ − x; θ ← θ − mean(Δ) (the
+    mean of the x, computed from the small differences) and x ← θ. The velocity v stays each
+    worker's own across rounds. The first worker mirrors θ into the window (§2.13).
+    """
+
+    name = "localsgd"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        n = self.problem.layout.size
+        self.theta = self.backend.zeros(n)  # this worker's replica of the center
+        self.d = self.backend.zeros(n)  # Δ = θ − x, then its mean over the workers
+
+    def pull_center(self) -> None:
+        super().pull_center()
+        self._read_center(self.theta)
+        self.backend.synchronize()
+
+    def cut_center(self):
+        return self.theta
+
+    def step(self, t: int) -> float:
+        loss = self._gradient()
+        self._local_step()
+        if (t + 1) % self.cfg.tau == 0 or t + 1 == self.cfg.steps:
+            self._round()
+        return loss
+
+    def _round(self) -> None:
+        b, d = self.backend, self.d
+        b.xp.subtract(self.theta, self.x, out=d)
+        self.distance = math.sqrt(b.sum_squares(d))  # ‖θ − x‖: how far this worker went
+        finite = math.isfinite(self.distance)
+        if not finite:  # it adds nothing to the mean and restarts from the center
+            d[...] = 0
+            self.resets += 1
+        self.bytes += self.allreduce.mean(d, d)
+        self._center_step(d)
+        self.x[...] = self.theta
+        if not finite and self.v is not None:
+            self.v[...] = 0
+        self._mirror_center(self.theta)
+        self.exchanges += 1
+
+    def _center_step(self, mean_delta) -> None:
+        """θ ← θ − mean(θ − x^i): the mean of the workers' x."""
+        self.theta -= mean_delta
 
 
-def make_algorithm(cfg, problem, backend, center, alpha, rng, direct_mpi=False, workers_comm=None):
+class DiLoCo(LocalSGD):
+    """DiLoCo (Douillard et al. 2023): local SGD whose average is an outer Nesterov step.
+
+    The mean pseudo-gradient D = mean(θ − x^i) goes to the outer optimizer on the trainable
+    part: m ← μm + D, θ ← θ − η_o(D + μm) (:func:`~easgd_mpi.center_rules.outer_nesterov`);
+    buffers are averaged. Every worker runs the same step on the same D, so the replicas and
+    their outer momenta stay equal; the momentum is checkpointed with the center (§2.14).
+    """
+
+    name = "diloco"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.outer_lr = self.cfg.resolve_center("outer_lr")
+        self.outer_momentum_rate = self.cfg.resolve_center("outer_momentum")
+        self.outer_m = self.backend.zeros(self.m)
+        self._scratch = self.backend.zeros(self.m)
+
+    def _center_step(self, mean_delta) -> None:
+        m = self.m
+        outer_nesterov(
+            self.theta[:m],
+            self.outer_m,
+            mean_delta[:m],
+            self.outer_lr,
+            self.outer_momentum_rate,
+            self._scratch,
+        )
+        if m < self.theta.shape[0]:
+            self.theta[m:] -= mean_delta[m:]
+
+    def cut_state(self) -> list:
+        return [self._full(self.outer_m)]
+
+    def restore(self, state) -> None:
+        super().restore(state)
+        saved = state.center.get("outer_momentum")
+        if saved is not None:
+            self.backend.from_host(np.ascontiguousarray(saved[: self.m], np.float32), self.outer_m)
+            self.backend.synchronize()
+
+    def _full(self, row):
+        """A trainable-part row as a whole vector (zeros past m), as checkpoints store it."""
+        if self.m == self.problem.layout.size:
+            return row
+        full = self.backend.zeros(self.problem.layout.size)
+        full[: self.m] = row
+        return full
+
+
+class _Pushing:
+    """The worker's side of a center that computes (§3.11), mixed into a rule.
+
+    A push: read the servers' counters (how many pushes reached the center since this
+    worker's base: its staleness s), form the payload (:meth:`_form_push`, the one place a
+    worker's push is made: compression hooks in there), push it into every server's inbox,
+    wait until the servers have applied it (or all but ``push_lag`` of this worker's pushes),
+    note the version, pull the center.
+    """
+
+    def _init_pushing(self, inbox) -> None:
+        n = self.problem.layout.size
+        self.inbox = inbox
+        self.lag = int(self.cfg.push_lag)
+        self._payload = (
+            self.backend.host_empty(n) if self.backend.is_gpu else np.zeros(n, np.float32)
+        )
+        self._tickets: list[int] | None = None
+        self._base = None  # the servers' applied counters when this worker last pulled
+        #: Pushes, their summed and largest staleness, seconds spent waiting for the center.
+        self.pushes = 0
+        self.staleness_sum = 0
+        self.staleness_max = 0
+        self.wait_s = 0.0
+
+    def _pull_version(self) -> None:
+        self._base = self.inbox.counters()[:, 1]
+
+    def _staleness(self) -> int:
+        """Pushes the center received since the version this worker started from (its own
+        pushes still waiting included)."""
+        if self._base is None or not len(self._base):
+            return 0
+        arrived = self.inbox.counters()[:, 0]
+        return int(np.max(arrived - self._base))
+
+    def _form_push(self, update, staleness: int):
+        """The host payload of one push from the update (on the worker's device). The hook
+        for compressed pushes: a subclass may quantize here and keep the residual."""
+        if self.backend.is_gpu:
+            return self.backend.to_host(update, self._payload)
+        return update
+
+    def _push_update(self, update) -> None:
+        """Push ``update`` (already weighted), wait for the center, pull it into x."""
+        staleness = self._last_staleness
+        payload = self._form_push(update, staleness)
+        self._tickets = self.inbox.push(payload)
+        self.wait_s += self.inbox.wait_applied(self._tickets, self.lag)
+        self.pushes += 1
+        self.staleness_sum += staleness
+        self.staleness_max = max(self.staleness_max, staleness)
+        self._pull_version()
+        self._read_center(self.x)
+        self.bytes += 8 * self.problem.layout.size
+        self.exchanges += 1
+
+    def finish(self) -> None:
+        """Wait until every push of this worker is applied (the end of its run, a cut)."""
+        if self._tickets is not None:
+            self.wait_s += self.inbox.wait_applied(self._tickets, 0)
+
+    def cut_center(self):
+        """One worker (p = 1, the only time the channel asks): with its pushes applied nobody
+        moves the center, so it and the rows read now are the cut's."""
+        self.finish()
+        host = np.empty(self.problem.layout.size, np.float32)
+        self.center.read(host)
+        return host
+
+    def cut_state(self) -> list:
+        rows = []
+        for name in self.inbox.row_names:
+            host = np.empty(self.problem.layout.size, np.float32)
+            self.inbox.read_row(name, host)
+            rows.append(host)
+        return rows
+
+
+class ActiveDownpour(_Pushing, Downpour):
+    """DOWNPOUR's worker for the master-side variants (mdownpour, adownpour, mvadownpour):
+    τ local SGD steps summed into Δ, pushed into the servers' inboxes; the servers apply their
+    rule (center_rules.py) and the worker pulls the result (§2.10-2.12)."""
+
+    def __init__(self, *args, inbox, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_pushing(inbox)
+        self._buffers_share = 1.0 / inbox.n_workers  # each worker's share of the statistics
+
+    def pull_center(self) -> None:
+        super().pull_center()
+        self._pull_version()
+
+    def _push_and_copy(self) -> None:
+        self._last_staleness = self._staleness()
+        self._complete_update()
+        self._push_update(self.acc)
+        self.acc[...] = 0
+        self._remember_buffers()
+        self.backend.synchronize()
+
+
+class MDownpour(ActiveDownpour):
+    name = "mdownpour"
+
+
+class ADownpour(ActiveDownpour):
+    name = "adownpour"
+
+
+class MVADownpour(ActiveDownpour):
+    name = "mvadownpour"
+
+
+class AsyncDiLoCo(_Pushing, WorkerAlgorithm):
+    """Asynchronous DiLoCo: τ local steps (SGD, or Nesterov when momentum > 0) from the
+    center last pulled, θ_b; then u = w(s)·(x − θ_b) is pushed, the negative pseudo-gradient
+    weighted for its staleness s (:func:`~easgd_mpi.center_rules.staleness_weight`), and the
+    servers take their outer step on it as it arrives (§2.15). The buffers push their change
+    times 1/p and are averaged.
+    """
+
+    name = "async-diloco"
+
+    def __init__(self, cfg, *args, inbox, **kwargs):
+        self.uses_momentum = cfg.momentum > 0  # before the base class allocates v
+        super().__init__(cfg, *args, **kwargs)
+        n = self.problem.layout.size
+        self._init_pushing(inbox)
+        self.y = self.backend.zeros(n) if self.uses_momentum else None
+        self.base = self.backend.zeros(n)  # θ_b: the center this worker's round started from
+        self.u = self.backend.zeros(n)
+        self.workers = inbox.n_workers
+        self.scale_rule = cfg.resolve_center("staleness_scale")
+        self._last_staleness = 0
+
+    def pull_center(self) -> None:
+        super().pull_center()
+        self.base[...] = self.x
+        self._pull_version()
+
+    def saved_rows(self) -> list:
+        rows = [self.x] if self.v is None else [self.x, self.v]
+        return [*rows, self.base]
+
+    def restore(self, state) -> None:
+        super().restore(state)
+        base = state.rows.get("pending")
+        if base is not None:
+            self.backend.from_host(np.ascontiguousarray(base, np.float32), self.base)
+            self.backend.synchronize()
+
+    def step(self, t: int) -> float:
+        cfg, b, m = self.cfg, self.backend, self.m
+        point = self.x
+        if self.v is not None:
+            b.nesterov_lookahead(self.x[:m], self.v[:m], cfg.momentum, self.y[:m])
+            point = self.y
+        batch = self.problem.sample_batch(self.rng)
+        loss = self.problem.loss_and_grad(point, batch, self.g)
+        if self.v is not None:
+            b.nesterov_step(
+                self.x[:m], self.v[:m], self.g[:m], cfg.lr, cfg.momentum, cfg.weight_decay
+            )
+        else:
+            b.sgd_step(self.x[:m], self.g[:m], cfg.lr, cfg.weight_decay)
+        if (t + 1) % cfg.tau == 0 or t + 1 == cfg.steps:
+            self._exchange_outer()
+        return loss
+
+    def _exchange_outer(self) -> None:
+        b, u, m = self.backend, self.u, self.m
+        staleness = self._last_staleness = self._staleness()
+        weight = staleness_weight(staleness, self.workers, self.scale_rule)
+        b.xp.subtract(self.x, self.base, out=u)
+        self.distance = math.sqrt(b.sum_squares(u))  # ‖x − θ_b‖: this round's pseudo-gradient
+        if not math.isfinite(self.distance):  # it never reaches the center
+            u[...] = 0
+            self.resets += 1
+            if self.v is not None:
+                self.v[...] = 0
+        else:
+            b.scale(u[:m], weight)
+            if m < u.shape[0]:
+                b.scale(u[m:], 1.0 / self.workers)
+        self._push_update(u)
+        self.base[...] = self.x
+        b.synchronize()
+
+
+_RULES = {
+    cls.name: cls
+    for cls in (
+        AsyncEASGD,
+        EAMSGD,
+        SyncEASGD,
+        Downpour,
+        AllreduceSGD,
+        MDownpour,
+        ADownpour,
+        MVADownpour,
+        LocalSGD,
+        DiLoCo,
+        AsyncDiLoCo,
+    )
+}
+
+
+def make_algorithm(
+    cfg, problem, backend, center, alpha, rng, direct_mpi=False, workers_comm=None, inbox=None
+):
     """The worker-side rule named by ``cfg.algorithm``.
 
     ``workers_comm`` (the workers-only communicator, :attr:`Roles.workers`) is required by the
     synchronous rules, which average over the workers with one all-reduce; ``direct_mpi``
-    (CUDA-aware MPI) lets that all-reduce take device buffers. The center's one-sided transfers
-    always go through host memory.
+    (CUDA-aware MPI) lets that all-reduce take device buffers. ``inbox`` (a
+    :class:`~easgd_mpi.center_inbox.CenterInbox`) is required by the rules whose center
+    computes. The center's one-sided transfers always go through host memory.
     """
     rule = _RULES[cfg.algorithm]
     extra = {}
+    if issubclass(rule, _Pushing):
+        if inbox is None:
+            raise ValueError(f"algorithm {cfg.algorithm!r} needs the servers' inbox")
+        extra["inbox"] = inbox
     if rule.collective:
         if workers_comm is None:
             raise ValueError(f"algorithm {cfg.algorithm!r} needs workers_comm (Roles.workers)")

@@ -40,6 +40,8 @@ __all__ = [
     "round_chunk",
     "shard_slices",
     "describe_slice",
+    "scatter_slices",
+    "pieces",
 ]
 
 #: compute(lo, hi, c_chunk, e_chunk): given the center's elements [lo, hi) in ``c_chunk``, write
@@ -179,19 +181,17 @@ class CenterWindow:
         self._local[:] = 0.0
         if self.rank == MASTER and initial is not None and initial.shape != (self.n,):
             raise ValueError(f"initial center has shape {initial.shape}, need ({self.n},)")
-        given = self.comm.bcast(initial is not None, root=MASTER)
-        if not given or self.rank >= self.servers:
-            return
-        if self.rank == MASTER:
-            lo, hi = self.slices[MASTER]
-            self._local[:] = initial[lo:hi]
-            for s in range(1, self.servers):
-                for a, b in _pieces(*self.slices[s], _FILL_PIECE):
-                    self.comm.Send(initial[a:b], dest=s, tag=_FILL_TAG)
-            return
+        scatter_slices(self.comm, self.slices, self.servers, initial, self._local)
+
+    def replace_own_slice(self, values: np.ndarray) -> None:
+        """A server's own slice ← ``values`` (element-wise atomic ``REPLACE``): a center that
+        computes publishes its new slice while workers read it (docs/ARCHITECTURE.md §3.11)."""
         lo, hi = self.slices[self.rank]
-        for a, b in _pieces(lo, hi, _FILL_PIECE):
-            self.comm.Recv(self._local[a - lo : b - lo], source=MASTER, tag=_FILL_TAG)
+        for a, b in _pieces(0, hi - lo, self.chunk):
+            self._win.Accumulate(
+                values[a:b], self.rank, target=(a, b - a, self._MPI.FLOAT), op=self._MPI.REPLACE
+            )
+        self._win.Flush(self.rank)
 
     # ---- collective teardown ------------------------------------------------------------
     def close(self) -> None:
@@ -375,5 +375,30 @@ class CenterWindow:
                 self._win.Unlock(sh.target)
 
 
+def scatter_slices(comm, slices, servers: int, whole: np.ndarray | None, local: np.ndarray) -> bool:
+    """Collective: each server's ``local`` ← its slice of rank 0's ``whole`` vector, sent in
+    pieces before any window is locked. Returns whether rank 0 had one (when not, ``local``
+    is left as it is)."""
+    rank = comm.Get_rank()
+    given = comm.bcast(whole is not None, root=MASTER)
+    if not given or rank >= servers:
+        return given
+    if rank == MASTER:
+        lo, hi = slices[MASTER]
+        local[:] = whole[lo:hi]
+        for s in range(1, servers):
+            for a, b in _pieces(*slices[s], _FILL_PIECE):
+                comm.Send(whole[a:b], dest=s, tag=_FILL_TAG)
+        return given
+    lo, hi = slices[rank]
+    for a, b in _pieces(lo, hi, _FILL_PIECE):
+        comm.Recv(local[a - lo : b - lo], source=MASTER, tag=_FILL_TAG)
+    return given
+
+
 def _pieces(lo: int, hi: int, size: int):
     return [(a, min(a + size, hi)) for a in range(lo, hi, size)]
+
+
+#: [lo, hi) in pieces of at most ``size`` (the chunks of a transfer).
+pieces = _pieces

@@ -73,6 +73,9 @@ class CheckpointData:
     local_tensors: dict[str, np.ndarray] = field(default_factory=dict)
     #: The format version of the file it was read from (what a save writes otherwise).
     format_version: int = FORMAT_VERSION
+    #: The center-side vectors of a rule whose center keeps state (``Config.center_rows``:
+    #: momentum, Adagrad sums, moving average, outer optimizer state): name → float32 [n].
+    center_state: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def workers(self) -> int:
@@ -282,6 +285,10 @@ def _write(f, d: CheckpointData) -> None:
             local.create_dataset(name, data=np.asarray(value))
 
     f.create_dataset("center", data=d.center.astype(np.float32, copy=False))
+    if d.center_state:
+        group = f.create_group("center_state")
+        for name, value in d.center_state.items():
+            group.create_dataset(name, data=np.asarray(value, np.float32))
     workers = f.create_group("workers")
     states = d.states
     for name in COUNTERS:
@@ -338,6 +345,9 @@ def _checksum(d: CheckpointData, rng_text: str | None = None) -> str:
         h.update(b"age:" + np.ascontiguousarray(states.age, np.float64).tobytes())
     if d.trainable_size is not None:
         h.update(f"trainable:{int(d.trainable_size)}".encode())
+    for name, value in sorted(d.center_state.items()):  # hashed only when present
+        h.update(f"center_state:{name}:".encode())
+        h.update(np.ascontiguousarray(value, np.float32).tobytes())
     for name, value in sorted(d.local_tensors.items()):
         value = np.ascontiguousarray(value)
         h.update(f"{name}:{value.dtype.str}:{list(value.shape)}".encode())
@@ -446,9 +456,18 @@ def _read(f, path: Path) -> CheckpointData:
         if "local_tensors" in f
         else {},
         format_version=version,
+        center_state={k: v[()] for k, v in f["center_state"].items()}
+        if "center_state" in f
+        else {},
     )
     if _checksum(data, rng_text) != f.attrs["checksum_sha256"]:
         raise CheckpointError(f"checkpoint {path} failed its checksum: the data is damaged")
+    for name, value in data.center_state.items():
+        if value.shape != (layout.size,):
+            raise CheckpointError(
+                f"checkpoint {path}: center_state/{name} has {value.shape[0]} elements, "
+                f"layout needs {layout.size}"
+            )
     if data.center.shape != (layout.size,):
         raise CheckpointError(
             f"checkpoint {path}: center has {data.center.shape[0]} elements, "
@@ -558,6 +577,7 @@ def summarize(data: CheckpointData, path=None) -> dict:
             for k, v in data.local_tensors.items()
         },
         "worker_state": {name: states.row(name) is not None for name in ("x", "v", "pending")},
+        "center_state": sorted(data.center_state),
         "worker_state_age": None
         if states.age is None
         else [round(float(a), 3) for a in states.age],
@@ -578,6 +598,8 @@ def format_summary(s: dict) -> str:
         "  per worker steps: " + ", ".join(f"{v:,d}" for v in c["per_worker"]["steps"]),
         f"center: {s['parameters']:,d} parameters, norm {s['center_norm']:.6g}",
     ]
+    if s.get("center_state"):
+        lines.append("center-side state: " + ", ".join(s["center_state"]))
     # Module names (features.0.weight) are longer than the built-in ones (w0): fit the widest.
     width = max(
         [16, *(len(t["name"]) + (1 if t.get("kind") != "parameter" else 0) for t in s["tensors"])]

@@ -189,7 +189,7 @@ def wait_for_all(comm, poll: float = BARRIER_POLL) -> None:
     _test_until_complete(comm.Ibarrier(), poll)
 
 
-def keep_progress(comm, poll: float = BARRIER_POLL) -> dict:
+def keep_progress(comm, poll: float = BARRIER_POLL, work: Callable[[], bool] | None = None) -> dict:
     """The idle servers' loop: a server that is not the master joins the end-of-run barrier of
     ``comm`` at once and keeps MPI's progress going until every other rank has joined it.
 
@@ -198,10 +198,11 @@ def keep_progress(comm, poll: float = BARRIER_POLL) -> dict:
     while the target is inside an MPI call. Each test of the barrier is such a call, and the
     sleep between tests leaves the core to the workers. Returns what the loop cost this rank:
     ``rank``, ``wall_s``, ``cpu_s`` (this process's user + system seconds) and ``tests``, which
-    the run's summary reports as ``server_cpu``.
+    the run's summary reports as ``server_cpu``. ``work``: the server's share of a center that
+    computes (docs/ARCHITECTURE.md §3.11), run between the tests.
     """
     wall, cpu = time.monotonic(), time.process_time()
-    tests = _test_until_complete(comm.Ibarrier(), poll)
+    tests = _test_until_complete(comm.Ibarrier(), poll, work)
     return {
         "rank": comm.Get_rank(),
         "wall_s": time.monotonic() - wall,
@@ -210,11 +211,14 @@ def keep_progress(comm, poll: float = BARRIER_POLL) -> dict:
     }
 
 
-def _test_until_complete(request, poll: float) -> int:
-    """Test ``request`` every ``poll`` seconds until it completes; returns the tests made."""
+def _test_until_complete(request, poll: float, work: Callable[[], bool] | None = None) -> int:
+    """Test ``request`` every ``poll`` seconds until it completes; returns the tests made.
+    ``work()`` runs before each sleep; when it did something (returns True) there is no sleep:
+    a server of a center that computes applies the pushes that arrived meanwhile."""
     tests = 1
     while not request.Test():
-        time.sleep(poll)
+        if work is None or not work():
+            time.sleep(poll)
         tests += 1
     return tests
 

@@ -36,7 +36,7 @@ from .config_io import (
     show_value,
 )
 from .errors import ConfigError
-from .stability import check_elastic_stability, check_local_stability
+from .stability import check_center_stability, check_elastic_stability, check_local_stability
 
 __all__ = [
     "Config",
@@ -50,23 +50,70 @@ __all__ = [
     "ELASTIC_ALGORITHMS",
     "MOMENTUM_ALGORITHMS",
     "OPTIONAL_MOMENTUM_ALGORITHMS",
+    "ACTIVE_ALGORITHMS",
+    "OUTER_ALGORITHMS",
+    "STALENESS_SCALES",
     "TORCH_MODELS",
     "LOCK_MODES",
     "DEVICES",
 ]
 
 #: Algorithms the worker loop knows (docs/ARCHITECTURE.md §2).
-ALGORITHMS = ("easgd", "eamsgd", "sync-easgd", "downpour", "allreduce-sgd")
+ALGORITHMS = (
+    "easgd",
+    "eamsgd",
+    "sync-easgd",
+    "downpour",
+    "allreduce-sgd",
+    "mdownpour",
+    "adownpour",
+    "mvadownpour",
+    "localsgd",
+    "diloco",
+    "async-diloco",
+)
+#: Algorithms whose center computes: workers push into the servers' inboxes and the servers
+#: apply the rule to their slices (docs/ARCHITECTURE.md §3.11). The others leave it passive.
+ACTIVE_ALGORITHMS = ("mdownpour", "adownpour", "mvadownpour", "async-diloco")
 #: Algorithms that exchange through the RMA window without a collective.
-ASYNC_ALGORITHMS = ("easgd", "eamsgd", "downpour")
+ASYNC_ALGORITHMS = ("easgd", "eamsgd", "downpour", *ACTIVE_ALGORITHMS)
 #: Algorithms whose workers move in lockstep through an all-reduce among the workers.
-SYNC_ALGORITHMS = ("sync-easgd", "allreduce-sgd")
+SYNC_ALGORITHMS = ("sync-easgd", "allreduce-sgd", "localsgd", "diloco")
 #: Algorithms with an elastic force, i.e. that use rho / alpha / beta.
 ELASTIC_ALGORITHMS = ("easgd", "eamsgd", "sync-easgd")
 #: Algorithms that keep a velocity v per worker.
 MOMENTUM_ALGORITHMS = ("eamsgd",)
 #: Algorithms that keep a velocity (Nesterov) only when momentum > 0; see Config.keeps_velocity.
-OPTIONAL_MOMENTUM_ALGORITHMS = ("sync-easgd", "allreduce-sgd")
+OPTIONAL_MOMENTUM_ALGORITHMS = ("sync-easgd", "allreduce-sgd", "localsgd", "diloco")
+#: Algorithms whose center takes an outer Nesterov step on the workers' pseudo-gradients.
+OUTER_ALGORITHMS = ("diloco", "async-diloco")
+#: How async-diloco scales a pseudo-gradient by its staleness s (docs/ARCHITECTURE.md §2.15).
+STALENESS_SCALES = ("inverse", "none")
+#: The keys of the center's own optimizer: each is used by these algorithms only, and its
+#: default (None in the dataclass) is the rule's (:meth:`Config.resolve_center`).
+CENTER_KEYS = {
+    "outer_lr": ("diloco", "async-diloco", "adownpour"),
+    "outer_momentum": ("diloco", "async-diloco"),
+    "outer_eps": ("adownpour",),
+    "moving_rate": ("mvadownpour",),
+    "staleness_scale": ("async-diloco",),
+}
+#: The rule's default of each center key.
+_CENTER_DEFAULTS = {
+    "outer_lr": {"diloco": 0.7, "async-diloco": 0.7, "adownpour": 0.01},
+    "outer_momentum": {"diloco": 0.9, "async-diloco": 0.9},
+    "outer_eps": {"adownpour": 1e-8},
+    "moving_rate": {"mvadownpour": 0.01},
+    "staleness_scale": {"async-diloco": "inverse"},
+}
+#: The center-side vectors each rule keeps (checkpointed with the center, docs/CHECKPOINT.md).
+CENTER_ROWS = {
+    "mdownpour": ("velocity",),
+    "adownpour": ("adagrad_sum",),
+    "mvadownpour": ("average",),
+    "diloco": ("outer_momentum",),
+    "async-diloco": ("outer_momentum", "outer_buffer"),
+}
 #: How workers lock the center's window (``lock_mode``); the window itself (center.py) takes them
 #: from here, so this module imports nothing that touches MPI (docs/ARCHITECTURE.md §1.1).
 LOCK_MODES = ("shared", "exclusive")
@@ -185,6 +232,20 @@ class Config:
     #: Floats per RMA transfer in the pipelined exchange; 0 = auto: 262144 (1 MiB) on a CPU
     #: worker, 4194304 (16 MiB) on a GPU worker, where each chunk costs one synchronisation.
     chunk: int = 0
+    #: The center's own optimizer (docs/ARCHITECTURE.md §2.10-2.15); unset = the rule's default.
+    #: Outer learning rate: diloco and async-diloco (0.7), adownpour's Adagrad at the master (0.01).
+    outer_lr: float | None = None
+    #: Outer Nesterov momentum of diloco and async-diloco (0.9).
+    outer_momentum: float | None = None
+    #: adownpour: ε of the master's Adagrad step u/(√G + ε) (1e-8).
+    outer_eps: float | None = None
+    #: mvadownpour: the rate ν of the center's moving average z ← (1 − ν)z + νx̃ (0.01).
+    moving_rate: float | None = None
+    #: async-diloco: "inverse" scales a pseudo-gradient of staleness s by 1/(1 + s); "none".
+    staleness_scale: str | None = None
+    #: Rules whose center computes: how many of a worker's own pushes may still wait in the
+    #: servers' inboxes when it pulls the center (0: every pull includes its last push).
+    push_lag: int = 0
     #: Where workers compute (``DEVICES``): "auto" a GPU when CuPy sees one (one that cannot
     #: run the kernels stops the run), "gpu" a GPU or stop, "cpu-fallback" a GPU when it
     #: works and NumPy otherwise, "off" always NumPy.
@@ -344,23 +405,42 @@ class Config:
     def resolve_beta(self, workers: int) -> float:
         return self.resolve_alpha(workers) * workers
 
+    def resolve_center(self, key: str):
+        """The value of a center key (:data:`CENTER_KEYS`) for this algorithm: as given, or
+        the rule's default; None for an algorithm that does not use it."""
+        value = getattr(self, key)
+        if value is not None:
+            return value
+        return _CENTER_DEFAULTS[key].get(self.algorithm)
+
+    @property
+    def is_active(self) -> bool:
+        """Whether the center computes (the servers apply the rule to pushed updates)."""
+        return self.algorithm in ACTIVE_ALGORITHMS
+
     @property
     def keeps_velocity(self) -> bool:
         """Whether each worker of this run keeps a velocity v (checkpoints must store it)."""
         return self.algorithm in MOMENTUM_ALGORITHMS or (
-            self.algorithm in OPTIONAL_MOMENTUM_ALGORITHMS and self.momentum > 0
+            self.algorithm in (*OPTIONAL_MOMENTUM_ALGORITHMS, "async-diloco") and self.momentum > 0
         )
 
     @property
     def state_rows(self) -> tuple[str, ...]:
-        """The vectors each worker saves in a checkpoint: x, then v (a velocity) or pending
-        (DOWNPOUR's update sum not yet pushed, with the buffers' base after the trainable part).
+        """The vectors each worker saves in a checkpoint: x, then v (a velocity) and/or pending
+        (DOWNPOUR and its master-side variants: the update sum not yet pushed, with the buffers'
+        base after the trainable part; async-diloco: the center it last pulled).
         """
-        if self.keeps_velocity:
-            return ("x", "v")
-        if self.algorithm == "downpour":
-            return ("x", "pending")
-        return ("x",)
+        rows = ("x", "v") if self.keeps_velocity else ("x",)
+        if self.algorithm in ("downpour", *ACTIVE_ALGORITHMS):
+            rows += ("pending",)
+        return rows
+
+    @property
+    def center_rows(self) -> tuple[str, ...]:
+        """The center-side vectors of the rule (momentum, Adagrad sums, moving average, outer
+        optimizer state), stored in checkpoints next to the center."""
+        return CENTER_ROWS.get(self.algorithm, ())
 
     # ---- validation ---------------------------------------------------------------------
     def validate(self, workers: int | None = None) -> Config:
@@ -382,9 +462,15 @@ class Config:
             raise ConfigError(
                 f"config: momentum = {self.momentum} is not supported by algorithm 'downpour' "
                 f"(it sums plain SGD updates; the paper's momentum variant keeps the velocity "
-                f"on the master, which is not implemented): set momentum = 0"
+                f"on the master: algorithm = 'mdownpour'): set momentum = 0"
             )
-        with_momentum = MOMENTUM_ALGORITHMS + OPTIONAL_MOMENTUM_ALGORITHMS
+        # mdownpour's momentum is the master's (the paper's δ); async-diloco's the workers'.
+        with_momentum = (
+            *MOMENTUM_ALGORITHMS,
+            *OPTIONAL_MOMENTUM_ALGORITHMS,
+            "mdownpour",
+            "async-diloco",
+        )
         if self.algorithm not in with_momentum and self.momentum != 0.0:
             raise ConfigError(
                 f"config: momentum = {self.momentum} is not used by algorithm "
@@ -488,6 +574,8 @@ class Config:
                 check_elastic_stability(self, workers)
             else:
                 check_local_stability(self)
+            if self.algorithm in (*OUTER_ALGORITHMS, "mdownpour", "mvadownpour"):
+                check_center_stability(self, workers)
         return self
 
     def _validate_schedule(self) -> None:
@@ -501,9 +589,15 @@ class Config:
         """
         if self.tau <= self.steps:
             return
+        pushes_once = (
+            "each worker would push its updates to the center only once, after its last step"
+        )
         why = {
-            "downpour": "each worker would push its updates to the center only once, after its "
-            "last step",
+            **{a: pushes_once for a in ("downpour", *ACTIVE_ALGORITHMS)},
+            **{
+                a: "the workers would average their parameters only once, after the last step"
+                for a in ("localsgd", "diloco")
+            },
             "allreduce-sgd": "the master would see the workers' parameters only after the last "
             "step (tau = steps does that explicitly)",
         }.get(
@@ -559,6 +653,7 @@ class Config:
                 f"(no elastic force; rho/alpha/beta apply to {', '.join(ELASTIC_ALGORITHMS)}): "
                 f"remove it"
             )
+        self._validate_center_keys()
         if self.algorithm in SYNC_ALGORITHMS and self.lock_mode == "exclusive":
             raise ConfigError(
                 f"config: lock_mode = 'exclusive' cannot be used with algorithm = "
@@ -566,6 +661,45 @@ class Config:
                 f"of them mirrors the center into the window; there is no read-modify-write to "
                 f"lock): set lock_mode = 'shared'"
             )
+
+    def _validate_center_keys(self) -> None:
+        """The center's optimizer keys: only for the rules that use them, each in its range."""
+        for key, users in CENTER_KEYS.items():
+            if getattr(self, key) is not None and self.algorithm not in users:
+                raise ConfigError(
+                    f"config: {key} is not used by algorithm '{self.algorithm}' (only by "
+                    f"{', '.join(users)}): remove it"
+                )
+        _check_int("push_lag", self.push_lag, low=0)
+        if self.push_lag and not self.is_active:
+            raise ConfigError(
+                f"config: push_lag = {self.push_lag} is not used by algorithm "
+                f"'{self.algorithm}' (its center does not compute; push_lag applies to "
+                f"{', '.join(ACTIVE_ALGORITHMS)}): remove it"
+            )
+        if self.is_active and self.lock_mode == "exclusive":
+            raise ConfigError(
+                f"config: lock_mode = 'exclusive' cannot be used with algorithm = "
+                f"'{self.algorithm}' (its servers apply the pushed updates themselves; no worker "
+                f"reads, modifies and writes the center): set lock_mode = 'shared'"
+            )
+        lr, mom = self.resolve_center("outer_lr"), self.resolve_center("outer_momentum")
+        if lr is not None:
+            _check_positive("outer_lr", lr)
+        if mom is not None and not (0.0 <= mom < 1.0):
+            raise ConfigError(f"config: outer_momentum = {mom} must be in [0, 1)")
+        eps = self.resolve_center("outer_eps")
+        if eps is not None:
+            _check_positive("outer_eps", eps)
+        rate = self.resolve_center("moving_rate")
+        if rate is not None and not (0.0 < rate <= 1.0):
+            raise ConfigError(
+                f"config: moving_rate = {rate} must be in (0, 1] (the weight of the newest "
+                f"center in the moving average; 1 is plain DOWNPOUR)"
+            )
+        scale = self.resolve_center("staleness_scale")
+        if scale is not None:
+            _check_choice("staleness_scale", scale, STALENESS_SCALES)
 
     # ---- output -------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -35,8 +35,12 @@ class MasterResult(dict):
 
 
 class _Run:
-    def __init__(self, cfg, roles, problem, center, status, channel, metrics, folder, resume):
+    def __init__(
+        self, cfg, roles, problem, center, status, channel, metrics, folder, resume, active=None
+    ):
         self.cfg, self.problem, self.center, self.channel = cfg, problem, center, channel
+        #: A center that computes (center_server.ActiveCenter), or None: a passive window.
+        self.active = active
         self.status = status
         self.metrics, self.folder = metrics, folder
         self.p = roles.n_workers
@@ -84,7 +88,11 @@ class _Run:
             )
 
     def evaluate(self) -> dict:
-        self.center.read(self.snapshot)  # atomic snapshot; workers keep going meanwhile
+        # An atomic snapshot, element by element; workers keep going meanwhile.
+        if self.active is None:
+            self.center.read(self.snapshot)
+        else:  # mvadownpour evaluates its moving average, the others the center
+            self.active.read_evaluated(self.snapshot)
         status = self.status.read()
         result = self.problem.evaluate(self.snapshot)
         now = round(self.elapsed(), 4)
@@ -108,10 +116,24 @@ class _Run:
                 status["steps"], self.cfg.steps, self.first_worker_rank, now, previous
             ),
         }
+        if self.active is not None:
+            record.update(self._center_metrics(status))
         self.records.append(record)
         self.metrics.write(record)
         _log.info(format_progress(record, getattr(self.problem, "error_is_rate", True)))
         return record
+
+    def _center_metrics(self, status) -> dict:
+        """A center that computes: the workers' pushes, their mean and largest staleness
+        (pushes the center took between a worker's pull and its push), the seconds workers
+        waited for the servers (summed), and the servers' side (ActiveCenter.metrics)."""
+        pushes = float(status["pushes"].sum())
+        return {
+            "staleness": round(float(status["staleness"].sum()) / pushes, 3) if pushes else 0.0,
+            "staleness_max": int(status["staleness_max"].max(initial=0)),
+            "push_wait_s": round(float(status["wait"].sum()), 4),
+            **self.active.metrics(),
+        }
 
     def checkpoint(self, table, epoch: int, read_center: bool = True) -> Path:
         """Write the next checkpoint from the states at hand for ``epoch``.
@@ -127,11 +149,16 @@ class _Run:
         cut = self.channel.cut(table, common)
         now = self.elapsed()
         age = np.array([now - self.seen.get((i, int(a)), now) for i, a in enumerate(cut["ack"])])
-        states, cut_center = self.channel.states(cut, age=np.maximum(age, 0.0))
-        if cut_center is not None:
-            self.snapshot[:] = cut_center
-        elif read_center:
-            self.center.read(self.snapshot)
+        states, cut_rows = self.channel.states(cut, age=np.maximum(age, 0.0))
+        center_state = {}
+        if cut_rows is not None:
+            self.snapshot[:] = cut_rows.pop("center")
+            center_state = cut_rows
+        else:
+            if read_center or (self.active is not None and self.active.rule.evaluated != "center"):
+                self.center.read(self.snapshot)
+            if self.active is not None:
+                center_state = self.active.read_rows()
         data = CheckpointData(
             config_toml=self.cfg.to_toml(),
             algorithm=self.cfg.algorithm,
@@ -144,6 +171,7 @@ class _Run:
             local_tensors=self.problem.local_state()
             if hasattr(self.problem, "local_state")
             else {},
+            center_state=center_state,
         )
         # The folder numbers it above every file already there and prunes once it is safe.
         return self.folder.save_checkpoint(data)
@@ -160,6 +188,7 @@ def run_master(
     folder,
     resume: CheckpointData | None = None,
     stop_flag=None,
+    active=None,
 ) -> MasterResult:
     """Serve until every worker has finished (or a stop); returns the last metrics record.
 
@@ -169,7 +198,7 @@ def run_master(
     checkpoint is written with the states at hand, and a stop writes its final checkpoint
     without the workers that did not answer (they are returned as ``abandoned``).
     """
-    run = _Run(cfg, roles, problem, center, status, channel, metrics, folder, resume)
+    run = _Run(cfg, roles, problem, center, status, channel, metrics, folder, resume, active)
     stop_flag = stop_flag or (lambda: False)
     interval, wait = cfg.checkpoint.interval, cfg.checkpoint.state_wait
     next_eval = time.monotonic()

@@ -23,6 +23,7 @@ import numpy as np
 
 from .backend import NumpyBackend, select_backend
 from .center import CenterWindow, describe_slice, shard_slices
+from .center_server import SERVER_POLL, ActiveCenter
 from .checkpoint import CheckpointData, check_matches
 from .comm import (
     EXIT_STALLED,
@@ -97,6 +98,8 @@ class Session:
         self._previous_handlers: dict = {}
         self._open_windows = False
         self._barrier_done = False
+        #: A center that computes (center_server.ActiveCenter) when the rule's does, else None.
+        self.active = None
 
     # ---- set-up -----------------------------------------------------------------------------
     def __enter__(self) -> Session:
@@ -233,6 +236,14 @@ class Session:
             alloc_chunk=self.backend.host_empty,
             servers=roles.servers,
         )
+        if cfg.is_active:  # the servers apply the rule: inboxes, counters, center-side rows
+            self.active = ActiveCenter(
+                cfg,
+                self.center,
+                p,
+                int(getattr(prob, "n_trainable", prob.layout.size)),
+                initial_rows=data.center_state if data is not None else None,
+            )
         self.status = StatusBoard(
             roles.world, p, initial=None if data is None else dict(data.states.counters)
         )
@@ -244,17 +255,20 @@ class Session:
                 )
             )
         side = "master" if roles.is_master else "none" if roles.is_server else "worker"
+        # Where the center of a cut is known exactly: the synchronous rules' common replica,
+        # or the window of a single worker (nobody else moves it), with the center-side rows.
+        cut = cfg.algorithm in SYNC_ALGORITHMS or p == 1
         self.channel = open_state_channel(
             roles.world,
             side,
             prob.layout.size,
             p,
             row_names=cfg.state_rows if cfg.checkpoint.worker_states else (),
-            # Where the center of a cut is known exactly: the synchronous rules' common replica,
-            # or the window of a single worker (nobody else moves it).
-            cut_center=cfg.algorithm in SYNC_ALGORITHMS or p == 1,
+            cut_center=cut,
             initial=self._initial_states(initial) if roles.is_master else None,
             initial_center=initial,
+            center_rows=cfg.center_rows if cut else (),
+            initial_center_rows=self._initial_center_rows(initial) if roles.is_master else None,
         )
         self._open_windows = True
 
@@ -273,14 +287,25 @@ class Session:
                 age=data.states.age,
             )
         rows = {"x": center}
-        second = cfg.state_rows[1] if len(cfg.state_rows) > 1 else None
-        if second is not None:
+        m = int(getattr(self.problem, "n_trainable", n))
+        for name in cfg.state_rows[1:]:
             row = np.zeros(n, np.float32)
-            m = int(getattr(self.problem, "n_trainable", n))
-            if second == "pending":  # nothing pending; the buffers' base is the center's
+            if name == "pending" and cfg.algorithm == "async-diloco":
+                row[:] = center  # the center its first round starts from
+            elif name == "pending":  # nothing pending; the buffers' base is the center's
                 row[m:] = center[m:]
-            rows[second] = row
+            rows[name] = row
         return WorkerStates.starting(p, [worker_rng(cfg.seed, i) for i in range(p)], rows)
+
+    def _initial_center_rows(self, center: np.ndarray) -> dict[str, np.ndarray]:
+        """The center-side rows this segment starts from (rank 0): the checkpoint's, else the
+        rule's fresh ones (zeros; a moving average starts at the center)."""
+        if self.checkpoint is not None:
+            return dict(self.checkpoint.center_state)
+        rows = {name: np.zeros_like(center) for name in self.cfg.center_rows}
+        if "average" in rows:
+            rows["average"][:] = center
+        return rows
 
     def _scatter_start_states(self) -> WorkerState | None:
         """On resume, rank 0 sends each worker (world rank servers + i) its saved state."""
@@ -288,13 +313,13 @@ class Session:
         if not broadcast(roles.world, self.resuming):
             return None
         if roles.is_master:
+            # A synchronous rule keeps its center-side rows on every worker (diloco's outer
+            # momentum): each worker gets them with its state. Servers keep the active ones.
+            replicated = {} if self.cfg.is_active else dict(self.checkpoint.center_state)
             for i in range(roles.n_workers):
-                send_object(
-                    roles.world,
-                    self.checkpoint.states.of(i),
-                    dest=roles.servers + i,
-                    tag=_STATE_TAG,
-                )
+                state = self.checkpoint.states.of(i)
+                state.center = replicated
+                send_object(roles.world, state, dest=roles.servers + i, tag=_STATE_TAG)
             return None
         if roles.is_server:
             return None
@@ -330,13 +355,20 @@ class Session:
         from .worker import run_worker  # noqa: PLC0415
 
         roles = self.roles
+        server = self.active.server if self.active is not None else None
         if roles.is_server and not roles.is_master:
-            # Nothing to compute here: keep MPI progress going for this slice until every
-            # rank has joined the end-of-run barrier (the loop is that barrier).
-            self.served = keep_progress(roles.world)
+            # A passive center: nothing to compute here, keep MPI progress going for this
+            # slice until every rank has joined the end-of-run barrier (the loop is that
+            # barrier). A center that computes: apply the pushes between the tests.
+            if server is None:
+                self.served = keep_progress(roles.world)
+            else:  # polled at the center's pace, not the barrier's
+                self.served = keep_progress(roles.world, poll=SERVER_POLL, work=server.poll)
             self._barrier_done = True
         elif roles.is_master:
             metrics = self.folder.open_metrics()
+            if server is not None:  # the master's slice, in a thread: evaluations take long
+                server.start_thread()
             try:
                 self.master_result = run_master(
                     self.cfg,
@@ -349,9 +381,12 @@ class Session:
                     self.folder,
                     resume=self.checkpoint,
                     stop_flag=self.stop_requested,
+                    active=self.active,
                 )
             finally:
                 metrics.close()
+                if server is not None:
+                    server.stop_thread()
             if self.master_result["abandoned"]:
                 self._end_stalled()
         else:
@@ -367,6 +402,7 @@ class Session:
                 direct_mpi=self.direct_mpi,
                 resume=self.start_state,
                 stop_flag=self.stop_requested,
+                inbox=self.active.inbox if self.active is not None else None,
             )
 
     def _end_stalled(self) -> None:
@@ -403,6 +439,8 @@ class Session:
         if self._open_windows:
             self.channel.close()
             self.status.close()
+            if self.active is not None:
+                self.active.close()
             self.center.close()
             self._open_windows = False
         self._restore_signals()
@@ -482,11 +520,14 @@ def _check_memory(cfg, roles, prob, backend) -> None:
         # A server's window holds its slice only (cut as CenterWindow cuts it, near enough).
         lo, hi = shard_slices(prob.layout.size, roles.servers, cfg.resolve_chunk(False))[roles.rank]
         need = 4 * (hi - lo)
+        if cfg.is_active:  # inbox, its take buffers, the private slice, the rows twice
+            need += 4 * (hi - lo) * (4 + 2 * len(cfg.center_rows))
         if roles.is_master:
             # The state window holds two halves of every worker's rows (snapshots.py) and two
             # of the cut's center; a checkpoint copies one half of each.
             rows = len(cfg.state_rows) * p if cfg.checkpoint.worker_states else 0
-            need += n_bytes * (2 + 3 * rows + 2)  # snapshot, copy, states, cut center
+            cut = 2 * (1 + len(cfg.center_rows))
+            need += n_bytes * (2 + 3 * rows + cut)  # snapshot, copy, states, cut center
     else:
         # x, g, v, y + scratch on the host; a GPU worker's host side is its pinned chunks.
         need = 4 * 4 * cfg.resolve_chunk(True) if backend.is_gpu else n_bytes * 6

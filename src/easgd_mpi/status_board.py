@@ -18,8 +18,22 @@ from .comm import MASTER
 
 __all__ = ["StatusBoard", "STATUS_FIELDS"]
 
-#: The numbers in each worker's row, in order.
-STATUS_FIELDS = ("steps", "exchanges", "loss", "distance", "resets", "bytes", "done", "spare")
+#: The numbers in each worker's row, in order. The last four are a center that computes
+#: (docs/ARCHITECTURE.md §3.11): the pushes, their summed and largest staleness, and the
+#: seconds the worker waited for the servers to apply its pushes.
+STATUS_FIELDS = (
+    "steps",
+    "exchanges",
+    "loss",
+    "distance",
+    "resets",
+    "bytes",
+    "done",
+    "pushes",
+    "staleness",
+    "staleness_max",
+    "wait",
+)
 _SLOTS = len(STATUS_FIELDS)
 
 

@@ -33,6 +33,7 @@ def run_worker(
     direct_mpi: bool = False,
     resume: WorkerState | None = None,
     stop_flag=None,
+    inbox=None,
 ) -> dict:
     """Train this worker's copy up to ``cfg.steps`` local steps (or until told to stop).
 
@@ -40,13 +41,21 @@ def run_worker(
     counters on ``status`` (the :class:`~easgd_mpi.status_board.StatusBoard`) and answers the
     master's requests for its state on ``channel`` (its :class:`~easgd_mpi.snapshots.WorkerSide`).
     ``resume``: the worker's saved state (a checkpoint's, workerstate.py) or None for a fresh
-    start. ``stop_flag()`` is true once this process got a stop signal. Returns this worker's
-    final counters.
+    start. ``stop_flag()`` is true once this process got a stop signal. ``inbox``: the servers'
+    inboxes of a center that computes (center_inbox.py). Returns this worker's final counters.
     """
     slot = roles.worker_index
     rng = worker_rng(cfg.seed, slot) if resume is None else resume.generator()
     algo = make_algorithm(
-        cfg, problem, backend, center, alpha, rng, direct_mpi=direct_mpi, workers_comm=roles.workers
+        cfg,
+        problem,
+        backend,
+        center,
+        alpha,
+        rng,
+        direct_mpi=direct_mpi,
+        workers_comm=roles.workers,
+        inbox=inbox,
     )
     algo.pull_center()
     first = 0
@@ -84,6 +93,7 @@ def run_worker(
             if stop or wants_stop:
                 stopped = True
                 break
+    algo.finish()  # a center that computes has applied every push of this worker
     backend.synchronize()
     _publish(status, slot, algo, steps, loss, done=True)
     # Finished: keep answering the master (its final checkpoint needs this worker's state)
@@ -107,4 +117,9 @@ def _publish(status, slot, algo, steps, loss, done):
         resets=algo.resets,
         bytes=algo.bytes,
         done=1.0 if done else 0.0,
+        # A center that computes (zeros for the others): docs/ARCHITECTURE.md §3.11.
+        pushes=getattr(algo, "pushes", 0),
+        staleness=getattr(algo, "staleness_sum", 0),
+        staleness_max=getattr(algo, "staleness_max", 0),
+        wait=getattr(algo, "wait_s", 0.0),
     )

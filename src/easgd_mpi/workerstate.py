@@ -70,6 +70,9 @@ class WorkerState:
     rng_words: np.ndarray
     #: Row name → float32 [n] host array (only the rows that were saved).
     rows: dict[str, np.ndarray] = field(default_factory=dict)
+    #: The center-side rows a synchronous rule keeps on every worker (diloco's outer
+    #: momentum), from the checkpoint's center state: name → float32 [n].
+    center: dict[str, np.ndarray] = field(default_factory=dict)
 
     def generator(self) -> np.random.Generator:
         return generator_from_words(self.rng_words)

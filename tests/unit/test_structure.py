@@ -1,8 +1,9 @@
 """The package's structure rules, checked on the source with ``ast``.
 
-* MPI is imported and called only in comm.py, center.py, status_board.py, snapshots.py and
-  collective.py (each owns one group of MPI objects: the world and its barriers, the center's
-  window, the status board's window, the state channel's windows, the workers' all-reduce);
+* MPI is imported and called only in comm.py, center.py, center_inbox.py, status_board.py,
+  snapshots.py and collective.py (each owns one group of MPI objects: the world and its
+  barriers, the center's window, the inboxes of a center that computes, the status board's
+  window, the state channel's windows, the workers' all-reduce);
   every other module reaches MPI through their functions.
 * Every exception class is defined in errors.py.
 * config.py reaches none of the modules that touch MPI or run training, not even indirectly;
@@ -25,8 +26,10 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "src" / "easgd_mpi"
 # status_board split from center (the center's exchange and the workers' status rows are two
 # windows with unrelated jobs): it owns its window's MPI calls, as center does its own.
-MPI_MODULES = {"comm", "center", "status_board", "snapshots", "collective"}
-NOT_FROM_CONFIG = MPI_MODULES | {"training", "session", "worker", "master"}
+# center_inbox: the windows of a center that computes (inboxes, counters, center-side rows) are
+# a group of their own, built only for the rules whose servers apply updates.
+MPI_MODULES = {"comm", "center", "center_inbox", "status_board", "snapshots", "collective"}
+NOT_FROM_CONFIG = MPI_MODULES | {"training", "session", "worker", "master", "center_server"}
 #: The parts of config.py: TOML and the other sources as text, the stability region.
 CONFIG_PARTS = ("config_io", "stability")
 
