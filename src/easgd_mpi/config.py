@@ -52,6 +52,8 @@ __all__ = [
     "OPTIONAL_MOMENTUM_ALGORITHMS",
     "TORCH_MODELS",
     "LOCK_MODES",
+    "COMPRESS",
+    "COMPRESS_ALGORITHMS",
 ]
 
 #: Algorithms the worker loop knows (DESIGN.md §2).
@@ -69,6 +71,10 @@ OPTIONAL_MOMENTUM_ALGORITHMS = ("sync-easgd", "allreduce-sgd")
 #: How workers lock the center's window (``lock_mode``); the window itself (center.py) takes them
 #: from here, so this module imports nothing that touches MPI (DESIGN.md §3).
 LOCK_MODES = ("shared", "exclusive")
+#: How a worker codes what it pushes to the center (``compress``, docs/ARCHITECTURE.md §2.10).
+COMPRESS = ("none", "int8", "fp8")
+#: The rules whose workers push a difference to the center, which compression can carry.
+COMPRESS_ALGORITHMS = ("easgd", "eamsgd", "downpour")
 
 #: Default exchange chunks (floats): CPU workers overlap small chunks best; a GPU worker pays one
 #: stream synchronisation per chunk, so it takes large ones.
@@ -182,6 +188,12 @@ class Config:
     #: Floats per RMA transfer in the pipelined exchange; 0 = auto: 262144 (1 MiB) on a CPU
     #: worker, 4194304 (16 MiB) on a GPU worker, where each chunk costs one synchronisation.
     chunk: int = 0
+    #: How each worker codes its pushes to the center: "none" (float32), "int8" or "fp8"
+    #: (one byte per element and a float32 scale per block of 256; docs/ARCHITECTURE.md §2.10).
+    compress: str = "none"
+    #: With compress: each worker keeps what its codes could not carry (the residual) and adds
+    #: it to its next push. Off only to measure what that buys.
+    error_feedback: bool = True
     #: Use a GPU on workers that have one ("auto") or never ("off").
     device: str = "auto"
     #: BLAS threads per rank (0 = this node's cores divided by its ranks).
@@ -347,15 +359,23 @@ class Config:
         )
 
     @property
+    def keeps_residual(self) -> bool:
+        """Whether each worker keeps the residual of its compressed pushes (error feedback)."""
+        return self.compress != "none" and self.error_feedback
+
+    @property
     def state_rows(self) -> tuple[str, ...]:
         """The vectors each worker saves in a checkpoint: x, then v (a velocity) or pending
-        (DOWNPOUR's update sum not yet pushed, with the buffers' base after the trainable part).
+        (DOWNPOUR's update sum not yet pushed, with the buffers' base after the trainable part),
+        then the residual of compressed pushes not yet carried to the center.
         """
         if self.keeps_velocity:
-            return ("x", "v")
-        if self.algorithm == "downpour":
-            return ("x", "pending")
-        return ("x",)
+            rows = ("x", "v")
+        elif self.algorithm == "downpour":
+            rows = ("x", "pending")
+        else:
+            rows = ("x",)
+        return (*rows, "residual") if self.keeps_residual else rows
 
     # ---- validation ---------------------------------------------------------------------
     def validate(self, workers: int | None = None) -> Config:
@@ -397,6 +417,7 @@ class Config:
         _check_choice("lock_mode", self.lock_mode, LOCK_MODES)
         _check_int("servers", self.servers, low=1)
         _check_choice("device", self.device, ("auto", "off"))
+        self._validate_compress()
         if self.chunk != 0:
             _check_int("chunk", self.chunk, low=1024)
         _check_int("threads", self.threads, low=0)
@@ -544,6 +565,23 @@ class Config:
                 f"config: the synthetic set's training split has {n_train} samples "
                 f"(data.samples = {d.samples} minus {held} = {n_test} held out), fewer than "
                 f"batch_size = {self.batch_size}; lower batch_size or raise data.samples"
+            )
+
+    def _validate_compress(self) -> None:
+        """Compression codes a difference pushed to the center; the synchronous rules push
+        none (docs/ARCHITECTURE.md §2.10 says why their all-reduce is not compressed)."""
+        _check_choice("compress", self.compress, COMPRESS)
+        if self.compress != "none" and self.algorithm not in COMPRESS_ALGORITHMS:
+            raise ConfigError(
+                f"config: compress = '{self.compress}' cannot be used with algorithm = "
+                f"'{self.algorithm}' (its workers average through an all-reduce, which sums "
+                f"float32 and cannot add codes of different scales; compression applies to "
+                f"{', '.join(COMPRESS_ALGORITHMS)}): set compress = 'none'"
+            )
+        if not self.error_feedback and self.compress == "none":
+            raise ConfigError(
+                "config: error_feedback = false only applies to compressed pushes (compress = "
+                "'int8' or 'fp8'); with compress = 'none' nothing is lost: remove it"
             )
 
     def _validate_algorithm_keys(self, elastic_given: list[str]) -> None:

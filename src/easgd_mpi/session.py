@@ -256,6 +256,8 @@ class Session:
         if data is not None:
             rows = dict(data.states.rows)
             rows.setdefault("x", np.broadcast_to(center, (p, n)))
+            if cfg.keeps_residual:  # compression newly on: nothing is pending yet
+                rows.setdefault("residual", np.zeros((p, n), np.float32))
             return WorkerStates(
                 counters=data.states.counters,
                 rng_words=data.states.rng_words,
@@ -263,13 +265,12 @@ class Session:
                 age=data.states.age,
             )
         rows = {"x": center}
-        second = cfg.state_rows[1] if len(cfg.state_rows) > 1 else None
-        if second is not None:
+        for name in cfg.state_rows[1:]:  # a zero velocity, nothing pending, no residual
             row = np.zeros(n, np.float32)
             m = int(getattr(self.problem, "n_trainable", n))
-            if second == "pending":  # nothing pending; the buffers' base is the center's
+            if name == "pending":  # the buffers' base is the center's
                 row[m:] = center[m:]
-            rows[second] = row
+            rows[name] = row
         return WorkerStates.starting(p, [worker_rng(cfg.seed, i) for i in range(p)], rows)
 
     def _scatter_start_states(self) -> WorkerState | None:

@@ -106,5 +106,6 @@ def _publish(status, slot, algo, steps, loss, done):
         distance=algo.distance,
         resets=algo.resets,
         bytes=algo.bytes,
+        push_bytes=algo.push_bytes,
         done=1.0 if done else 0.0,
     )
