@@ -547,10 +547,14 @@ def _announce(cfg, p, alpha, devices, run_dir, prob) -> None:
             label = f"GPU {dev}" if dev is not None else "GPU"
         kinds[label] = kinds.get(label, 0) + 1
     where = "; ".join(f"{n} on {k}" for k, n in kinds.items())
+    coded = ""
+    if cfg.compress != "none":  # docs/ARCHITECTURE.md §2.10: what the codes save, and where
+        feedback = "with" if cfg.error_feedback else "WITHOUT"
+        coded = f", pushes coded in {cfg.compress} {feedback} error feedback"
     _log.info(
         f"easgd: {cfg.algorithm}, {p} workers ({where}), tau = {cfg.tau}, "
         f"alpha = {alpha:.4g} (beta = {alpha * p:.3g}), lr = {cfg.lr:g}, "
-        f"{prob.layout.size:,d} parameters, {cfg.steps:,d} steps per worker; "
+        f"{prob.layout.size:,d} parameters, {cfg.steps:,d} steps per worker{coded}; "
         f"run folder {run_dir}"
     )
 
