@@ -480,8 +480,10 @@ def _check_memory(cfg, roles, prob, backend) -> None:
             rows = len(cfg.state_rows) * p if cfg.checkpoint.worker_states else 0
             need += n_bytes * (2 + 3 * rows + 2)  # snapshot, copy, states, cut center
     else:
-        # x, g, v, y + scratch on the host; a GPU worker's host side is its pinned chunks.
-        need = 4 * 4 * cfg.resolve_chunk(True) if backend.is_gpu else n_bytes * 6
+        # x, g, v, y + scratch (+ the residual of compressed pushes) on the host; a GPU
+        # worker's host side is its pinned chunks.
+        rows = 6 + int(cfg.keeps_residual)
+        need = 4 * 4 * cfg.resolve_chunk(True) if backend.is_gpu else n_bytes * rows
     node_need, ranks = node_sum(roles.world, need)
 
     def check():
