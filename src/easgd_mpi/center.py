@@ -44,7 +44,10 @@ __all__ = [
 #: the elastic difference to add to them into ``e_chunk`` (and update the worker's own state).
 #: It may instead start that work and return a callable that finishes it (a GPU worker's copies
 #: and kernel in flight): the exchange then starts the next chunk before it finishes this one,
-#: and touches neither buffer of this chunk before the callable has returned.
+#: and touches neither buffer of this chunk before the callable has returned, except that when
+#: the callable has an ``input_consumed()`` method that returns True (the chunk's copy to the
+#: device is done; it must never wait), the next read of the center goes into ``c_chunk`` at
+#: once, before the exchange waits for the difference.
 ChunkKernel = Callable[[int, int, object, object], Callable[[], None] | None]
 
 
@@ -237,9 +240,13 @@ class CenterWindow:
                 lo, hi = sh.chunks[k]
                 finish = compute(lo, hi, sh.c[buf][: hi - lo], sh.e[buf][: hi - lo])
                 if started[i] is not None:  # chunk k-1: finish it, send it, reuse its buffers
+                    consumed = getattr(started[i][2], "input_consumed", None)
+                    early = more and consumed is not None and consumed()
+                    if early:  # its center chunk is on the device: read k+1 before waiting
+                        reads[i] = self._rget(sh, k + 1)
                     self._finish(i, *started[i], accs)
                     started[i] = None
-                    if more:
+                    if more and not early:
                         reads[i] = self._rget(sh, k + 1)
                 if finish is None:
                     self._accumulate(i, buf, k, accs)

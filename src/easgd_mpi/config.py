@@ -54,6 +54,7 @@ __all__ = [
     "LOCK_MODES",
     "COMPRESS",
     "COMPRESS_ALGORITHMS",
+    "DEVICES",
 ]
 
 #: Algorithms the worker loop knows (DESIGN.md §2).
@@ -81,6 +82,8 @@ COMPRESS_ALGORITHMS = ("easgd", "eamsgd", "downpour")
 CPU_CHUNK = 1 << 18
 GPU_CHUNK = 1 << 22
 
+#: The ``device`` settings (backend.select_backend says what each does).
+DEVICES = ("auto", "gpu", "cpu-fallback", "off")
 DATASETS = ("digits", "synthetic", "file", "cifar10", "mnist")
 #: Data sets read from files named by data.path.
 FILE_DATASETS = ("file", "cifar10", "mnist")
@@ -194,7 +197,9 @@ class Config:
     #: With compress: each worker keeps what its codes could not carry (the residual) and adds
     #: it to its next push. Off only to measure what that buys.
     error_feedback: bool = True
-    #: Use a GPU on workers that have one ("auto") or never ("off").
+    #: Where workers compute (``DEVICES``): "auto" a GPU when CuPy sees one (one that cannot
+    #: run the kernels stops the run), "gpu" a GPU or stop, "cpu-fallback" a GPU when it
+    #: works and NumPy otherwise, "off" always NumPy.
     device: str = "auto"
     #: BLAS threads per rank (0 = this node's cores divided by its ranks).
     threads: int = 0
@@ -416,7 +421,7 @@ class Config:
         _check_positive("eval_interval", self.eval_interval)
         _check_choice("lock_mode", self.lock_mode, LOCK_MODES)
         _check_int("servers", self.servers, low=1)
-        _check_choice("device", self.device, ("auto", "off"))
+        _check_choice("device", self.device, DEVICES)
         self._validate_compress()
         if self.chunk != 0:
             _check_int("chunk", self.chunk, low=1024)

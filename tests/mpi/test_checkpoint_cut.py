@@ -18,7 +18,8 @@ import pytest
 from mpi4py import MPI
 
 import easgd_mpi as ea
-from easgd_mpi.checkpoint import list_checkpoints, load_checkpoint
+from easgd_mpi.checkpoint import load_checkpoint
+from easgd_mpi.rundir import list_checkpoints
 from easgd_mpi.snapshots import MasterSide
 from recurrences import SETTINGS, TOL, H, WorkerQuadratic, as_toml, async_rule, sync_easgd
 

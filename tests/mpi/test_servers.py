@@ -11,8 +11,9 @@ from mpi4py import MPI
 from mpi_helpers import config, train_quietly
 
 import easgd_mpi as ea
-from easgd_mpi.checkpoint import list_checkpoints, load_checkpoint
+from easgd_mpi.checkpoint import load_checkpoint
 from easgd_mpi.comm import wait_for_all
+from easgd_mpi.rundir import list_checkpoints
 
 # A chunk smaller than the model (4,812 floats): each slice is exchanged in several chunks.
 SLICED = {"chunk": 1024, "threads": 1}

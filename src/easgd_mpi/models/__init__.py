@@ -70,7 +70,7 @@ def make_problem(cfg, xp=np) -> Problem:
         return make_torch_problem(cfg, xp=xp)
     from ..data import load_dataset  # noqa: PLC0415  (only classification problems need data)
 
-    data = load_dataset(cfg.data)
+    data = load_dataset(cfg.data, batch_size=cfg.batch_size)
     hidden = [] if name == "softmax" else list(cfg.model.hidden)
     return MLPProblem(
         data,
