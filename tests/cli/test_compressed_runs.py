@@ -8,8 +8,9 @@ Exact resume with a residual: tests/cli/test_exact_resume.py.
 
 import json
 
-from easgd_mpi.checkpoint import list_checkpoints, load_checkpoint
+from easgd_mpi.checkpoint import load_checkpoint
 from easgd_mpi.compress import coded_bytes
+from easgd_mpi.rundir import list_checkpoints
 from launching import run, train_command
 
 
