@@ -21,6 +21,7 @@ import numpy as np
 
 from .center_rules import outer_nesterov, staleness_weight
 from .collective import WorkerAllreduce
+from .compress import make_push_compressor
 
 __all__ = [
     "WorkerAlgorithm",
@@ -121,6 +122,11 @@ class WorkerAlgorithm(ABC):
         self.v = backend.zeros(n) if self.uses_momentum else None
         self.exchanges = 0
         self.bytes = 0
+        #: Bytes of this worker's pushes toward the center in the form it codes them (float32,
+        #: or the codes and scales of ``compress``): docs/ARCHITECTURE.md §2.16.
+        self.push_bytes = 0
+        #: The coder of pushes, holding the residual (None: float32 pushes, ``compress = none``).
+        self.compressor = make_push_compressor(cfg, backend, n)
         #: Times this worker went non-finite and was reset to the center.
         self.resets = 0
         #: ‖x − x̃‖ at the last exchange (before the elastic pull).
@@ -186,7 +192,7 @@ class WorkerAlgorithm(ABC):
                     poisoned = True
 
             started = self._staging.start(
-                c, e, lambda cd, ed: chunk_kernel(lo, hi, cd, ed), finished
+                c, e, lambda cd, ed: self._coded_chunk(chunk_kernel, lo, hi, cd, ed), finished
             )
             if self._staging.overlap:
                 return started  # the exchange finishes it after it has started the next chunk
@@ -198,13 +204,33 @@ class WorkerAlgorithm(ABC):
         if poisoned:
             self.resets += 1
             self.pull_center()
+            if self.compressor is not None:
+                self.compressor.reset()  # the residual of a trajectory that was abandoned
             self.distance = float("nan")
         else:
             self.distance = math.sqrt(total_sq) / self.alpha if self.alpha > 0 else 0.0
 
+    def _coded_chunk(self, chunk_kernel, lo, hi, c, e) -> None:
+        """chunk_kernel(lo, hi, c, e), then e coded in place for the push (where the chunk's
+        kernels run: on a GPU before the difference is copied out)."""
+        chunk_kernel(lo, hi, c, e)
+        self.push_bytes += self._code_push(lo, hi, e)
+
+    def _code_push(self, lo, hi, e) -> int:
+        """Code the push of elements [lo, hi) in place (nothing without ``compress``); returns
+        its bytes in that form."""
+        if self.compressor is None:
+            return 4 * (hi - lo)
+        return self.compressor.compress(lo, hi, e)
+
     def saved_rows(self) -> list:
-        """What a checkpoint stores of this worker (``Config.state_rows``): x, then v."""
-        return [self.x] if self.v is None else [self.x, self.v]
+        """What a checkpoint stores of this worker (``Config.state_rows``): x, then v, then
+        the residual of compressed pushes."""
+        return ([self.x] if self.v is None else [self.x, self.v]) + self._residual_row()
+
+    def _residual_row(self) -> list:
+        c = self.compressor
+        return [] if c is None or c.residual is None else [c.residual]
 
     def cut_center(self):
         """The center at this moment, where this worker holds it exactly (the synchronous
@@ -230,6 +256,8 @@ class WorkerAlgorithm(ABC):
         if v_host is not None and self.v is not None:
             self.backend.from_host(np.ascontiguousarray(v_host, np.float32), self.v)
         self.exchanges, self.resets = int(state.exchanges), int(state.resets)
+        if self.compressor is not None:  # none saved (compress was off): nothing pending
+            self.compressor.restore(state.rows.get("residual"))
         self.backend.synchronize()
 
 
@@ -334,6 +362,7 @@ class _Synchronous(WorkerAlgorithm):
         else:
             self.center.write(self.backend.to_host(source, self._center_host))
         self.bytes += 4 * self.problem.layout.size
+        self.push_bytes += 4 * self.problem.layout.size
 
 
 class SyncEASGD(_Synchronous):
@@ -468,7 +497,7 @@ class Downpour(WorkerAlgorithm):
         pending[:m] = self.acc[:m]
         if self._buffers_base is not None:
             pending[m:] = self._buffers_base
-        return [self.x, pending]
+        return [self.x, pending] + self._residual_row()
 
     def restore(self, state) -> None:
         super().restore(state)
@@ -523,11 +552,14 @@ class Downpour(WorkerAlgorithm):
                 b.scale(delta, self._buffers_share)
         # ‖Δ‖: how far this worker moved away from the center it last copied.
         self.distance = math.sqrt(b.sum_squares(self.acc))
+        self.push_bytes += self._code_push(0, self.acc.shape[0], self.acc)
         if not b.all_finite(self.acc):
             # A non-finite update never reaches the center: drop it, restart from the center.
             self.acc[...] = 0
             self.resets += 1
             self.distance = float("nan")
+            if self.compressor is not None:
+                self.compressor.reset()
 
 
 class LocalSGD(_Synchronous):

@@ -29,7 +29,7 @@ import numpy as np
 
 from .errors import CheckpointError, os_reason
 from .flat import Layout
-from .workerstate import COUNTERS, WorkerStates, encode_rng
+from .workerstate import COUNTERS, ROW_NAMES, WorkerStates, encode_rng
 
 __all__ = [
     "FORMAT_NAME",
@@ -339,8 +339,11 @@ def _checksum(d: CheckpointData, rng_text: str | None = None) -> str:
     # Version 1 stored (and hashed) the generators as JSON text; version 2 as words.
     h.update(rng_text.encode() if rng_text is not None else b"rng:" + states.rng_words.tobytes())
     # Added after format 1 was first written: hashed only when present, so older files verify.
-    if states.row("pending") is not None:
-        h.update(b"pending:" + np.ascontiguousarray(states.row("pending"), np.float32).tobytes())
+    for name in ("pending", "residual"):
+        if states.row(name) is not None:
+            h.update(
+                f"{name}:".encode() + np.ascontiguousarray(states.row(name), np.float32).tobytes()
+            )
     if states.age is not None:
         h.update(b"age:" + np.ascontiguousarray(states.age, np.float64).tobytes())
     if d.trainable_size is not None:
@@ -430,7 +433,7 @@ def _read(f, path: Path) -> CheckpointData:
     states = WorkerStates(
         counters={name: workers[name][()] for name in COUNTERS},
         rng_words=rng_words,
-        rows={name: workers[name][()] for name in ("x", "v", "pending") if name in workers},
+        rows={name: workers[name][()] for name in ROW_NAMES if name in workers},
         age=workers["state_age"][()] if "state_age" in workers else None,
     )
     config = f["config"][()]
@@ -490,6 +493,7 @@ _INT_METRICS = {
     "steps",
     "exchanges",
     "bytes",
+    "push_bytes",
     "resets",
     "steps_per_worker",
     "step_budget",
@@ -576,7 +580,7 @@ def summarize(data: CheckpointData, path=None) -> dict:
             k: {"dtype": str(np.asarray(v).dtype), "shape": list(np.shape(v))}
             for k, v in data.local_tensors.items()
         },
-        "worker_state": {name: states.row(name) is not None for name in ("x", "v", "pending")},
+        "worker_state": {name: states.row(name) is not None for name in ROW_NAMES},
         "center_state": sorted(data.center_state),
         "worker_state_age": None
         if states.age is None

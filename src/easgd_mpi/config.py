@@ -55,6 +55,8 @@ __all__ = [
     "STALENESS_SCALES",
     "TORCH_MODELS",
     "LOCK_MODES",
+    "COMPRESS",
+    "COMPRESS_ALGORITHMS",
     "DEVICES",
 ]
 
@@ -117,6 +119,10 @@ CENTER_ROWS = {
 #: How workers lock the center's window (``lock_mode``); the window itself (center.py) takes them
 #: from here, so this module imports nothing that touches MPI (docs/ARCHITECTURE.md §1.1).
 LOCK_MODES = ("shared", "exclusive")
+#: How a worker codes what it pushes to the center (``compress``, docs/ARCHITECTURE.md §2.16).
+COMPRESS = ("none", "int8", "fp8")
+#: The rules whose workers push a difference to the center, which compression can carry.
+COMPRESS_ALGORITHMS = ("easgd", "eamsgd", "downpour")
 
 #: Default exchange chunks (floats): CPU workers overlap small chunks best; a GPU worker pays one
 #: stream synchronisation per chunk, so it takes large ones.
@@ -232,7 +238,7 @@ class Config:
     #: Floats per RMA transfer in the pipelined exchange; 0 = auto: 262144 (1 MiB) on a CPU
     #: worker, 4194304 (16 MiB) on a GPU worker, where each chunk costs one synchronisation.
     chunk: int = 0
-    #: The center's own optimizer (docs/ARCHITECTURE.md §2.10-2.15); unset = the rule's default.
+    #: The center's own optimizer (docs/ARCHITECTURE.md §2.16-2.15); unset = the rule's default.
     #: Outer learning rate: diloco and async-diloco (0.7), adownpour's Adagrad at the master (0.01).
     outer_lr: float | None = None
     #: Outer Nesterov momentum of diloco and async-diloco (0.9).
@@ -246,6 +252,12 @@ class Config:
     #: Rules whose center computes: how many of a worker's own pushes may still wait in the
     #: servers' inboxes when it pulls the center (0: every pull includes its last push).
     push_lag: int = 0
+    #: How each worker codes its pushes to the center: "none" (float32), "int8" or "fp8"
+    #: (one byte per element and a float32 scale per block of 256; docs/ARCHITECTURE.md §2.16).
+    compress: str = "none"
+    #: With compress: each worker keeps what its codes could not carry (the residual) and adds
+    #: it to its next push. Off only to measure what that buys.
+    error_feedback: bool = True
     #: Where workers compute (``DEVICES``): "auto" a GPU when CuPy sees one (one that cannot
     #: run the kernels stops the run), "gpu" a GPU or stop, "cpu-fallback" a GPU when it
     #: works and NumPy otherwise, "off" always NumPy.
@@ -426,15 +438,21 @@ class Config:
         )
 
     @property
+    def keeps_residual(self) -> bool:
+        """Whether each worker keeps the residual of its compressed pushes (error feedback)."""
+        return self.compress != "none" and self.error_feedback
+
+    @property
     def state_rows(self) -> tuple[str, ...]:
         """The vectors each worker saves in a checkpoint: x, then v (a velocity) and/or pending
         (DOWNPOUR and its master-side variants: the update sum not yet pushed, with the buffers'
-        base after the trainable part; async-diloco: the center it last pulled).
+        base after the trainable part; async-diloco: the center it last pulled), then the
+        residual of compressed pushes not yet carried to the center.
         """
         rows = ("x", "v") if self.keeps_velocity else ("x",)
         if self.algorithm in ("downpour", *ACTIVE_ALGORITHMS):
             rows += ("pending",)
-        return rows
+        return (*rows, "residual") if self.keeps_residual else rows
 
     @property
     def center_rows(self) -> tuple[str, ...]:
@@ -488,6 +506,7 @@ class Config:
         _check_choice("lock_mode", self.lock_mode, LOCK_MODES)
         _check_int("servers", self.servers, low=1)
         _check_choice("device", self.device, DEVICES)
+        self._validate_compress()
         if self.chunk != 0:
             _check_int("chunk", self.chunk, low=1024)
         _check_int("threads", self.threads, low=0)
@@ -643,6 +662,29 @@ class Config:
                 f"config: the synthetic set's training split has {n_train} samples "
                 f"(data.samples = {d.samples} minus {held} = {n_test} held out), fewer than "
                 f"batch_size = {self.batch_size}; lower batch_size or raise data.samples"
+            )
+
+    def _validate_compress(self) -> None:
+        """Compression codes a difference pushed to the center; the synchronous rules push
+        none (docs/ARCHITECTURE.md §2.16 says why their all-reduce is not compressed)."""
+        _check_choice("compress", self.compress, COMPRESS)
+        if self.compress != "none" and self.algorithm not in COMPRESS_ALGORITHMS:
+            why = (
+                "its center applies the rule to float32 pushes; coded pushes to a center that "
+                "computes are not built yet"
+                if self.algorithm in ACTIVE_ALGORITHMS
+                else "its workers average through an all-reduce, which sums float32 and cannot "
+                "add codes of different scales"
+            )
+            raise ConfigError(
+                f"config: compress = '{self.compress}' cannot be used with algorithm = "
+                f"'{self.algorithm}' ({why}; compression applies to "
+                f"{', '.join(COMPRESS_ALGORITHMS)}): set compress = 'none'"
+            )
+        if not self.error_feedback and self.compress == "none":
+            raise ConfigError(
+                "config: error_feedback = false only applies to compressed pushes (compress = "
+                "'int8' or 'fp8'); with compress = 'none' nothing is lost: remove it"
             )
 
     def _validate_algorithm_keys(self, elastic_given: list[str]) -> None:

@@ -280,6 +280,8 @@ class Session:
         if data is not None:
             rows = dict(data.states.rows)
             rows.setdefault("x", np.broadcast_to(center, (p, n)))
+            if cfg.keeps_residual:  # compression newly on: nothing is pending yet
+                rows.setdefault("residual", np.zeros((p, n), np.float32))
             return WorkerStates(
                 counters=data.states.counters,
                 rng_words=data.states.rng_words,
@@ -529,8 +531,10 @@ def _check_memory(cfg, roles, prob, backend) -> None:
             cut = 2 * (1 + len(cfg.center_rows))
             need += n_bytes * (2 + 3 * rows + cut)  # snapshot, copy, states, cut center
     else:
-        # x, g, v, y + scratch on the host; a GPU worker's host side is its pinned chunks.
-        need = 4 * 4 * cfg.resolve_chunk(True) if backend.is_gpu else n_bytes * 6
+        # x, g, v, y + scratch (+ the residual of compressed pushes) on the host; a GPU
+        # worker's host side is its pinned chunks.
+        rows = 6 + int(cfg.keeps_residual)
+        need = 4 * 4 * cfg.resolve_chunk(True) if backend.is_gpu else n_bytes * rows
     node_need, ranks = node_sum(roles.world, need)
 
     def check():
@@ -596,10 +600,14 @@ def _announce(cfg, p, alpha, devices, run_dir, prob) -> None:
             label = f"GPU {dev}" if dev is not None else "GPU"
         kinds[label] = kinds.get(label, 0) + 1
     where = "; ".join(f"{n} on {k}" for k, n in kinds.items())
+    coded = ""
+    if cfg.compress != "none":  # docs/ARCHITECTURE.md §2.16: what the codes save, and where
+        feedback = "with" if cfg.error_feedback else "WITHOUT"
+        coded = f", pushes coded in {cfg.compress} {feedback} error feedback"
     _log.info(
         f"easgd: {cfg.algorithm}, {p} workers ({where}), tau = {cfg.tau}, "
         f"alpha = {alpha:.4g} (beta = {alpha * p:.3g}), lr = {cfg.lr:g}, "
-        f"{prob.layout.size:,d} parameters, {cfg.steps:,d} steps per worker; "
+        f"{prob.layout.size:,d} parameters, {cfg.steps:,d} steps per worker{coded}; "
         f"run folder {run_dir}"
     )
 

@@ -116,6 +116,7 @@ def _publish(status, slot, algo, steps, loss, done):
         distance=algo.distance,
         resets=algo.resets,
         bytes=algo.bytes,
+        push_bytes=algo.push_bytes,
         done=1.0 if done else 0.0,
         # A center that computes (zeros for the others): docs/ARCHITECTURE.md §3.11.
         pushes=getattr(algo, "pushes", 0),

@@ -1,7 +1,8 @@
 """The state of the workers at one cut: one type for the snapshot channel, checkpoints and resume.
 
 A worker's state is what it needs to continue exactly where it was: its named rows (``x``,
-then ``v`` for a momentum method or ``pending`` for DOWNPOUR: ``Config.state_rows``), its
+then ``v`` for a momentum method or ``pending`` for DOWNPOUR, then ``residual`` with compressed
+pushes: ``Config.state_rows``), its
 counters (steps, exchanges, resets) and its random-number generator as six words (a PCG64
 state: 128-bit state and increment as two words each, the cached-bit flag and the cached
 word). The master's snapshot channel fills a :class:`WorkerStates` at each checkpoint, the
@@ -28,7 +29,7 @@ __all__ = [
 #: Per-worker integer counters, in this order everywhere (channel, file, summaries).
 COUNTERS = ("steps", "exchanges", "resets")
 #: Every row kind a worker may save, in the order a rule saves them (x first).
-ROW_NAMES = ("x", "v", "pending")
+ROW_NAMES = ("x", "v", "pending", "residual")
 #: int64 words of one generator state.
 RNG_WORDS = 6
 _MASK = (1 << 64) - 1

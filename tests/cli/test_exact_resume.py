@@ -19,6 +19,7 @@ import pytest
 
 from easgd_mpi.checkpoint import load_checkpoint
 from easgd_mpi.rundir import list_checkpoints
+from easgd_mpi.workerstate import ROW_NAMES
 from launching import run, start, train_command
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -33,6 +34,9 @@ CASES = [
     ("easgd", 2, ("tau=1",)),
     ("eamsgd", 2, ("tau=1",)),
     ("downpour", 2, ("tau=4",)),
+    # Compressed pushes: each worker's residual is part of its state (a row of the checkpoint).
+    ("eamsgd", 2, ("tau=1", "compress=int8")),
+    ("downpour", 2, ("tau=4", "compress=fp8")),
 ]
 
 
@@ -48,7 +52,7 @@ def _final(run_dir: Path):
 
 def _assert_identical(a, b) -> None:
     assert np.array_equal(a.center.view(np.uint32), b.center.view(np.uint32)), "center differs"
-    for name in ("x", "v", "pending"):
+    for name in ROW_NAMES:
         left, right = a.states.row(name), b.states.row(name)
         assert (left is None) == (right is None), name
         if left is not None:
@@ -127,6 +131,8 @@ def test_resuming_a_periodic_checkpoint_ends_bit_identical(
     assert cut.states.age is not None and np.all(cut.states.age >= 0)
     if algorithm == "downpour":
         assert cut.states.row("pending") is not None
+    if any(s.startswith("compress=") for s in extra):  # something not yet carried is restored
+        assert np.abs(cut.states.row("residual")).max() > 0
 
     resumed = tmp_path / "resumed"
     resumed.mkdir()
@@ -137,7 +143,7 @@ def test_resuming_a_periodic_checkpoint_ends_bit_identical(
     _assert_identical(_final(resumed), reference)
 
 
-@pytest.mark.parametrize(("algorithm", "n", "extra"), [CASES[0], CASES[4]])
+@pytest.mark.parametrize(("algorithm", "n", "extra"), [CASES[0], CASES[4], CASES[6]])
 def test_stopping_with_sigterm_and_resuming_ends_bit_identical(
     algorithm, n, extra, mpiexec, clean_env, tmp_path, reference_run
 ):

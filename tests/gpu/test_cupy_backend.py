@@ -239,3 +239,36 @@ def test_overlapped_chunk_staging_matches_the_host_exchange(backend, cp):
     ]
     np.testing.assert_allclose(sums, want, rtol=1e-5)
     assert len(staging._free) == 2  # two slots made, both handed back
+
+
+@pytest.mark.parametrize("residual", [True, False], ids=["feedback", "no-feedback"])
+@pytest.mark.parametrize("n", [1, 257, 4 * 1024 + 1, 1_000_003])
+@pytest.mark.parametrize("codec", ["int8", "fp8"])
+def test_codec_kernels_match_numpy(backend, cp, codec, n, residual):
+    """Compressed pushes (docs/ARCHITECTURE.md §2.16): codes, scales, e and r as NumPy's, then
+    the decoder gives back e. Scales and codes are bit-identical (subnormal blocks aside)."""
+    rng = np.random.default_rng(zlib.crc32(f"{codec}/{n}/{residual}".encode()))
+    e = (_values(rng, n) * np.exp(2 * rng.standard_normal(n))).astype(np.float32)
+    r = (_values(rng, n) * np.float32(1e-2)) if residual else None
+    nb = -(-n // 256)
+    want = [e.copy(), None if r is None else r.copy()]
+    want += [np.zeros(n, np.uint8), np.zeros(nb, np.float32)]
+    NumpyBackend().compress(*want, codec, 256)
+    got = [
+        cp.asarray(e),
+        None if r is None else cp.asarray(r),
+        cp.zeros(n, cp.uint8),
+        cp.zeros(nb, cp.float32),
+    ]
+    backend.compress(*got, codec, 256)
+    for name, w, g in zip(("e", "r", "codes", "scales"), want, got, strict=True):
+        if w is None:
+            continue
+        g = cp.asnumpy(g)
+        if w.dtype == np.uint8:
+            assert (w != g).mean() < 1e-4, name  # a subnormal scale or value may flush
+        else:
+            np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL, err_msg=name)
+    out = cp.full(n, cp.nan, cp.float32)
+    backend.decompress(got[2], got[3], out, codec, 256)
+    np.testing.assert_array_equal(cp.asnumpy(out), cp.asnumpy(got[0]))

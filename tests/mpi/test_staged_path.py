@@ -99,7 +99,13 @@ CASES = [
     ("easgd", {}),
     ("eamsgd", {"momentum": 0.5, "lr": 0.05}),
     ("downpour", {"lr": 0.02}),
+    # Compressed pushes: the codes are made where the chunk's kernels run (the device), with
+    # each chunk's residual at its offset in the worker's vector.
+    ("easgd", {"compress": '"int8"'}),
+    ("eamsgd", {"momentum": 0.5, "lr": 0.05, "compress": '"fp8"'}),
+    ("downpour", {"lr": 0.02, "compress": '"int8"'}),
 ]
+IDS = [c[0] + (f"-{c[1]['compress'][1:-1]}" if "compress" in c[1] else "") for c in CASES]
 
 
 @pytest.mark.mpi(min_size=2)
@@ -108,7 +114,7 @@ CASES = [
     [StagedNumpy, LazyStagedNumpy, LazyInputStagedNumpy],
     ids=["staged", "lazy", "lazy-input"],
 )
-@pytest.mark.parametrize("algorithm, extra", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("algorithm, extra", CASES, ids=IDS)
 def test_staged_path_gives_the_host_paths_result(tmp_path, monkeypatch, algorithm, extra, staging):
     deterministic = algorithm.startswith(("sync", "allreduce")) or MPI.COMM_WORLD.Get_size() == 2
     params = {

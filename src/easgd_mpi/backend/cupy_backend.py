@@ -45,6 +45,7 @@ else:
 
 __all__ = [
     "CupyBackend",
+    "CODEC_KERNELS",
     "KERNELS",
     "KernelSpec",
     "StagingSlot",
@@ -201,6 +202,17 @@ KERNELS: dict[str, KernelSpec] = {
 }
 
 
+#: The kernels of compressed pushes (docs/ARCHITECTURE.md §2.16), per codec: ``compress``
+#: (e, r, codes, scales, block, n) codes one block per thread; ``decompress`` (codes, scales,
+#: out, block, n) decodes element by element. Their arrays are not all float32 of length n, so
+#: they are not in :data:`KERNELS`.
+CODEC_KERNELS: dict[str, str] = {
+    f"{op}_{codec}": f"easgd_{op}_{codec}"
+    for op in ("compress", "decompress")
+    for codec in ("int8", "fp8")
+}
+
+
 # ---- kernel source ----------------------------------------------------------------------------
 def _has_kernels(d: Path) -> bool:
     return all((d / f).is_file() for f in _KERNEL_FILES)
@@ -266,6 +278,7 @@ def _kernels_for_device(device_id: int) -> dict[str, object]:
             try:
                 module = cupy.RawModule(code=kernel_source())
                 fns = {name: module.get_function(s.symbol) for name, s in KERNELS.items()}
+                fns.update({k: module.get_function(sym) for k, sym in CODEC_KERNELS.items()})
             except Exception as exc:  # CompileException, missing NVRTC, driver too old, ...
                 raise BackendError(
                     f"the CUDA kernels from {kernel_source_dir()} cannot be built for GPU "
@@ -597,6 +610,33 @@ class CupyBackend:
     def sync_easgd_update(self, x, c, xmean, alpha, beta) -> None:
         """x ← x − α(x − c);  c ← (1 − β)c + β·x̄"""
         self._launch("sync_easgd_update", x, c, xmean, alpha, beta)
+
+    # ---- compressed pushes (formulas: NumpyBackend.compress, kernels/easgd.cuh) ---------------
+    def compress(self, e, r, codes, scales, codec: str, block: int) -> None:
+        """Blockwise quantization with error feedback, in place (see NumpyBackend.compress)."""
+        n = e.size
+        self._check_device_array("compress", "e", e)
+        if r is not None:
+            self._check_device_array("compress", "r", r)
+        blocks = -(-n // int(block))
+        if not n:
+            return
+        if codes.size < n or scales.size < blocks:
+            raise BackendError(f"compress: codes need {n} bytes and scales {blocks} floats")
+        grid = min(self._max_blocks, math.ceil(blocks / _THREADS))
+        kernel = _kernels_for_device(cupy.cuda.runtime.getDevice())[f"compress_{codec}"]
+        r_arg = r if r is not None else np.uint64(0)  # a null pointer: no residual kept
+        kernel((grid,), (_THREADS,), (e, r_arg, codes, scales, np.int64(block), np.int64(n)))
+
+    def decompress(self, codes, scales, out, codec: str, block: int) -> None:
+        """out ← value(codes) · scale of each element's block (see NumpyBackend.decompress)."""
+        n = out.size
+        self._check_device_array("decompress", "out", out)
+        if not n:
+            return
+        grid = min(self._max_blocks, math.ceil(n / _THREADS))
+        kernel = _kernels_for_device(cupy.cuda.runtime.getDevice())[f"decompress_{codec}"]
+        kernel((grid,), (_THREADS,), (codes, scales, out, np.int64(block), np.int64(n)))
 
     # ---- plumbing -----------------------------------------------------------------------------
     def _launch(self, name: str, *args) -> None:
