@@ -111,11 +111,12 @@ class _Run:
             "distance": float(np.nanmean(status["distance"])) if self.p else 0.0,
             "worker_loss": float(np.nanmean(status["loss"])) if self.p else 0.0,
             "bytes": int(status["bytes"].sum()),
-            "push_bytes": int(status["push_bytes"].sum()),
             "resets": int(status["resets"].sum()),
             **progress_fields(
                 status["steps"], self.cfg.steps, self.first_worker_rank, now, previous
             ),
+            # After every older field: older readers and files keep their order.
+            "push_bytes": int(status["push_bytes"].sum()),
         }
         if self.active is not None:
             record.update(self._center_metrics(status))
