@@ -15,6 +15,8 @@ averaged, never given momentum or an adaptive step.
 
 from __future__ import annotations
 
+import abc
+
 import numpy as np
 
 __all__ = [
@@ -61,7 +63,7 @@ def staleness_weight(staleness: int, workers: int, scale: str) -> float:
     return 1.0 / max(p, 1 + max(0, int(staleness)))
 
 
-class CenterRule:
+class CenterRule(abc.ABC):
     """One rule on one server's slice [lo, hi) of the center; ``trainable``: how many of the
     slice's elements lie in the trainable prefix (the rest are buffers: u is only added)."""
 
@@ -75,19 +77,27 @@ class CenterRule:
         """The rows of a fresh run, given the slice's initial center: zeros."""
         return {name: np.zeros_like(center) for name in self.rows}
 
+    @abc.abstractmethod
     def apply(self, x, rows: dict, u, trainable: int, first: int, last: int) -> None:
         """x (the slice) and ``rows`` ← the rule applied to u, the sum of the pushes numbered
         ``first``..``last`` (this server's arrival order, from 1); u may be overwritten."""
+
+
+class _TrainablePrefixRule(CenterRule):
+    """A rule of the trainable part only: the buffers past it take the pushed sum as it is."""
+
+    def apply(self, x, rows: dict, u, trainable: int, first: int, last: int) -> None:
         k = trainable
         self._apply(x[:k], {n: r[:k] for n, r in rows.items()}, u[:k], first, last)
         if k < x.shape[0]:
             x[k:] += u[k:]
 
+    @abc.abstractmethod
     def _apply(self, x, rows, u, first, last) -> None:
-        raise NotImplementedError
+        """The rule on the trainable part of the slice."""
 
 
-class MDownpourRule(CenterRule):
+class MDownpourRule(_TrainablePrefixRule):
     """MDOWNPOUR: Nesterov momentum δ at the master, in the look-ahead form.
 
     The paper's master keeps x̃ and v, workers take their gradients at x̃ + δv and push
@@ -109,7 +119,7 @@ class MDownpourRule(CenterRule):
         x += u
 
 
-class ADownpourRule(CenterRule):
+class ADownpourRule(_TrainablePrefixRule):
     """ADOWNPOUR: Adagrad at the master on the pushed updates (u = −η Σ g).
 
     G ← G + u²; x̃ ← x̃ + η_o·u/(√G + ε): the authors' server in Adagrad's "global" mode
@@ -156,7 +166,7 @@ class MVADownpourRule(CenterRule):
         z += self.rate * x
 
 
-class AsyncDiLoCoRule(CenterRule):
+class AsyncDiLoCoRule(_TrainablePrefixRule):
     """async-diloco: the outer optimizer on each pseudo-gradient g = −u as it arrives, with
     the momentum delayed (Liu et al. 2024, "delayed Nesterov"): every push moves the center by
     −η_o·g at once; the momentum is updated from the pushes buffered since its last update
