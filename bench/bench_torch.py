@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Per-step cost of the PyTorch adapter (DESIGN.md §4c) against a plain PyTorch loop, in one run.
+"""Per-step cost of the PyTorch adapter (docs/ARCHITECTURE.md §1.5) against a plain PyTorch
+loop, in one run.
 
 The paper's CIFAR convnet (3×28×28 inputs, 10 classes) trains on the same pre-made batches of
 synthetic tensors in three variants:

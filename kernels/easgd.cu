@@ -1,4 +1,4 @@
-// easgd.cu -- fused CUDA kernels, one per fused method of NumpyBackend (DESIGN.md section 5).
+// easgd.cu -- fused CUDA kernels, one per fused method of NumpyBackend (docs/ARCHITECTURE.md §6.3).
 //
 // Each kernel is one grid-stride pass over flat float32 vectors of n elements, updated in place;
 // its parameters are the NumPy method's parameters in the same order, followed by n. The

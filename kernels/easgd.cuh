@@ -1,4 +1,4 @@
-// easgd.cuh -- the per-element math of every EASGD update rule (DESIGN.md sections 2 and 5).
+// easgd.cuh -- the per-element math of every EASGD update rule (docs/ARCHITECTURE.md §2 and §6).
 //
 // One inline function per fused method of easgd_mpi.backend.numpy_backend.NumpyBackend, which is
 // the reference. Each function evaluates its formula in float32, one rounding per operation, in

@@ -1,4 +1,4 @@
-"""The float64 recurrences of DESIGN.md §2, written independently of the package, and the
+"""The float64 recurrences of docs/ARCHITECTURE.md §2, written independently of the package, and the
 quadratic problem with one optimum per worker they are checked on (the unit, MPI and checkpoint
 cut tests share them).
 

@@ -8,7 +8,8 @@ over the workers only through :class:`WorkerAllreduce`.
 
 The synchronous rules (sync EASGD, all-reduce SGD) keep the master's window up to date so that
 evaluation, metrics and checkpoints work as in the asynchronous case: after each round, the first
-worker adds (replica − window) to the window, so the window equals the workers' common center.
+worker sets the window to the workers' common center (``CenterWindow.write``, an element-wise
+``Accumulate(REPLACE)``: nothing is added, so the window is that center bit for bit).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from .backend.numpy_backend import host_sum_squares
 from .center_rules import outer_nesterov, staleness_weight
 from .collective import WorkerAllreduce
 
@@ -50,7 +50,7 @@ class _ChunkStaging:
     difference on the host) after it has started the next one, so copies, kernels and MPI of
     neighbouring chunks overlap. Without, each chunk is finished before the next starts (the
     baseline the device check compares against). Σ e² (the worker-to-center distance, and the
-    finiteness test) is taken from the host copy once it is there.
+    finiteness test) is taken where e is computed, on the device, and comes back with the chunk.
     """
 
     def __init__(self, backend, chunk: int, overlap: bool = True):
@@ -60,31 +60,44 @@ class _ChunkStaging:
         self.overlap = overlap and self.staged
         if self.staged:
             self._pipeline = backend.staging_pipeline()
-            # Device chunk pairs: one per chunk in flight (at most one started chunk per slice
-            # of the center, plus the one starting); made on first need, then reused.
-            self._free: list[tuple[object, object]] = []
+            # Slots (device buffers and events): one per chunk in flight (at most one started
+            # chunk per slice of the center, plus the one starting); made on first need, then
+            # reused.
+            self._free: list = []
 
-    def start(self, c, e, kernel):
-        """Start kernel(c_dev, e_dev) on one chunk; returns finish() → Σ e² (float64; inf or
-        nan if e is not finite), which must be called before c or e is touched again."""
-        b = self.backend
+    def start(self, c, e, kernel, on_finish) -> _StartedChunk:
+        """Start kernel(c_dev, e_dev) on one chunk; the returned chunk, once called, calls
+        ``on_finish(Σ e²)`` (float64; inf or nan if e is not finite). c and e must not be
+        touched before then (c may be refilled once ``input_consumed()`` says so)."""
         if not self.staged:
             kernel(c, e)
-            return lambda: b.sum_squares(e)
-        pair = self._free.pop() if self._free else (b.zeros(self.chunk), b.zeros(self.chunk))
-        k = c.shape[0]
-        c_dev, e_dev = pair[0][:k], pair[1][:k]
-        ticket = self._pipeline.start(c, c_dev, kernel, e_dev, e)
+            return _StartedChunk(None, None, None, on_finish, self.backend.sum_squares(e))
+        slot = self._free.pop() if self._free else self._pipeline.slot(self.chunk)
+        self._pipeline.start(slot, c, kernel, e)
+        return _StartedChunk(self._pipeline, slot, self._free, on_finish)
 
-        def finish() -> float:
-            self._pipeline.wait(ticket)
-            self._free.append(pair)
-            return host_sum_squares(e)
 
-        if self.overlap:
-            return finish
-        sq = finish()
-        return lambda: sq
+class _StartedChunk:
+    """A chunk whose copies and kernel may still be in flight (see :data:`center.ChunkKernel`):
+    calling it waits for its difference and Σ e², hands its slot back and calls on_finish."""
+
+    __slots__ = ("_pipeline", "_slot", "_free", "_on_finish", "_sq")
+
+    def __init__(self, pipeline, slot, free, on_finish, sq=None):
+        self._pipeline, self._slot, self._free = pipeline, slot, free
+        self._on_finish = on_finish
+        self._sq = sq
+
+    def input_consumed(self) -> bool:
+        """Whether the center's chunk has been copied in (never waits)."""
+        return self._slot is None or self._pipeline.input_consumed(self._slot)
+
+    def __call__(self) -> None:
+        if self._slot is not None:
+            self._sq = self._pipeline.wait(self._slot)
+            self._free.append(self._slot)
+            self._slot = None
+        self._on_finish(self._sq)
 
 
 class WorkerAlgorithm(ABC):
@@ -164,20 +177,20 @@ class WorkerAlgorithm(ABC):
         poisoned = False
 
         def compute(lo, hi, c, e):
-            sum_squares = self._staging.start(c, e, lambda cd, ed: chunk_kernel(lo, hi, cd, ed))
-
-            def finish() -> None:
+            def finished(sq: float) -> None:
                 nonlocal total_sq, poisoned
-                sq = sum_squares()
                 if math.isfinite(sq):
                     total_sq += sq
                 else:
                     e[...] = 0
                     poisoned = True
 
+            started = self._staging.start(
+                c, e, lambda cd, ed: chunk_kernel(lo, hi, cd, ed), finished
+            )
             if self._staging.overlap:
-                return finish  # the exchange calls it after it has started the next chunk
-            finish()
+                return started  # the exchange finishes it after it has started the next chunk
+            started()
             return None
 
         self.bytes += self.center.exchange(compute)

@@ -8,9 +8,11 @@ user memory passive-target RMA stalls while the owner is busy). In the default l
 keeps it open for the whole run, so workers read and accumulate while the servers compute or
 sleep; in ``exclusive`` mode each transfer locks every server it touches instead, one after the
 other in rank order (the same order on every rank: no deadlock). Reads are
-``Get_accumulate(NO_OP)`` and differences go in with ``Accumulate(SUM)``: both element-wise
-atomic against each other, so concurrent exchanges never tear an element and every slice is
-exactly ``initial + Σ e`` (the conservation invariant the tests check, per slice and in total).
+``Get_accumulate(NO_OP)`` (``Rget_accumulate`` in the exchange) and differences go in with
+``Accumulate(SUM)`` (``Raccumulate``); a synchronous rule's exact write is ``Accumulate(REPLACE)``:
+all element-wise atomic against each other, so concurrent exchanges never tear an element and
+every slice is exactly ``initial + Σ e`` (the conservation invariant the tests check, per slice
+and in total).
 
 The exchange is pipelined in chunks: the first read of every slice goes out at once, the
 caller's kernel runs on whichever chunk arrives first, and while it does, the next read of that
@@ -46,7 +48,10 @@ __all__ = [
 #: the elastic difference to add to them into ``e_chunk`` (and update the worker's own state).
 #: It may instead start that work and return a callable that finishes it (a GPU worker's copies
 #: and kernel in flight): the exchange then starts the next chunk before it finishes this one,
-#: and touches neither buffer of this chunk before the callable has returned.
+#: and touches neither buffer of this chunk before the callable has returned, except that when
+#: the callable has an ``input_consumed()`` method that returns True (the chunk's copy to the
+#: device is done; it must never wait), the next read of the center goes into ``c_chunk`` at
+#: once, before the exchange waits for the difference.
 ChunkKernel = Callable[[int, int, object, object], Callable[[], None] | None]
 
 
@@ -237,9 +242,13 @@ class CenterWindow:
                 lo, hi = sh.chunks[k]
                 finish = compute(lo, hi, sh.c[buf][: hi - lo], sh.e[buf][: hi - lo])
                 if started[i] is not None:  # chunk k-1: finish it, send it, reuse its buffers
+                    consumed = getattr(started[i][2], "input_consumed", None)
+                    early = more and consumed is not None and consumed()
+                    if early:  # its center chunk is on the device: read k+1 before waiting
+                        reads[i] = self._rget(sh, k + 1)
                     self._finish(i, *started[i], accs)
                     started[i] = None
-                    if more:
+                    if more and not early:
                         reads[i] = self._rget(sh, k + 1)
                 if finish is None:
                     self._accumulate(i, buf, k, accs)

@@ -1,9 +1,12 @@
-"""HDF5 checkpoints: the format (docs/CHECKPOINT.md), atomic save, validated load, inspect.
+"""HDF5 checkpoints: the format of one file (docs/CHECKPOINT.md), atomic save, validated load,
+inspect. Which files a run folder holds, their numbers and pruning are rundir.py's.
 
 A checkpoint is plain HDF5 (h5dump and HDFView open it; no pickles anywhere). It holds the
-center, the flat layout, the resolved config as TOML text, global and per-worker counters, each
-worker's local state (x, and v for momentum methods) with its random-number state, and the
-metrics so far. A SHA-256 over every stored array and the config is checked on load.
+center, the flat layout, the resolved config as TOML text, global counters and every worker's
+state at the cut (workerstate.py: counters, generator words, the rows x and v or DOWNPOUR's
+pending row unless ``checkpoint.worker_states = false``, each state's age), the trainable size,
+a model's local tensors, and the metrics so far. A SHA-256 over every stored array and the config
+is checked on load.
 
 Files are written to a temporary name in the same folder, flushed, fsynced and renamed over the
 target, then the folder is fsynced: a crash at any point leaves either the old set of
@@ -17,7 +20,6 @@ import gc
 import hashlib
 import json
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,11 +37,7 @@ __all__ = [
     "CheckpointData",
     "save_checkpoint",
     "load_checkpoint",
-    "list_checkpoints",
-    "checkpoint_sequence",
-    "newest_valid_checkpoint",
-    "prune_checkpoints",
-    "checkpoint_is_valid",
+    "check_matches",
     "summarize",
     "format_summary",
 ]
@@ -48,7 +46,6 @@ FORMAT_NAME = "easgd-mpi checkpoint"
 FORMAT_VERSION = 2
 #: Versions this code reads (1: generator states as JSON text; 2: as int64 words).
 READABLE_VERSIONS = (1, 2)
-_NAME = re.compile(r"^checkpoint-(\d+)\.h5$")
 
 
 @dataclass
@@ -139,7 +136,6 @@ def save_checkpoint(path: str | os.PathLike, data: CheckpointData) -> Path:
     if reason is not None:
         raise CheckpointError(f"checkpoint {path} could not be written: {reason}")
     _fsync_dir(path.parent)
-    _remember(path, True)
     return path
 
 
@@ -490,7 +486,16 @@ def _words_of_json(text: str) -> np.ndarray:
     return encode_rng(rng)
 
 
-_INT_METRICS = {"steps", "exchanges", "bytes", "resets"}
+_INT_METRICS = {
+    "steps",
+    "exchanges",
+    "bytes",
+    "resets",
+    "steps_per_worker",
+    "step_budget",
+    "slowest_rank",
+    "slowest_steps",
+}
 
 
 def _int_if_whole(key: str, value) -> float | int:
@@ -519,117 +524,6 @@ def check_matches(data: CheckpointData, layout: Layout, path) -> None:
         f"checkpoint {path} does not match the model: extra tensors "
         f"{', '.join(extra) or '(order differs)'}"
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# A run folder's checkpoints
-
-
-def checkpoint_path(run_dir: str | os.PathLike, sequence: int) -> Path:
-    return Path(run_dir) / f"checkpoint-{sequence:06d}.h5"
-
-
-def checkpoint_sequence(path: str | os.PathLike) -> int:
-    """The sequence number in a checkpoint's file name (checkpoint-000012.h5 → 12)."""
-    match = _NAME.match(Path(path).name)
-    if match is None:
-        raise ValueError(f"{path} is not named like a checkpoint (checkpoint-NNNNNN.h5)")
-    return int(match.group(1))
-
-
-def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """Checkpoint files of a run folder, oldest first (by sequence number)."""
-    folder = Path(run_dir)
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def newest_valid_checkpoint(run_dir, report=print) -> tuple[Path, CheckpointData] | None:
-    """The newest checkpoint that loads and validates; bad ones are reported and skipped.
-
-    None when the folder holds no checkpoint at all; a :class:`CheckpointError` naming them
-    when it holds checkpoints and every one is damaged (starting over would silently drop the
-    run's progress and metrics).
-    """
-    bad = []
-    for path in reversed(list_checkpoints(run_dir)):
-        try:
-            data = load_checkpoint(path)
-        except CheckpointError as exc:
-            report(f"easgd: skipping bad checkpoint: {exc}")
-            _remember(path, False)
-            bad.append(path.name)
-            continue
-        _remember(path, True)
-        return path, data
-    if bad:
-        raise CheckpointError(
-            f"every checkpoint in {run_dir} is damaged ({', '.join(reversed(bad))}): refusing "
-            f"to start over; move them away to start a new run, or resume a copy you trust"
-        )
-    return None
-
-
-#: Verdicts on checkpoint files already checked by this process: path → (size, mtime_ns, ok).
-#: A file this process wrote is good by construction (written atomically, then renamed).
-_VERDICTS: dict[Path, tuple[int, int, bool]] = {}
-
-
-def _remember(path: Path, ok: bool) -> None:
-    try:
-        st = path.stat()
-    except OSError:
-        return
-    _VERDICTS[Path(path)] = (st.st_size, st.st_mtime_ns, ok)
-
-
-def checkpoint_is_valid(path: Path) -> bool:
-    """Whether ``path`` loads and passes its checksum (cached per file version)."""
-    path = Path(path)
-    try:
-        st = path.stat()
-    except OSError:
-        return False
-    known = _VERDICTS.get(path)
-    if known is not None and known[:2] == (st.st_size, st.st_mtime_ns):
-        return known[2]
-    try:
-        load_checkpoint(path)
-        ok = True
-    except CheckpointError:
-        ok = False
-    _VERDICTS[path] = (st.st_size, st.st_mtime_ns, ok)
-    return ok
-
-
-def prune_checkpoints(run_dir, keep: int, report=None) -> list[Path]:
-    """Keep the newest ``keep`` *valid* checkpoints and delete older valid ones.
-
-    Damaged checkpoints never count toward ``keep`` (so they never cause a good one to be
-    pruned) and are never deleted: they are reported once (``report``) and left for the user
-    to inspect. Returns what was removed.
-    """
-    kept, doomed = 0, []
-    for path in reversed(list_checkpoints(run_dir)):
-        before = _VERDICTS.get(Path(path))
-        if not checkpoint_is_valid(path):
-            newly_bad = before is None or before[2]
-            if newly_bad and report is not None:
-                report(
-                    f"easgd: warning: checkpoint {path} is damaged: it is kept for inspection "
-                    f"and does not count toward checkpoint.keep"
-                )
-            continue
-        kept += 1
-        if kept > keep:
-            doomed.append(path)
-    doomed.reverse()  # oldest first, like list_checkpoints
-    for p in doomed:
-        p.unlink(missing_ok=True)
-        _VERDICTS.pop(Path(p), None)
-    return doomed
 
 
 # ---------------------------------------------------------------------------------------------

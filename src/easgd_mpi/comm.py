@@ -477,6 +477,10 @@ def _abort(code: int) -> None:
         if MPI.Is_initialized() and not MPI.Is_finalized() and MPI.COMM_WORLD.Get_size() > 1:
             sys.stderr.flush()
             sys.stdout.flush()
+            # The launcher forwards output through pipes that the abort may cut before they are
+            # drained (seen on a loaded node: the error line lost): a moment for the line that
+            # says why the job ends.
+            time.sleep(0.3)
             MPI.COMM_WORLD.Abort(code)
     except Exception:  # noqa: BLE001
         pass

@@ -55,6 +55,7 @@ __all__ = [
     "STALENESS_SCALES",
     "TORCH_MODELS",
     "LOCK_MODES",
+    "DEVICES",
 ]
 
 #: Algorithms the worker loop knows (docs/ARCHITECTURE.md §2).
@@ -114,7 +115,7 @@ CENTER_ROWS = {
     "async-diloco": ("outer_momentum", "outer_buffer"),
 }
 #: How workers lock the center's window (``lock_mode``); the window itself (center.py) takes them
-#: from here, so this module imports nothing that touches MPI (DESIGN.md §3).
+#: from here, so this module imports nothing that touches MPI (docs/ARCHITECTURE.md §1.1).
 LOCK_MODES = ("shared", "exclusive")
 
 #: Default exchange chunks (floats): CPU workers overlap small chunks best; a GPU worker pays one
@@ -122,6 +123,8 @@ LOCK_MODES = ("shared", "exclusive")
 CPU_CHUNK = 1 << 18
 GPU_CHUNK = 1 << 22
 
+#: The ``device`` settings (backend.select_backend says what each does).
+DEVICES = ("auto", "gpu", "cpu-fallback", "off")
 DATASETS = ("digits", "synthetic", "file", "cifar10", "mnist")
 #: Data sets read from files named by data.path.
 FILE_DATASETS = ("file", "cifar10", "mnist")
@@ -243,7 +246,9 @@ class Config:
     #: Rules whose center computes: how many of a worker's own pushes may still wait in the
     #: servers' inboxes when it pulls the center (0: every pull includes its last push).
     push_lag: int = 0
-    #: Use a GPU on workers that have one ("auto") or never ("off").
+    #: Where workers compute (``DEVICES``): "auto" a GPU when CuPy sees one (one that cannot
+    #: run the kernels stops the run), "gpu" a GPU or stop, "cpu-fallback" a GPU when it
+    #: works and NumPy otherwise, "off" always NumPy.
     device: str = "auto"
     #: BLAS threads per rank (0 = this node's cores divided by its ranks).
     threads: int = 0
@@ -482,7 +487,7 @@ class Config:
         _check_positive("eval_interval", self.eval_interval)
         _check_choice("lock_mode", self.lock_mode, LOCK_MODES)
         _check_int("servers", self.servers, low=1)
-        _check_choice("device", self.device, ("auto", "off"))
+        _check_choice("device", self.device, DEVICES)
         if self.chunk != 0:
             _check_int("chunk", self.chunk, low=1024)
         _check_int("threads", self.threads, low=0)

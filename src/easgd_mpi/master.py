@@ -1,4 +1,5 @@
-"""The master loop: serve the center, evaluate snapshots, report, checkpoint, end the run.
+"""The master loop: evaluate snapshots of the center, report, checkpoint, end the run (the center's
+window itself is a passive RMA target: nothing runs to serve it).
 
 The master never blocks the workers: between its own jobs it only reads the workers' rows in
 the RMA windows and sleeps briefly, so on an oversubscribed node it leaves the cores to them.
@@ -12,17 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import (
-    CheckpointData,
-    checkpoint_path,
-    checkpoint_sequence,
-    list_checkpoints,
-    prune_checkpoints,
-    save_checkpoint,
-)
+from .checkpoint import CheckpointData
 from .config import SYNC_ALGORITHMS
-from .errors import CheckpointError, os_reason
-from .metrics import format_progress
+from .errors import CheckpointError
+from .metrics import format_progress, progress_fields
 
 __all__ = ["run_master", "MasterResult"]
 
@@ -42,29 +36,18 @@ class MasterResult(dict):
 
 class _Run:
     def __init__(
-        self, cfg, roles, problem, center, status, channel, metrics, run_dir, resume, active=None
+        self, cfg, roles, problem, center, status, channel, metrics, folder, resume, active=None
     ):
         self.cfg, self.problem, self.center, self.channel = cfg, problem, center, channel
         #: A center that computes (center_server.ActiveCenter), or None: a passive window.
         self.active = active
         self.status = status
-        self.metrics, self.run_dir = metrics, Path(run_dir)
+        self.metrics, self.folder = metrics, folder
         self.p = roles.n_workers
         self.first_worker_rank = roles.size - roles.n_workers
         self.start = time.monotonic()
         self.time_offset = resume.wall_time if resume else 0.0
         self.records = list(resume.metrics) if resume else []
-        # New checkpoints are numbered above every file already in the folder (a damaged one
-        # that resume skipped, or an earlier run's), so pruning never removes the newest.
-        for stale in self.run_dir.glob(".checkpoint-*.h5.tmp-*"):  # a crash mid-write left it
-            stale.unlink(missing_ok=True)
-        existing = [checkpoint_sequence(p) for p in list_checkpoints(run_dir)]
-        self.sequence = max([resume.sequence if resume else 0, *existing])
-        if existing and resume is None:
-            _log.info(
-                f"easgd: note: {run_dir} already holds checkpoints of an earlier run; this "
-                f"run's are numbered from {self.sequence + 1}"
-            )
         self.snapshot = np.empty(center.n, dtype=np.float32)
         # When the master first saw each (worker, epoch) state: its age goes into checkpoints.
         # Epoch 0 is the state a worker starts from (this segment's start, or the resumed one).
@@ -112,8 +95,15 @@ class _Run:
             self.active.read_evaluated(self.snapshot)
         status = self.status.read()
         result = self.problem.evaluate(self.snapshot)
+        now = round(self.elapsed(), 4)
+        # The rate is measured from the previous record of this start (a resumed run's last
+        # record is older than this start: time_offset is its checkpoint's wall time).
+        last = self.records[-1] if self.records else None
+        previous = (
+            (last["time"], last["steps"]) if last and last["time"] > self.time_offset else None
+        )
         record = {
-            "time": round(self.elapsed(), 4),
+            "time": now,
             "steps": int(status["steps"].sum()),
             "exchanges": int(status["exchanges"].sum()),
             "center_loss": float(result["loss"]),
@@ -122,6 +112,9 @@ class _Run:
             "worker_loss": float(np.nanmean(status["loss"])) if self.p else 0.0,
             "bytes": int(status["bytes"].sum()),
             "resets": int(status["resets"].sum()),
+            **progress_fields(
+                status["steps"], self.cfg.steps, self.first_worker_rank, now, previous
+            ),
         }
         if self.active is not None:
             record.update(self._center_metrics(status))
@@ -166,7 +159,6 @@ class _Run:
                 self.center.read(self.snapshot)
             if self.active is not None:
                 center_state = self.active.read_rows()
-        self.sequence += 1
         data = CheckpointData(
             config_toml=self.cfg.to_toml(),
             algorithm=self.cfg.algorithm,
@@ -174,7 +166,6 @@ class _Run:
             center=self.snapshot.copy(),
             states=states,
             wall_time=now,
-            sequence=self.sequence,
             metrics=self.records,
             trainable_size=getattr(self.problem, "n_trainable", None),
             local_tensors=self.problem.local_state()
@@ -182,20 +173,8 @@ class _Run:
             else {},
             center_state=center_state,
         )
-        path = checkpoint_path(self.run_dir, self.sequence)
-        try:
-            save_checkpoint(path, data)
-        except CheckpointError:
-            self.sequence -= 1  # nothing was written: the next try takes the same number
-            raise
-        try:  # pruning only after a checkpoint is safe: a failed one never costs a good one
-            prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep, report=_log.info)
-        except OSError as exc:
-            _warn(
-                f"easgd: warning: an older checkpoint ({exc.filename or self.run_dir}) cannot "
-                f"be removed: {os_reason(exc)}"
-            )
-        return path
+        # The folder numbers it above every file already there and prunes once it is safe.
+        return self.folder.save_checkpoint(data)
 
 
 def run_master(
@@ -206,7 +185,7 @@ def run_master(
     status,
     channel,
     metrics,
-    run_dir,
+    folder,
     resume: CheckpointData | None = None,
     stop_flag=None,
     active=None,
@@ -219,7 +198,7 @@ def run_master(
     checkpoint is written with the states at hand, and a stop writes its final checkpoint
     without the workers that did not answer (they are returned as ``abandoned``).
     """
-    run = _Run(cfg, roles, problem, center, status, channel, metrics, run_dir, resume, active)
+    run = _Run(cfg, roles, problem, center, status, channel, metrics, folder, resume, active)
     stop_flag = stop_flag or (lambda: False)
     interval, wait = cfg.checkpoint.interval, cfg.checkpoint.state_wait
     next_eval = time.monotonic()

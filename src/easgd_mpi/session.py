@@ -47,10 +47,11 @@ from .comm import (
 from .config import SYNC_ALGORITHMS, Config
 from .data.sampling import worker_rng
 from .errors import CheckpointError, ConfigError, EasgdError
+from .gpu_binding import bind_before_mpi
 from .log import console_if_unconfigured
-from .metrics import MetricsLog, format_error
+from .metrics import format_error
 from .models import make_problem
-from .rundir import RunFolder, find_checkpoint
+from .rundir import COMPLETED, PREEMPTED, RunFolder, Start, find_checkpoint
 from .snapshots import open_state_channel
 from .status_board import StatusBoard
 from .workerstate import WorkerState, WorkerStates
@@ -118,6 +119,8 @@ class Session:
 
     def open(self) -> None:
         console_if_unconfigured()
+        # A script's run: bound to its GPU as `easgd train` binds, while MPI has not started.
+        bind_before_mpi(self.cfg.servers)
         base = world_comm(self._comm)
         self._resolve_config(base)
         cfg = self.cfg
@@ -164,7 +167,8 @@ class Session:
                 return None
             if isinstance(resume, CheckpointData):
                 return resume
-            return find_checkpoint(resume, self.cfg.run_dir)[1]
+            found = find_checkpoint(resume, self.cfg.run_dir)
+            return None if found is None else found[1]
 
         self.checkpoint = agree_or_fail(base, find)
         base_toml = broadcast(base, self.checkpoint.config_toml if self.checkpoint else None)
@@ -196,9 +200,15 @@ class Session:
         def open_folder():
             if not roles.is_master:
                 return None
-            self.folder = RunFolder.open(self.cfg, resuming=self.resuming)
-            self.folder.write_config(self.cfg.to_toml())
-            return str(self.folder.path)
+            start = Start.of(self._resume, self.checkpoint)
+            folder = RunFolder.open(self.cfg, start, self.checkpoint)
+            try:
+                folder.write_config(self.cfg.to_toml())
+            except BaseException:
+                folder.release()
+                raise
+            self.folder = folder
+            return str(folder.path)
 
         self.run_dir = broadcast(roles.world, agree_or_fail(roles.world, open_folder))
 
@@ -356,8 +366,7 @@ class Session:
                 self.served = keep_progress(roles.world, poll=SERVER_POLL, work=server.poll)
             self._barrier_done = True
         elif roles.is_master:
-            history = self.checkpoint.metrics if self.checkpoint else None
-            metrics = MetricsLog(self.folder.metrics_path, history=history)
+            metrics = self.folder.open_metrics()
             if server is not None:  # the master's slice, in a thread: evaluations take long
                 server.start_thread()
             try:
@@ -369,7 +378,7 @@ class Session:
                     self.status,
                     self.channel,
                     metrics,
-                    self.run_dir,
+                    self.folder,
                     resume=self.checkpoint,
                     stop_flag=self.stop_requested,
                     active=self.active,
@@ -404,7 +413,7 @@ class Session:
         ranks = ", ".join(str(r) for r in final["abandoned"])
         if final.get("failure") is None:
             try:
-                self.folder.mark("PREEMPTED")
+                self.folder.mark(PREEMPTED)
             except EasgdError as exc:
                 _log.warning(f"easgd: warning: {exc}")
         self.folder.release()
@@ -447,7 +456,7 @@ class Session:
                 if failure is not None:
                     raise failure
                 stopped = bool(final.pop("stopped", self._stop))
-                self.folder.mark("PREEMPTED" if stopped else "COMPLETED")
+                self.folder.mark(PREEMPTED if stopped else COMPLETED)
                 return stopped
             finally:
                 self.folder.release()
@@ -554,10 +563,10 @@ def _choose_backend(cfg, roles):
     if bound is not None:
         # Bound before MPI started (gpu_binding: the same numbering): CUDA_VISIBLE_DEVICES holds
         # this worker's GPU alone, device 0 in here. The start-up line names the node's GPU.
-        backend, why = select_backend(prefer_gpu=True, device_id=0)
+        backend, why = select_backend(prefer_gpu=True, device_id=0, mode=cfg.device)
         label = int(bound) if bound.isdigit() else bound
         return backend, why, label if getattr(backend, "is_gpu", False) else None
-    backend, why = select_backend(prefer_gpu=True, device_id=local_worker)
+    backend, why = select_backend(prefer_gpu=True, device_id=local_worker, mode=cfg.device)
     return backend, why, getattr(backend, "device_id", None)
 
 

@@ -1,7 +1,8 @@
 """Worker states for checkpoints, and the stop signal, through RMA windows on the master.
 
-The master never messages a worker and a worker never waits for the master. Three windows on
-rank 0, all in one long ``Lock_all`` epoch like the center:
+The master never messages a worker and a training worker never waits for the master (a finished
+one polls for the master's release, which its final checkpoint needs). Three windows on rank 0,
+all in one long ``Lock_all`` epoch (whatever the center's lock mode):
 
 - *control* (int64): the checkpoint epoch the master asks for, a stop flag (end training now),
   and a release flag (the final checkpoint has every state: finished workers may leave);

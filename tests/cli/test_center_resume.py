@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from test_exact_resume import STEPS, _assert_identical, _final, _reference, _slow_command
 
-from easgd_mpi.checkpoint import list_checkpoints, load_checkpoint
+from easgd_mpi.checkpoint import load_checkpoint
+from easgd_mpi.rundir import list_checkpoints
 from launching import run, train_command
 
 #: (algorithm, ranks, extra settings). τ = 1 for the rules that move the center every step.

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from easgd_mpi.checkpoint import list_checkpoints, load_checkpoint
+from easgd_mpi.checkpoint import load_checkpoint
+from easgd_mpi.rundir import list_checkpoints
 from launching import run, start, train_command
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -57,6 +58,26 @@ def _assert_identical(a, b) -> None:
     assert np.array_equal(a.states.rng_words, b.states.rng_words)
 
 
+# Under pytest-xdist all of these run in one worker, so that each reference run is launched once.
+pytestmark = pytest.mark.xdist_group("exact_resume")
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """``reference_run(mpiexec, env, algorithm, n, extra)``: the final checkpoint of that case's
+    uninterrupted run, launched once per module (both tests compare with the same runs)."""
+    finals = {}
+
+    def final(mpiexec, env, algorithm, n, extra):
+        key = (algorithm, n, extra)
+        if key not in finals:
+            folder = tmp_path_factory.mktemp("reference")
+            finals[key] = _reference(mpiexec, env, folder, algorithm, n, extra)
+        return finals[key]
+
+    return final
+
+
 def _reference(mpiexec, clean_env, tmp_path, algorithm, n, extra):
     ref_dir = tmp_path / "reference"
     done = run(
@@ -77,9 +98,9 @@ def _reference(mpiexec, clean_env, tmp_path, algorithm, n, extra):
 
 @pytest.mark.parametrize(("algorithm", "n", "extra"), CASES)
 def test_resuming_a_periodic_checkpoint_ends_bit_identical(
-    algorithm, n, extra, mpiexec, clean_env, tmp_path
+    algorithm, n, extra, mpiexec, clean_env, tmp_path, reference_run
 ):
-    reference = _reference(mpiexec, clean_env, tmp_path, algorithm, n, extra)
+    reference = reference_run(mpiexec, clean_env, algorithm, n, extra)
     assert reference.states.counters["steps"].tolist() == [STEPS] * (n - 1)
 
     slowed = tmp_path / "slowed"
@@ -118,9 +139,9 @@ def test_resuming_a_periodic_checkpoint_ends_bit_identical(
 
 @pytest.mark.parametrize(("algorithm", "n", "extra"), [CASES[0], CASES[4]])
 def test_stopping_with_sigterm_and_resuming_ends_bit_identical(
-    algorithm, n, extra, mpiexec, clean_env, tmp_path
+    algorithm, n, extra, mpiexec, clean_env, tmp_path, reference_run
 ):
-    reference = _reference(mpiexec, clean_env, tmp_path, algorithm, n, extra)
+    reference = reference_run(mpiexec, clean_env, algorithm, n, extra)
     run_dir = tmp_path / "stopped"
     sets = (f"algorithm={algorithm}", f"steps={STEPS}", *extra, "eval_interval=0.05")
     proc = start(

@@ -191,9 +191,10 @@ def test_describe_reports_the_device(backend):
 
 
 def test_overlapped_chunk_staging_matches_the_host_exchange(backend, cp):
-    """The stream pipeline (copy in, kernel, copy out on three streams, finished one chunk
-    later, as the exchange runs it) gives the NumPy exchange's e and x, chunk by chunk, with
-    two chunks in flight at once."""
+    """The stream pipeline (copy in, kernel and Σ e², copy out on three streams, finished one
+    chunk later, as the exchange runs it) gives the NumPy exchange's e, x and Σ e², chunk by
+    chunk, with two chunks in flight at once; a chunk's input is reported consumed once its
+    copy in is done, and the slots (buffers and events) are reused."""
     from easgd_mpi.algorithms import _ChunkStaging  # noqa: PLC0415
 
     rng = np.random.default_rng(7)
@@ -209,22 +210,32 @@ def test_overlapped_chunk_staging_matches_the_host_exchange(backend, cp):
     c_bufs = [backend.host_empty(chunk) for _ in range(2)]
     e_bufs = [backend.host_empty(chunk) for _ in range(2)]
     e_out = np.empty(n, np.float32)
+    sums = []
     previous = None
     for k, lo in enumerate(range(0, n, chunk)):
         hi = min(lo + chunk, n)
         c, e = c_bufs[k % 2][: hi - lo], e_bufs[k % 2][: hi - lo]
         c[...] = c_host[lo:hi]
-        finish = staging.start(
-            c, e, lambda cd, ed, lo=lo, hi=hi: backend.exchange(x[lo:hi], cd, ed, alpha)
+        started = staging.start(
+            c,
+            e,
+            lambda cd, ed, lo=lo, hi=hi: backend.exchange(x[lo:hi], cd, ed, alpha),
+            sums.append,
         )
         if previous is not None:  # the chunk before, finished after this one started
-            plo, phi, pe, pfinish = previous
-            assert np.isfinite(pfinish())
+            plo, phi, pe, pstarted = previous
+            pstarted()
+            assert pstarted.input_consumed()
             e_out[plo:phi] = pe
-        previous = (lo, hi, e, finish)
-    plo, phi, pe, pfinish = previous
-    pfinish()
+        previous = (lo, hi, e, started)
+    plo, phi, pe, pstarted = previous
+    pstarted()
     e_out[plo:phi] = pe
     backend.synchronize()
     np.testing.assert_allclose(e_out, e_ref, rtol=1e-6, atol=ATOL)
     np.testing.assert_allclose(cp.asnumpy(x), x_ref, rtol=1e-6, atol=ATOL)
+    want = [
+        float(np.sum(e_ref[lo : lo + chunk].astype(np.float64) ** 2)) for lo in range(0, n, chunk)
+    ]
+    np.testing.assert_allclose(sums, want, rtol=1e-5)
+    assert len(staging._free) == 2  # two slots made, both handed back

@@ -2,7 +2,7 @@
 
 Sync EASGD and all-reduce SGD: every worker has its *own* optimum (the problem reads its rank), so
 the workers differ and the averaging shows: a worker's gradient points and the final center must
-follow the float64 recurrence of DESIGN.md §2 with the mean over the workers in it, at
+follow the float64 recurrence of docs/ARCHITECTURE.md §2 with the mean over the workers in it, at
 p = world size − 1 (`make test`: p = 1, 2, 4; the averaging is seen at p ≥ 2).
 
 Async EASGD, EAMSGD and DOWNPOUR are deterministic at p = 1: each pair of ranks (a communicator

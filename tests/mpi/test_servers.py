@@ -1,4 +1,5 @@
-"""Training with the center in slices on several servers (``servers = S``, DESIGN.md §4d).
+"""Training with the center in slices on several servers (``servers = S``,
+docs/ARCHITECTURE.md §3.3).
 
 Needs S + 1 ranks at least (`make test`: 3 and 5 ranks run it, 2 skips it). p = world size − S
 workers; the digits MLP must learn as well as with one server, and the synchronous rules,
@@ -11,8 +12,9 @@ from mpi4py import MPI
 from mpi_helpers import config, train_quietly
 
 import easgd_mpi as ea
-from easgd_mpi.checkpoint import list_checkpoints, load_checkpoint
+from easgd_mpi.checkpoint import load_checkpoint
 from easgd_mpi.comm import wait_for_all
+from easgd_mpi.rundir import list_checkpoints
 
 # A chunk smaller than the model (4,812 floats): each slice is exchanged in several chunks.
 SLICED = {"chunk": 1024, "threads": 1}

@@ -4,7 +4,7 @@ The real classes of ``algorithms.py`` and the NumPy kernels, with an in-memory c
 the synchronous rules, p workers in threads joined by an in-memory all-reduce. Each worker has
 its own optimum, so the averaging of the synchronous rules shows; the asynchronous rules run at
 p = 1, where they are deterministic. Gradient points and the final center must follow the
-float64 recurrence of DESIGN.md §2, written here independently.
+float64 recurrence of docs/ARCHITECTURE.md §2, written here independently.
 """
 
 import threading

@@ -9,12 +9,15 @@
 * config.py reaches none of the modules that touch MPI or run training, not even indirectly;
   the modules it is built from (config_io.py, stability.py) import nothing of the package but
   errors.py, so the config layer stays one way: config → its parts → errors.
+* Only rundir.py names, creates, lists or deletes the files of a run folder (runlock.py its lock
+  file): no other module spells a run-folder file name or changes a ``run_dir``.
 """
 
 from __future__ import annotations
 
 import ast
 import builtins
+import re
 from functools import cache
 from pathlib import Path
 
@@ -43,6 +46,20 @@ MPI_METHODS = frozenset(
     allgather allreduce alltoall barrier bcast bsend exscan gather ibsend improbe iprobe irecv
     isend issend mprobe probe recv reduce scan scatter send sendrecv ssend
     """.split()
+)
+
+
+#: The files of a run folder (README "Running", docs/CHECKPOINT.md), as a name or a path ending in
+#: one; found in a string or an f-string's text. Their owner: rundir.py, the lock runlock.py.
+RUN_FOLDER_FILE = re.compile(
+    r"(?:^|/)\.?(checkpoint-|metrics\.jsonl|config\.toml|PREEMPTED|COMPLETED|easgd\.lock)"
+)
+LOCK_FILE = "easgd.lock"
+#: A variable that holds a run folder, and what changes, lists or joins a path onto it.
+RUN_FOLDER_VARIABLE = re.compile(r"^run_?(dir|folder)$")
+FILE_CHANGES = frozenset(
+    "mkdir makedirs unlink remove rmdir rmtree rename replace touch write_text write_bytes "
+    "glob rglob iterdir listdir scandir".split()
 )
 
 
@@ -95,6 +112,48 @@ def mpi_uses(tree: ast.Module, label: str) -> list[str]:
             and not (isinstance(node.func.value, ast.Name) and node.func.value.id in modules)
         ):
             uses.append(f"{label}:{node.lineno}: calls .{node.func.attr}()")
+    return uses
+
+
+def _docstrings(tree: ast.Module) -> set[int]:
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    return {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, kinds)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+
+
+def _mentions_run_folder(node: ast.AST) -> bool:
+    return any(
+        (isinstance(n, ast.Name) and RUN_FOLDER_VARIABLE.match(n.id))
+        or (isinstance(n, ast.Attribute) and RUN_FOLDER_VARIABLE.match(n.attr))
+        for n in ast.walk(node)
+    )
+
+
+def run_folder_uses(tree: ast.Module, label: str) -> list[tuple[str, str]]:
+    """(file name or "", where and what) for each string naming a run-folder file (docstrings
+    aside: they touch nothing), each listing, creating or deleting call on a run folder
+    variable, and each path joined onto one."""
+    docstrings = _docstrings(tree)
+    uses = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            found = RUN_FOLDER_FILE.search(node.value)
+            if found and id(node) not in docstrings:
+                uses.append((found.group(1), f"{label}:{node.lineno}: names {node.value!r}"))
+        elif isinstance(node, ast.Call):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            if name in FILE_CHANGES and _mentions_run_folder(node):
+                uses.append(("", f"{label}:{node.lineno}: calls {name}() on a run folder"))
+        elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+            if _mentions_run_folder(node.left):
+                uses.append(("", f"{label}:{node.lineno}: joins a path onto a run folder"))
     return uses
 
 
@@ -188,6 +247,48 @@ def test_the_mpi_modules_are_seen_to_use_mpi():
         assert mpi_uses(_tree(path), _label(path)), name
 
 
+def test_only_rundir_touches_run_folder_files():
+    uses = [
+        where
+        for name, path in _modules().items()
+        if name != "rundir"
+        for found, where in run_folder_uses(_tree(path), _label(path))
+        if not (name == "runlock" and found == LOCK_FILE)
+    ]
+    assert not uses, (
+        "the files of a run folder are rundir.py's (its lock runlock.py's): use its functions "
+        "or RunFolder instead:\n" + "\n".join(uses)
+    )
+
+
+def test_rundir_and_runlock_are_seen_to_touch_run_folder_files():
+    # The rule above means something only if the scan finds the files where they are handled.
+    found = {f for f, _ in run_folder_uses(_tree(_modules()["rundir"]), "rundir.py")}
+    assert {"checkpoint-", "metrics.jsonl", "config.toml", "PREEMPTED", "COMPLETED"} <= found
+    runlock = _modules()["runlock"]
+    assert {f for f, _ in run_folder_uses(_tree(runlock), "runlock.py")} == {LOCK_FILE}
+
+
+@pytest.mark.parametrize(
+    "source, found",
+    [
+        ("p = Path(run_dir) / 'metrics.jsonl'\n", True),
+        ("p = self.run_dir / name\n", True),
+        ("for s in self.run_dir.glob(pattern):\n    s.unlink()\n", True),
+        ("def f(run_folder):\n    os.makedirs(run_folder)\n", True),
+        ("name = f'checkpoint-{n:06d}.h5'\n", True),
+        ("target = f'{folder}/COMPLETED'\n", True),
+        ("stale = '.checkpoint-*.h5.tmp-*'\n", True),
+        ("say(f'run folder {run_dir}: each run has its own config.toml')\n", False),
+        ("found = find_checkpoint(spec, cfg.run_dir)\n", False),
+        ('def f():\n    """config.toml and metrics.jsonl: read by plot."""\n', False),
+        ("output.parent.mkdir(parents=True)\n", False),
+    ],
+)
+def test_the_scan_tells_run_folder_files_from_other_text(source, found):
+    assert bool(run_folder_uses(ast.parse(source), "probe.py")) is found
+
+
 def test_every_exception_class_is_in_errors_py():
     classes = exception_classes()
     assert {"EasgdError", "ConfigError", "AgreedError"} <= {name for name, _ in classes}
@@ -225,3 +326,61 @@ def test_the_parts_of_config_import_only_errors(part):
 )
 def test_the_scan_tells_mpi_from_other_calls(source, found):
     assert bool(mpi_uses(ast.parse(source), "probe.py")) is found
+
+
+def _top(name: str) -> str:
+    """A module's floor-plan unit: the package's files, its sub-packages as one module each."""
+    return name.split(".")[0] if name else "__init__"
+
+
+def import_graph() -> dict[str, set[str]]:
+    """unit → the units it imports (at any depth of its code), self-imports left out."""
+    graph: dict[str, set[str]] = {}
+    modules = _modules()
+    for name, path in modules.items():
+        unit = _top(name)
+        targets = {
+            _top(t) for t in _package_imports(name, path) if _top(t) in {_top(m) for m in modules}
+        }
+        graph.setdefault(unit, set()).update(targets - {unit})
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` as [a, b, ..., a], or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node):
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        state[node] = 2
+        path.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def test_the_packages_imports_run_one_way():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "an import cycle (docs/ARCHITECTURE.md §1.1): " + " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    graph = import_graph()
+    graph["errors"] = {"session"}  # errors.py importing the session would close a loop
+    assert find_cycle(graph) is not None

@@ -6,8 +6,8 @@ exactly this signature and the same per-element formula, written in ``kernels/ea
 tests hold both to this reference. The formulas below are evaluated in float32 in the order
 written, so that a host build of the C++ header matches them bit for bit.
 
-Notation (DESIGN.md §2): lr = η, alpha = α, beta = β, delta = δ (momentum), wd = λ (weight
-decay, part of the gradient: g + λ·point where the gradient was taken).
+Notation (docs/ARCHITECTURE.md §2): lr = η, alpha = α, beta = β, delta = δ (momentum), wd = λ
+(weight decay, part of the gradient: g + λ·point where the gradient was taken).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import functools
 
 import numpy as np
 
-__all__ = ["NumpyBackend", "host_sum_squares"]
+__all__ = ["NumpyBackend", "HostStaging", "HostSlot", "host_sum_squares"]
 
 _f32 = np.float32
 #: Elements per cache block: the vectors and temporaries of one block (up to 7 × 256 KiB) stay
@@ -61,24 +61,48 @@ def _blockwise(update):
     return run
 
 
+class HostSlot:
+    """One chunk in flight of :class:`HostStaging`: its "device" buffers and its Σ e²."""
+
+    def __init__(self, backend, n: int):
+        self.c = backend.zeros(n)
+        self.e = backend.zeros(n)
+        self.sq = 0.0
+
+
 class HostStaging:
     """Staging where there is nothing to overlap: every step runs at once, in order.
 
-    The interface of the GPU's stream pipeline (``CupyBackend.staging_pipeline``): ``start``
-    copies the center's chunk in, runs the kernel and copies the difference out; ``wait`` is
-    where a GPU would block until the difference is on the host.
+    The interface of the GPU's stream pipeline (``CupyBackend.staging_pipeline``): ``slot``
+    makes the buffers of one chunk in flight; ``start`` copies the center's chunk in, runs the
+    kernel, takes Σ e² where e was computed (the "device") and copies e out; ``input_consumed``
+    says whether the host chunk may be refilled; ``wait`` is where a GPU would block until e and
+    Σ e² are on the host, and returns Σ e².
     """
 
     def __init__(self, backend):
         self.backend = backend
 
-    def start(self, c_host, c_dev, kernel, e_dev, e_host):
-        self.backend.from_host(c_host, c_dev)
-        kernel(c_dev, e_dev)
-        self.backend.to_host(e_dev, e_host)
+    def slot(self, n: int) -> HostSlot:
+        return HostSlot(self.backend, n)
 
-    def wait(self, ticket) -> None:
-        """Nothing is in flight on the host."""
+    def start(self, slot: HostSlot, c_host, kernel, e_host) -> None:
+        k = c_host.shape[0]
+        c_dev, e_dev = slot.c[:k], slot.e[:k]
+        self.backend.from_host_async(c_host, c_dev)
+        kernel(c_dev, e_dev)
+        slot.sq = self.backend.sum_squares(e_dev)
+        self.backend.to_host_async(e_dev, e_host)
+
+    @staticmethod
+    def input_consumed(slot: HostSlot) -> bool:
+        """Always: the copy in happened in ``start``."""
+        return True
+
+    @staticmethod
+    def wait(slot: HostSlot) -> float:
+        """Nothing is in flight on the host: Σ e² of the chunk."""
+        return slot.sq
 
 
 class NumpyBackend:

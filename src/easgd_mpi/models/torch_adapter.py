@@ -1,4 +1,4 @@
-"""A ``torch.nn.Module`` as a problem on the flat buffers (DESIGN.md §4c).
+"""A ``torch.nn.Module`` as a problem on the flat buffers (docs/ARCHITECTURE.md §1.5).
 
 The module's trainable parameters, then its frozen parameters and floating-point buffers
 (BatchNorm running statistics), are laid out in one flat float32 vector. On a worker every
@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from ..flat import Layout
-from .torch_data import make_batches
+from .torch_data import device_upload, largest_label, make_batches
 
 __all__ = ["TorchProblem", "import_torch", "MEMORY_COPIES"]
 
@@ -73,13 +73,16 @@ class TorchProblem:
             raise ConfigError(f"the model is a {type(module).__name__}, not a torch.nn.Module")
         self.xp = xp
         self.device = _device_for(torch, xp)
-        _follow_cupy_stream(torch, xp)
+        _share_stream(torch, xp, self.device)
         _use_rank_threads(torch)
         self.module = module.to(self.device)
         self.loss_fn = loss or torch.nn.functional.cross_entropy
         self.eval_batch = int(eval_batch)
         self.layout, self.n_trainable, self._local = _layout_of(torch, self.module)
-        self._train = make_batches(torch, train_data, self.device, batch=batch_size)
+        self._upload = device_upload(torch, xp)
+        self._train = make_batches(
+            torch, train_data, self.device, batch=batch_size, upload=self._upload
+        )
         # Evaluation happens on the master, on its host; workers never touch the held-out set.
         self._test_source = test_data
         self._test = None
@@ -177,7 +180,12 @@ class TorchProblem:
         if self._test is None:
             # Built lazily: only the master evaluates.
             self._test = make_batches(
-                torch, self._test_source, self.device, batch=self.eval_batch, what="held-out data"
+                torch,
+                self._test_source,
+                self.device,
+                batch=self.eval_batch,
+                what="held-out data",
+                upload=self._upload,
             )
         views = self._views(x_host)
         for name, tensor in self._named_state().items():
@@ -205,14 +213,18 @@ class TorchProblem:
     def _probe(self) -> None:
         """One forward pass and loss on two training samples, in eval mode and without
         gradients (nothing changes): a model that does not fit its data fails here, at
-        start-up on every rank, as one line, instead of deep inside a worker's first step."""
+        start-up on every rank, as one line, instead of deep inside a worker's first step.
+
+        Two samples show only their own labels: a classifier's outputs are then checked
+        against the largest label of the whole training and held-out data."""
         torch = self.torch
         drawn = self._train.draw(np.random.default_rng(0))
         try:
             self.module.eval()
             with torch.no_grad():
                 inputs, targets = self._train.batch(drawn)
-                self.loss_fn(self.module(inputs[:2]), targets[:2])
+                outputs = self.module(inputs[:2])
+                self.loss_fn(outputs, targets[:2])
         except Exception as exc:  # noqa: BLE001  (whatever the user's model raises)
             text = str(exc).strip().splitlines()
             raise ConfigError(
@@ -222,6 +234,19 @@ class TorchProblem:
             ) from None
         finally:
             self.module.train()
+        # (N, classes) scores against class indices: what evaluate() counts as classification.
+        if outputs.ndim == 2 and targets.ndim == 1 and not targets.is_floating_point():
+            self._check_outputs_cover(int(outputs.shape[1]))
+
+    def _check_outputs_cover(self, outputs: int) -> None:
+        for split, source in (("training", self._train), ("held-out", self._test_source)):
+            top = largest_label(source)
+            if top is not None and top >= outputs:
+                raise ConfigError(
+                    f"the model gives {outputs} outputs per sample but the {split} data has "
+                    f"label {top}: a classifier needs one output per class ({top + 1} or "
+                    f"more here); check its number of outputs against the data"
+                )
 
     # ---- what checkpoints and exports need -------------------------------------------------
     def local_state(self) -> dict[str, np.ndarray]:
@@ -349,15 +374,23 @@ def _device_for(torch, xp):
     return torch.device("cuda", int(xp.cuda.Device().id))
 
 
-def _follow_cupy_stream(torch, xp) -> None:
-    """Run PyTorch's kernels on CuPy's current stream, so the module's work and the fused
-    kernels are ordered without events (with CuPy on the legacy default stream, PyTorch's
-    default stream is that same stream and nothing needs to change)."""
-    if xp is np:
+def _share_stream(torch, xp, device) -> None:
+    """Run PyTorch's work on the worker's compute stream of ``device``, where the fused kernels
+    run: the module's backward pass writes the gradient that the next kernel reads, ordered by
+    issue order on one stream, without events.
+
+    The stream is a real one, made once per device (``use_compute_stream``), whatever CuPy's
+    default-stream mode: following CuPy's current stream by its handle would, under
+    ``CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1``, name a different stream in each thread, and
+    autograd runs the backward pass in a thread of its own. PyTorch's view of it is made with
+    its device, so it is right on a worker whose GPU is not device 0.
+    """
+    if device.type != "cuda":
         return
-    ptr = int(xp.cuda.get_current_stream().ptr)
-    if ptr != 0:
-        torch.cuda.set_stream(torch.cuda.ExternalStream(ptr))
+    from ..backend.cupy_backend import use_compute_stream  # noqa: PLC0415
+
+    stream = use_compute_stream(device.index)
+    torch.cuda.set_stream(torch.cuda.ExternalStream(int(stream.ptr), device=device))
 
 
 def _use_rank_threads(torch) -> None:
