@@ -23,7 +23,7 @@ import numpy as np
 
 from .center_inbox import COUNTER_FIELDS, CenterInbox
 from .center_rules import make_center_rule
-from .comm import run_or_abort
+from .comm import MpiTurn, run_or_abort
 
 __all__ = ["ActiveCenter", "CenterServer", "SERVER_POLL"]
 
@@ -51,6 +51,8 @@ class CenterServer:
         self.busy_s = 0.0
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        #: Taken for each poll; shared with the master's loop when this server is a thread.
+        self.turn = MpiTurn(threaded=False)
 
     def poll(self) -> bool:
         """Apply what arrived since the last apply; returns whether there was anything."""
@@ -73,13 +75,18 @@ class CenterServer:
     def serve(self, stop, poll: float = SERVER_POLL) -> None:
         """Poll until ``stop()``, sleeping ``poll`` seconds whenever nothing arrived."""
         while not stop():
-            if not self.poll():
+            with self.turn:
+                worked = self.poll()
+            if not worked:
                 time.sleep(poll)
-        self.poll()
+        with self.turn:
+            self.poll()
 
     # ---- the master's thread -------------------------------------------------------------
     def start_thread(self) -> None:
-        """Serve in a daemon thread until :meth:`stop_thread` (the master's slice)."""
+        """Serve in a daemon thread until :meth:`stop_thread` (the master's slice); the
+        master's loop takes turns with it (:attr:`turn`)."""
+        self.turn = MpiTurn(threaded=True)
         # An exception here would leave every worker waiting for its pushes: it ends the job
         # like one in any rank's main thread (the traceback, then MPI_Abort).
         self._thread = threading.Thread(

@@ -11,10 +11,12 @@ loop in it).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -54,6 +56,7 @@ __all__ = [
     "limit_blas_threads",
     "run_or_abort",
     "report_error",
+    "MpiTurn",
 ]
 
 MASTER = 0
@@ -503,3 +506,39 @@ def end_job(code: int) -> None:
     # drained: give it a moment, so the line that says why the job ended reaches the user.
     time.sleep(0.5)
     _abort(code)
+
+
+class MpiTurn:
+    """One MPI caller at a time in the master's process, whose slice of a center that computes
+    is served by a thread (``center_server.CenterServer.start_thread``).
+
+    MPI_THREAD_MULTIPLE allows both threads to call MPI at once, on the same windows; after a
+    rare run in which the master's two threads stopped together inside MPI (once in about a
+    hundred threaded runs, not reproduced since), they take turns instead: the master's loop
+    holds the turn for its reads and gives it up around the work that needs no MPI (the
+    evaluation of a snapshot, the checkpoint file), the thread takes it for each poll.
+    ``threaded`` False: no lock (a passive center, or a server without a thread).
+    """
+
+    def __init__(self, threaded: bool = True):
+        self._lock = threading.Lock() if threaded else None
+
+    def __enter__(self) -> MpiTurn:
+        if self._lock is not None:
+            self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._lock is not None:
+            self._lock.release()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Inside ``with turn:``, give the turn up for work that needs no MPI."""
+        if self._lock is not None:
+            self._lock.release()
+        try:
+            yield
+        finally:
+            if self._lock is not None:
+                self._lock.acquire()

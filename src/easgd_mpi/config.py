@@ -238,7 +238,7 @@ class Config:
     #: Floats per RMA transfer in the pipelined exchange; 0 = auto: 262144 (1 MiB) on a CPU
     #: worker, 4194304 (16 MiB) on a GPU worker, where each chunk costs one synchronisation.
     chunk: int = 0
-    #: The center's own optimizer (docs/ARCHITECTURE.md §2.16-2.15); unset = the rule's default.
+    #: The center's own optimizer (docs/ARCHITECTURE.md §2.10-2.15); unset = the rule's default.
     #: Outer learning rate: diloco and async-diloco (0.7), adownpour's Adagrad at the master (0.01).
     outer_lr: float | None = None
     #: Outer Nesterov momentum of diloco and async-diloco (0.9).

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import CheckpointData
+from .comm import MpiTurn
 from .config import SYNC_ALGORITHMS
 from .errors import CheckpointError
 from .metrics import format_progress, progress_fields
@@ -41,6 +42,9 @@ class _Run:
         self.cfg, self.problem, self.center, self.channel = cfg, problem, center, channel
         #: A center that computes (center_server.ActiveCenter), or None: a passive window.
         self.active = active
+        #: The MPI turn shared with the master's center thread (none: nobody to share with).
+        server = active.server if active is not None else None
+        self.turn = server.turn if server is not None else MpiTurn(threaded=False)
         self.status = status
         self.metrics, self.folder = metrics, folder
         self.p = roles.n_workers
@@ -94,7 +98,8 @@ class _Run:
         else:  # mvadownpour evaluates its moving average, the others the center
             self.active.read_evaluated(self.snapshot)
         status = self.status.read()
-        result = self.problem.evaluate(self.snapshot)
+        with self.turn.paused():  # no MPI in the evaluation: the center's thread goes on
+            result = self.problem.evaluate(self.snapshot)
         now = round(self.elapsed(), 4)
         # The rate is measured from the previous record of this start (a resumed run's last
         # record is older than this start: time_offset is its checkpoint's wall time).
@@ -176,7 +181,8 @@ class _Run:
             center_state=center_state,
         )
         # The folder numbers it above every file already there and prunes once it is safe.
-        return self.folder.save_checkpoint(data)
+        with self.turn.paused():
+            return self.folder.save_checkpoint(data)
 
 
 def run_master(
@@ -209,59 +215,64 @@ def run_master(
     requested_at = stop_deadline = float("inf")
     abandoned: list[int] = []
     while True:
-        now = time.monotonic()
-        table = channel.table()
-        run.note_answers(table)
-        if not stopping and (stop_flag() or table["wants_stop"].any()):
-            stopping = True
-            stop_deadline = now + wait
-            channel.stop()
-            _log.info("easgd: stop requested (signal): writing a final checkpoint")
-            if not final:  # the final checkpoint replaces a periodic one still waiting
-                pending = None
-        if pending is not None:
-            answered = table["ack"] == pending
-            late = now - requested_at > wait
-            # The final checkpoint of a stop goes ahead once the wait is over with the workers
-            # that finished; a stalled one (not finished) keeps its last saved state.
-            ready = answered.all() or (late and (not final or answered[table["finished"]].all()))
-            if ready and not answered.all():
-                run.warn_laggards(~answered, now - requested_at)
-            if ready and final:
-                record = run.evaluate()  # the final center, after every worker's last exchange
-                try:
-                    path, failure = run.checkpoint(table, pending, read_center=False), None
-                except CheckpointError as exc:  # the job fails, after every rank has left
-                    path, failure = None, exc
-                abandoned = [run.rank_of(int(i)) for i in np.flatnonzero(~table["finished"])]
-                channel.release()
-                if path is not None:
-                    _log.info(f"easgd: checkpoint {path}")
-                break
-            if ready:
-                try:
-                    run.checkpoint(table, pending)
-                except CheckpointError as exc:  # training goes on; the next interval tries again
-                    _warn(
-                        f"easgd: warning: {exc}; training goes on, the next try is in {interval:g}s"
-                    )
-                pending = None
-        if pending is None:
-            if table["finished"].all() or (stopping and now >= stop_deadline):
-                if stopping and not table["finished"].all():
-                    run.warn_laggards(~table["finished"], now - stop_deadline + wait)
-                epoch, pending, final = epoch + 1, epoch + 1, True
-                channel.request(epoch)
-                # Workers that finished answer within a poll; the stop's wait is already spent.
-                requested_at = now - (wait if stopping and now >= stop_deadline else 0.0)
-            elif now >= next_checkpoint:
-                epoch, pending = epoch + 1, epoch + 1
-                channel.request(epoch)
-                requested_at = now
-                next_checkpoint = now + interval
-        if now >= next_eval:
-            run.evaluate()
-            next_eval = now + cfg.eval_interval
+        # One MPI caller at a time with the master's center thread (center_server.MpiTurn).
+        with run.turn:
+            now = time.monotonic()
+            table = channel.table()
+            run.note_answers(table)
+            if not stopping and (stop_flag() or table["wants_stop"].any()):
+                stopping = True
+                stop_deadline = now + wait
+                channel.stop()
+                _log.info("easgd: stop requested (signal): writing a final checkpoint")
+                if not final:  # the final checkpoint replaces a periodic one still waiting
+                    pending = None
+            if pending is not None:
+                answered = table["ack"] == pending
+                late = now - requested_at > wait
+                # The final checkpoint of a stop goes ahead once the wait is over with the workers
+                # that finished; a stalled one (not finished) keeps its last saved state.
+                ready = answered.all() or (
+                    late and (not final or answered[table["finished"]].all())
+                )
+                if ready and not answered.all():
+                    run.warn_laggards(~answered, now - requested_at)
+                if ready and final:
+                    record = run.evaluate()  # the final center, after every worker's last exchange
+                    try:
+                        path, failure = run.checkpoint(table, pending, read_center=False), None
+                    except CheckpointError as exc:  # the job fails, after every rank has left
+                        path, failure = None, exc
+                    abandoned = [run.rank_of(int(i)) for i in np.flatnonzero(~table["finished"])]
+                    channel.release()
+                    if path is not None:
+                        _log.info(f"easgd: checkpoint {path}")
+                    break
+                if ready:
+                    try:
+                        run.checkpoint(table, pending)
+                    except CheckpointError as exc:  # training goes on; the next interval tries
+                        _warn(
+                            f"easgd: warning: {exc}; training goes on, the next try is in "
+                            f"{interval:g}s"
+                        )
+                    pending = None
+            if pending is None:
+                if table["finished"].all() or (stopping and now >= stop_deadline):
+                    if stopping and not table["finished"].all():
+                        run.warn_laggards(~table["finished"], now - stop_deadline + wait)
+                    epoch, pending, final = epoch + 1, epoch + 1, True
+                    channel.request(epoch)
+                    # Workers that finished answer within a poll; the stop's wait is already spent.
+                    requested_at = now - (wait if stopping and now >= stop_deadline else 0.0)
+                elif now >= next_checkpoint:
+                    epoch, pending = epoch + 1, epoch + 1
+                    channel.request(epoch)
+                    requested_at = now
+                    next_checkpoint = now + interval
+            if now >= next_eval:
+                run.evaluate()
+                next_eval = now + cfg.eval_interval
         time.sleep(_POLL)
     reached = bool(np.all(table["steps"] >= cfg.steps))
     return MasterResult(

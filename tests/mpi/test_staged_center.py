@@ -44,5 +44,8 @@ def test_staged_path_gives_the_host_paths_result(tmp_path, monkeypatch, algorith
     assert summary["steps"] == 120 * summary["workers"]
     if deterministic:
         np.testing.assert_array_equal(staged, host)
-    else:  # concurrent pushes interleave differently each run: both must converge
-        np.testing.assert_allclose(staged, host, atol=0.05)
+    else:  # concurrent pushes interleave (and are weighted) differently each run: both moved
+        # from the start (0) toward the optimum (1.5), by about as much
+        moved = np.abs(host).max()
+        assert moved > 0.05 and np.abs(staged).max() > 0.05
+        np.testing.assert_allclose(staged, host, atol=0.1 * moved + 0.02)

@@ -190,7 +190,10 @@ def exception_classes() -> list[tuple[str, str]]:
 
 def _package_imports(name: str, path: Path) -> set[str]:
     """The package's modules that ``name`` (at ``path``) imports, at any depth of its code."""
-    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    if name == "__init__":  # the package's own __init__: its relative imports start at the top
+        package = []
+    else:
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
     targets = set()
     for node in ast.walk(_tree(path)):
         if isinstance(node, ast.ImportFrom) and node.level > 0:
@@ -384,3 +387,51 @@ def test_the_cycle_finder_finds_a_cycle():
     graph = import_graph()
     graph["errors"] = {"session"}  # errors.py importing the session would close a loop
     assert find_cycle(graph) is not None
+
+
+def floors(graph: dict[str, set[str]]) -> dict[str, int]:
+    """unit → its floor: 1 + the highest floor of what it imports (1 for a unit importing none)."""
+    found: dict[str, int] = {}
+
+    def floor(unit):
+        if unit not in found:
+            found[unit] = 1 + max((floor(t) for t in graph.get(unit, ())), default=0)
+        return found[unit]
+
+    for unit in graph:
+        floor(unit)
+    return found
+
+
+ARCHITECTURE = PACKAGE.parents[1] / "docs" / "ARCHITECTURE.md"
+TABLE_ROW = re.compile(r"^\| (\d+) \| `([\w.]+?)(?:\.py|/)?` \| .* \| ([^|]*) \|$")
+
+
+def documented_modules() -> dict[str, tuple[int, set[str]]]:
+    """docs/ARCHITECTURE.md §1.2's module table: unit → (floor, the package units it imports)."""
+    rows = {}
+    for line in ARCHITECTURE.read_text(encoding="utf-8").splitlines():
+        row = TABLE_ROW.match(line)
+        if row:
+            imports = row.group(3).strip()
+            named = {n.strip().strip("`") for n in imports.split(",")} if imports != "—" else set()
+            rows[row.group(2)] = (int(row.group(1)), named)
+    return rows
+
+
+def test_the_architecture_module_table_is_the_code():
+    """Every module is in §1.2's table with the floor and the imports the code has."""
+    graph = import_graph()
+    code = {unit: (floor, graph[unit]) for unit, floor in floors(graph).items()}
+    documented = documented_modules()
+    assert set(documented) == set(code), (
+        "modules missing from docs/ARCHITECTURE.md §1.2: "
+        f"{sorted(set(code) - set(documented))}; in the table but not in the code: "
+        f"{sorted(set(documented) - set(code))}"
+    )
+    wrong = {
+        unit: f"table {documented[unit]}, code {(floor, sorted(imports))}"
+        for unit, (floor, imports) in code.items()
+        if documented[unit] != (floor, imports)
+    }
+    assert not wrong, "docs/ARCHITECTURE.md §1.2 differs from the code: " + repr(wrong)
