@@ -91,10 +91,15 @@ serve() {
     ln -sfn /dev/zero "$W/dev/$n/nvidia1"
   done
 
+  # Job ids start at a number of their own in each cluster session: MPICH names its shared-memory
+  # segment after the step ("<job>.<step>"), and a segment left in /dev/shm by a killed step of
+  # an earlier session (same ids, other rank count) would fail a later step's MPI_Init.
+  local first_job=$(( (RANDOM * 32768 + RANDOM) % 50000000 + 1000 ))
   # cred_expire (default 120 s) is also how long Slurm holds a requeued job before it may run
   # again; the preemptible template's test waits that long once.
   cat >"$S/slurm.conf" <<EOF
 ClusterName=easgdci
+FirstJobId=$first_job
 SlurmctldHost=localhost(127.0.0.1)
 SlurmctldPort=$CTLD_PORT
 SlurmUser=root
