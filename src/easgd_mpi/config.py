@@ -47,6 +47,9 @@ __all__ = [
     "ALGORITHMS",
     "ASYNC_ALGORITHMS",
     "SYNC_ALGORITHMS",
+    "LOOP_ALGORITHMS",
+    "BUILTIN_ALGORITHMS",
+    "RESIZABLE_ALGORITHMS",
     "ELASTIC_ALGORITHMS",
     "MOMENTUM_ALGORITHMS",
     "OPTIONAL_MOMENTUM_ALGORITHMS",
@@ -54,12 +57,21 @@ __all__ = [
     "LOCK_MODES",
 ]
 
-#: Algorithms the worker loop knows (DESIGN.md §2).
-ALGORITHMS = ("easgd", "eamsgd", "sync-easgd", "downpour", "allreduce-sgd")
+#: Algorithms the worker loops know (docs/ARCHITECTURE.md §2); "local-sgd" (periodic model
+#: averaging) runs in a user's own loop only (docs/ARCHITECTURE.md §8).
+ALGORITHMS = ("easgd", "eamsgd", "sync-easgd", "downpour", "allreduce-sgd", "local-sgd")
 #: Algorithms that exchange through the RMA window without a collective.
 ASYNC_ALGORITHMS = ("easgd", "eamsgd", "downpour")
 #: Algorithms whose workers move in lockstep through an all-reduce among the workers.
-SYNC_ALGORITHMS = ("sync-easgd", "allreduce-sgd")
+SYNC_ALGORITHMS = ("sync-easgd", "allreduce-sgd", "local-sgd")
+#: Algorithms of a user's own PyTorch loop (easgd_mpi.torch): the user's optimizer steps, the
+#: rule exchanges (EAMSGD there is "easgd" around SGD with Nesterov momentum).
+LOOP_ALGORITHMS = ("easgd", "sync-easgd", "local-sgd")
+#: Algorithms the package's own loop runs.
+BUILTIN_ALGORITHMS = ("easgd", "eamsgd", "sync-easgd", "downpour", "allreduce-sgd")
+#: Algorithms whose resume may change the number of workers: their resume is not exact anyway
+#: (the interleaving of exchanges is the scheduler's), so new workers start at the center.
+RESIZABLE_ALGORITHMS = ("easgd", "eamsgd")
 #: Algorithms with an elastic force, i.e. that use rho / alpha / beta.
 ELASTIC_ALGORITHMS = ("easgd", "eamsgd", "sync-easgd")
 #: Algorithms that keep a velocity v per worker.
@@ -501,6 +513,7 @@ class Config:
             "last step",
             "allreduce-sgd": "the master would see the workers' parameters only after the last "
             "step (tau = steps does that explicitly)",
+            "local-sgd": "the workers would average their models only once, after their first step",
         }.get(
             self.algorithm,
             "the only exchange would be the one at t = 0, when every worker still equals the "

@@ -109,15 +109,6 @@ class WorkerSide(_StateWindows):
         self._host = None  # staging buffer, made at the first copy that needs one
         self._open()
 
-    def answer_if_asked(
-        self, slot: int, algo, rng, steps: int, finished: bool = False, wants_stop: bool = False
-    ) -> tuple[bool, bool]:
-        """Answer a new checkpoint epoch if there is one. Returns (stop, release): stop training
-        now; the master has everything, a finished worker may leave."""
-        epoch, stop, release = self.peek()
-        self.answer(slot, algo, rng, steps, epoch, finished=finished, wants_stop=wants_stop)
-        return stop, release
-
     def peek(self) -> tuple[int, bool, bool]:
         """The master's control word: (epoch asked for, stop, release)."""
         MPI = self._MPI
@@ -137,13 +128,14 @@ class WorkerSide(_StateWindows):
         epoch: int,
         finished: bool = False,
         wants_stop: bool = False,
-    ) -> None:
+    ) -> bool:
         """Save the state for ``epoch`` if not done yet (into the other half), then report the
-        flags and which half is the latest."""
-        if epoch == self._acked and not (wants_stop or finished):
-            return
+        flags and which half is the latest. Returns whether it saved a new epoch's state."""
+        saved = epoch != self._acked
+        if not saved and not (wants_stop or finished):
+            return False
         MPI = self._MPI
-        if epoch != self._acked:
+        if saved:
             half = 1 - self._latest
             if self.rows:
                 self._write_state(slot, half, algo)
@@ -166,6 +158,7 @@ class WorkerSide(_StateWindows):
             op=MPI.REPLACE,
         )
         self._meta.Flush(MASTER)
+        return saved
 
     def _write_state(self, slot: int, half: int, algo) -> None:
         b = algo.backend

@@ -2,11 +2,13 @@
 
 import pytest
 
-from easgd_mpi.algorithms import _RULES
+from easgd_mpi.algorithms import _LOOP_RULES, _RULES
 from easgd_mpi.config import (
     ALGORITHMS,
     ASYNC_ALGORITHMS,
+    BUILTIN_ALGORITHMS,
     ELASTIC_ALGORITHMS,
+    LOOP_ALGORITHMS,
     MOMENTUM_ALGORITHMS,
     OPTIONAL_MOMENTUM_ALGORITHMS,
     SYNC_ALGORITHMS,
@@ -21,10 +23,13 @@ def load(workers=None, **overrides):
 
 
 def test_every_algorithm_has_exactly_one_rule():
-    assert set(ALGORITHMS) == set(_RULES)
+    assert set(BUILTIN_ALGORITHMS) == set(_RULES)
+    assert set(LOOP_ALGORITHMS) == set(_LOOP_RULES)  # a user's own loop (easgd_mpi.torch)
+    assert set(BUILTIN_ALGORITHMS) | set(LOOP_ALGORITHMS) == set(ALGORITHMS)
     assert set(ASYNC_ALGORITHMS) | set(SYNC_ALGORITHMS) == set(ALGORITHMS)
     assert not set(ASYNC_ALGORITHMS) & set(SYNC_ALGORITHMS)
-    assert all(_RULES[name].collective == (name in SYNC_ALGORITHMS) for name in ALGORITHMS)
+    for rules in (_RULES, _LOOP_RULES):
+        assert all(rule.collective == (name in SYNC_ALGORITHMS) for name, rule in rules.items())
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
@@ -40,7 +45,8 @@ def test_defaults_are_valid_for_every_algorithm(algorithm):
 def test_momentum_is_optional_for_the_synchronous_rules(algorithm):
     assert load(workers=4, algorithm=algorithm, momentum="0.9").keeps_velocity
     assert not load(workers=4, algorithm=algorithm).keeps_velocity
-    assert set(SYNC_ALGORITHMS) == set(OPTIONAL_MOMENTUM_ALGORITHMS)
+    # local-sgd (a user's own loop) leaves momentum to the user's optimizer.
+    assert set(SYNC_ALGORITHMS) - {"local-sgd"} == set(OPTIONAL_MOMENTUM_ALGORITHMS)
     assert load(algorithm="eamsgd").keeps_velocity  # even with momentum = 0
     assert not set(MOMENTUM_ALGORITHMS) & set(OPTIONAL_MOMENTUM_ALGORITHMS)
 

@@ -9,12 +9,12 @@ import pytest
 torch = pytest.importorskip("torch", reason="the torch extra is installed by `make test`")
 
 from easgd_mpi.checkpoint import CheckpointData, save_checkpoint  # noqa: E402
-from easgd_mpi.models.torch_adapter import _layout_of  # noqa: E402
+from easgd_mpi.models.torch_binding import layout_of  # noqa: E402
 from easgd_mpi.workerstate import COUNTERS, WorkerStates  # noqa: E402
 
 
 def write_checkpoint(path, module):
-    layout, trainable, local = _layout_of(torch, module)
+    layout, trainable, local = layout_of(torch, module)
     center = np.random.default_rng(0).standard_normal(layout.size).astype(np.float32)
     data = CheckpointData(
         config_toml='algorithm = "easgd"\n',
