@@ -104,17 +104,21 @@ class _Run:
         self.center.read(self.snapshot)  # atomic snapshot; workers keep going meanwhile
         status = self.status.read()
         result = self.problem.evaluate(self.snapshot)
+        error = result.get("error")
         record = {
             "time": round(self.elapsed(), 4),
             "steps": int(status["steps"].sum()),
             "exchanges": int(status["exchanges"].sum()),
             "center_loss": float(result["loss"]),
-            "center_error": float(result["error"]),
+            "center_error": None if error is None else float(error),
             "distance": float(np.nanmean(status["distance"])) if self.p else 0.0,
             "worker_loss": float(np.nanmean(status["loss"])) if self.p else 0.0,
             "bytes": int(status["bytes"].sum()),
             "resets": int(status["resets"].sum()),
         }
+        # A user loop's own numbers (docs/ARCHITECTURE.md §8.3): its evaluation's other keys
+        # (center_<key>) and its workers' (worker_<key>), after the standard ones.
+        record.update({k: float(v) for k, v in result.items() if k not in ("loss", "error")})
         self.records.append(record)
         self.metrics.write(record)
         _log.info(format_progress(record, getattr(self.problem, "error_is_rate", True)))

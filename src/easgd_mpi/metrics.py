@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .errors import os_reason
 
-__all__ = ["MetricsLog", "format_error", "format_progress", "read_metrics"]
+__all__ = ["MetricsLog", "STANDARD_KEYS", "format_error", "format_progress", "read_metrics"]
 
 
 class MetricsLog:
@@ -107,14 +107,41 @@ def format_error(error: float | None, is_rate: bool = True) -> str:
     return f"{100 * error:.2f}%" if is_rate else f"{error:.4g}"
 
 
+#: The keys of every metrics record (master.py); a user's own loop adds its own after them.
+STANDARD_KEYS = (
+    "time",
+    "steps",
+    "exchanges",
+    "center_loss",
+    "center_error",
+    "distance",
+    "worker_loss",
+    "bytes",
+    "resets",
+)
+
+
 def format_progress(rec: dict, error_is_rate: bool = True) -> str:
-    """One readable line: time, worker steps, exchanges, center loss and error, distance."""
-    error_txt = format_error(rec.get("center_error"), error_is_rate)
-    return (
-        f"[{rec['time']:7.1f}s] steps {rec['steps']:>9,d}  exchanges {rec['exchanges']:>7,d}  "
-        f"center loss {rec['center_loss']:.4f}  error {error_txt:>7}  "
-        f"|x-c| {rec['distance']:.4g}"
+    """One readable line: time, worker steps, exchanges, center loss and error, distance, and
+    a user loop's own numbers. Without an evaluation of the center (a user loop that gives
+    none), the workers' loss takes its place."""
+    head = f"[{rec['time']:7.1f}s] steps {rec['steps']:>9,d}  exchanges {rec['exchanges']:>7,d}  "
+    loss = rec.get("center_loss")
+    if loss is None or not math.isfinite(loss):
+        body = f"worker loss {_number(rec.get('worker_loss'))}"
+    else:
+        error_txt = format_error(rec.get("center_error"), error_is_rate)
+        body = f"center loss {loss:.4f}  error {error_txt:>7}"
+    extras = "".join(
+        f"  {key} {_number(value)}"
+        for key, value in rec.items()
+        if key not in STANDARD_KEYS and isinstance(value, (int, float))
     )
+    return f"{head}{body}  |x-c| {rec['distance']:.4g}{extras}"
+
+
+def _number(value) -> str:
+    return "n/a" if value is None or value != value else f"{value:.4g}"
 
 
 def _stderr(line: str) -> None:

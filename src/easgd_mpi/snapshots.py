@@ -276,15 +276,17 @@ class MasterSide(_StateWindows):
         self._meta.Flush(MASTER)
         meta = out.reshape(self.p, _META).copy()
         half = meta[:, _LATEST].clip(0, 1)
-        return self._describe(meta, half) | {
+        return self.describe_halves(meta, half) | {
             "finished": meta[:, _FINISHED].astype(bool),
             "wants_stop": meta[:, _WANTS_STOP].astype(bool),
-            "other_ack": self._describe(meta, 1 - half)["ack"],
+            "other_ack": self.describe_halves(meta, 1 - half)["ack"],
             "meta": meta,
         }
 
     @staticmethod
-    def _describe(meta: np.ndarray, half: np.ndarray) -> dict[str, np.ndarray]:
+    def describe_halves(meta: np.ndarray, half: np.ndarray) -> dict[str, np.ndarray]:
+        """Of each worker's meta block, the half ``half`` names: ``half``, ``ack``, the
+        counters and ``rng_words``."""
         rows = np.take_along_axis(
             meta[:, _COMMON:].reshape(-1, 2, _HALF), half[:, None, None], axis=1
         )[:, 0, :]
@@ -307,7 +309,7 @@ class MasterSide(_StateWindows):
         if epoch is not None:
             other = table["other_ack"] == epoch
             half[(table["ack"] != epoch) & other] ^= 1
-        return self._describe(table["meta"], half)
+        return self.describe_halves(table["meta"], half)
 
     def states(self, cut, age: np.ndarray | None = None) -> tuple[WorkerStates, np.ndarray | None]:
         """The workers' states in the halves ``cut`` names (copies), and the first worker's

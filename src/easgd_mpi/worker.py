@@ -15,12 +15,12 @@ from .collective import agree_epoch_and_stop
 from .data.sampling import worker_rng
 from .workerstate import WorkerState
 
-__all__ = ["run_worker", "WorkerClock"]
+__all__ = ["run_worker", "WorkerClock", "STATUS_PERIOD"]
 
 #: Seconds between a worker's status reports and its looks at the master's control word:
 #: often enough for progress lines, checkpoints and stops, rare enough to cost nothing (every
 #: exchange, as first written, cost 10 % of the demo's throughput).
-_STATUS_PERIOD = 0.05
+STATUS_PERIOD = 0.05
 #: Collective rules decide together every this many local steps (rounded to whole rounds).
 _AGREE_STEPS = 16
 #: Seconds a finished worker sleeps between looks at the master's requests.
@@ -74,7 +74,7 @@ class WorkerClock:
         ``exchanged``: whether this step exchanged. Returns whether the worker must stop."""
         self.steps, self.loss = steps, loss
         now = time.monotonic()
-        due = now - self._last_status >= _STATUS_PERIOD
+        due = now - self._last_status >= STATUS_PERIOD
         if due:
             self.publish(done=False)
             self._last_status = now

@@ -1,9 +1,10 @@
 """The package's structure rules, checked on the source with ``ast``.
 
-* MPI is imported and called only in comm.py, center.py, status_board.py, snapshots.py and
-  collective.py (each owns one group of MPI objects: the world and its barriers, the center's
-  window, the status board's window, the state channel's windows, the workers' all-reduce);
-  every other module reaches MPI through their functions.
+* MPI is imported and called only in comm.py, center.py, status_board.py, snapshots.py,
+  side_channel.py and collective.py (each owns one group of MPI objects: the world and its
+  barriers, the center's window, the status board's window, the state channel's windows, the
+  workers' messages to the master, the workers' all-reduce); every other module reaches MPI
+  through their functions.
 * Every exception class is defined in errors.py.
 * config.py reaches none of the modules that touch MPI or run training, not even indirectly;
   the modules it is built from (config_io.py, stability.py) import nothing of the package but
@@ -22,7 +23,9 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "src" / "easgd_mpi"
 # status_board split from center (the center's exchange and the workers' status rows are two
 # windows with unrelated jobs): it owns its window's MPI calls, as center does its own.
-MPI_MODULES = {"comm", "center", "status_board", "snapshots", "collective"}
+# side_channel: a user loop's states and metrics, whose sizes no window can know in advance,
+# as point-to-point messages the master only probes (docs/ARCHITECTURE.md §4.7).
+MPI_MODULES = {"comm", "center", "status_board", "snapshots", "side_channel", "collective"}
 NOT_FROM_CONFIG = MPI_MODULES | {"training", "session", "worker", "master"}
 #: The parts of config.py: TOML and the other sources as text, the stability region.
 CONFIG_PARTS = ("config_io", "stability")

@@ -18,13 +18,12 @@ PyTorch is imported only when a torch model is asked for (the ``torch`` extra).
 from __future__ import annotations
 
 import inspect
-import os
 from collections.abc import Callable
 
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from .torch_binding import ModuleBinding
+from .torch_binding import ModuleBinding, follow_cupy_stream, use_rank_threads
 from .torch_data import make_batches
 
 __all__ = ["TorchProblem", "import_torch", "MEMORY_COPIES"]
@@ -74,8 +73,8 @@ class TorchProblem:
             raise ConfigError(f"the model is a {type(module).__name__}, not a torch.nn.Module")
         self.xp = xp
         self.device = _device_for(torch, xp)
-        _follow_cupy_stream(torch, xp)
-        _use_rank_threads(torch)
+        follow_cupy_stream(torch, xp)
+        use_rank_threads(torch)
         self.module = module.to(self.device)
         self.loss_fn = loss or torch.nn.functional.cross_entropy
         self.eval_batch = int(eval_batch)
@@ -270,24 +269,6 @@ def _device_for(torch, xp):
             "a CUDA build of torch, or set device = 'off'"
         )
     return torch.device("cuda", int(xp.cuda.Device().id))
-
-
-def _follow_cupy_stream(torch, xp) -> None:
-    """Run PyTorch's kernels on CuPy's current stream, so the module's work and the fused
-    kernels are ordered without events (with CuPy on the legacy default stream, PyTorch's
-    default stream is that same stream and nothing needs to change)."""
-    if xp is np:
-        return
-    ptr = int(xp.cuda.get_current_stream().ptr)
-    if ptr != 0:
-        torch.cuda.set_stream(torch.cuda.ExternalStream(ptr))
-
-
-def _use_rank_threads(torch) -> None:
-    """One rank's share of the cores (set by easgd's start-up as OMP_NUM_THREADS)."""
-    threads = os.environ.get("OMP_NUM_THREADS", "")
-    if threads.isdigit() and int(threads) > 0 and torch.get_num_threads() != int(threads):
-        torch.set_num_threads(int(threads))
 
 
 def _takes_one_argument(fn) -> bool:

@@ -11,12 +11,14 @@ and the floating-point buffers (BatchNorm running statistics), all float32; inte
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from ..errors import ConfigError
 from ..flat import Layout
 
-__all__ = ["ModuleBinding", "layout_of"]
+__all__ = ["ModuleBinding", "layout_of", "follow_cupy_stream", "use_rank_threads"]
 
 
 class ModuleBinding:
@@ -129,6 +131,24 @@ def layout_of(torch, module):
     last = layout[trainable[-1][0]]
     n_trainable = last.offset + _round4(last.size)
     return layout, n_trainable, local
+
+
+def follow_cupy_stream(torch, xp) -> None:
+    """Run PyTorch's kernels on CuPy's current stream, so the module's work and the fused
+    kernels are ordered without events (with CuPy on the legacy default stream, PyTorch's
+    default stream is that same stream and nothing needs to change)."""
+    if xp is np:
+        return
+    ptr = int(xp.cuda.get_current_stream().ptr)
+    if ptr != 0:
+        torch.cuda.set_stream(torch.cuda.ExternalStream(ptr))
+
+
+def use_rank_threads(torch) -> None:
+    """One rank's share of the cores (set by easgd's start-up as OMP_NUM_THREADS)."""
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0 and torch.get_num_threads() != int(threads):
+        torch.set_num_threads(int(threads))
 
 
 def _round4(n: int) -> int:
