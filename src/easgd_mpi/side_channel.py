@@ -61,7 +61,7 @@ class SideSender:
         self.comm = comm
         self._in_flight: list[tuple[object, np.ndarray, int]] = []
 
-    def send(self, kind: int, epoch: int, payload: bytes) -> bool:
+    def post(self, kind: int, epoch: int, payload: bytes) -> bool:
         """Start sending ``payload``; returns False when a metrics report is dropped instead."""
         self._reap()
         if kind == METRICS and self._count(METRICS) >= METRICS_IN_FLIGHT:
@@ -84,7 +84,7 @@ class SideSender:
 
     def close(self) -> None:
         """Send BYE, wait until every message has left, free the communicator."""
-        self.send(BYE, 0, b"")
+        self.post(BYE, 0, b"")
         self.wait_sent()
         self.comm.Free()
 

@@ -181,7 +181,7 @@ class ElasticAveraging:
     def _report(self) -> None:
         self._last_report = time.monotonic()
         values = {name: float(_detached(value)) for name, value in self._metrics.items()}
-        self._side.send(METRICS, 0, json.dumps(values).encode())
+        self._side.post(METRICS, 0, json.dumps(values).encode())
 
     # ---- state ------------------------------------------------------------------------------
     def register(self, name: str, obj) -> None:
@@ -267,7 +267,7 @@ class ElasticAveraging:
     def _send_state(self, epoch: int) -> None:
         """Right after this worker saved its rows for ``epoch``: its own state to the master."""
         state = encode_state(self._state_tree(), "this worker's state")
-        self._side.send(STATE, epoch, state.to_bytes())
+        self._side.post(STATE, epoch, state.to_bytes())
 
     # ---- the end ----------------------------------------------------------------------------
     def finish(self) -> None:
