@@ -378,7 +378,7 @@ def _check_same_models(shapes: list | None, servers: int) -> None:
 
 def _difference(mine, theirs) -> str:
     a, b = dict(mine[0]), dict(theirs[0])
-    for name in a.keys() | b.keys():
+    for name in [*a, *(n for n in b if n not in a)]:  # in layout order: the first difference
         if name not in b:
             return f"it has tensor '{name}', the first worker's has not"
         if name not in a:
