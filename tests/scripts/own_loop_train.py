@@ -90,7 +90,8 @@ def main():
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=run.steps)
+    # A schedule longer than any budget here, so a resume may raise ``steps``.
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=1000)
     scaler = torch.amp.GradScaler("cpu")
     elastic = et.ElasticAveraging(model, opt, run, schedulers=sched, scaler=scaler)
     seen = {"batches": 0}
