@@ -120,7 +120,7 @@ def main():
             persistent_workers=args.loader_workers > 0,
             generator=torch.Generator().manual_seed(run.worker),
         )
-        for epoch in run.epochs():
+        for _epoch in run.epochs():  # from the saved epoch on a resume
             for x, y in loader:
                 x, y = x.to(device), y.to(device)
                 with torch.autocast(device.type, dtype=torch.bfloat16):
