@@ -64,9 +64,11 @@ class _Run:
         self.snapshot = np.empty(center.n, dtype=np.float32)
         # When the master first saw each (worker, epoch) state: its age goes into checkpoints.
         # Epoch 0 is the state a worker starts from (this segment's start, or the resumed one).
+        # (A resume with more workers than the checkpoint's: the new ones start now.)
         start_age = resume.states.age if resume is not None else None
         self.seen = {
-            (i, 0): self.elapsed() - (0.0 if start_age is None else float(start_age[i]))
+            (i, 0): self.elapsed()
+            - (0.0 if start_age is None or i >= len(start_age) else float(start_age[i]))
             for i in range(self.p)
         }
         self.warned: set[int] = set()

@@ -30,7 +30,8 @@ def example(mpiexec, run_dir, *args):
 
 def test_the_example_trains_checkpoints_resumes_and_exports(mpiexec, clean_env, tmp_path):
     first = tmp_path / "first"
-    done = run(example(mpiexec, first, "--set", "checkpoint.interval=0.2"), clean_env, timeout=300)
+    sets = ("--set", "checkpoint.interval=0.2", "--set", "checkpoint.keep=1000")
+    done = run(example(mpiexec, first, *sets), clean_env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "own_loop: 300 worker steps" in done.stdout
     records = read_metrics(first / "metrics.jsonl")
