@@ -344,3 +344,108 @@ def test_preemptible_requeues_and_resumes(cluster, tmp_path):
     assert any(0 < s <= stopped_at for s in counts), why
     back = [(a, b) for a, b in zip(counts, counts[1:], strict=False) if b < a]
     assert not back, f"[issue 4] metrics steps go back {back} (steps: {counts[:12]}...)\n{why}"
+
+
+# ---- your own script (EASGD_COMMAND) ---------------------------------------------------------
+
+#: A user's own loop (easgd_mpi.torch) in the submit folder, with a module of its own beside it.
+OWN_MODEL = """
+import torch
+
+
+def build():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+"""
+OWN_SCRIPT = """
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import easgd_mpi.torch as et
+from my_model import build  # beside the script: found through EASGD_PYTHONPATH
+
+steps, delay = int(sys.argv[1]), float(sys.argv[2])
+run = et.init({"steps": steps, "eval_interval": 0.2})  # run_dir, resume: from the template
+if run.serves:
+    run.serve()
+else:
+    model = build()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    elastic = et.ElasticAveraging(model, opt, run)
+    g = torch.Generator().manual_seed(run.worker)
+    while not run.should_stop:
+        x = torch.randn(16, 4, generator=g)
+        loss = F.cross_entropy(model(x), (x[:, 0] > 0).long())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        elastic.step(loss=loss)
+        time.sleep(delay)
+run.finish()
+"""
+
+
+def own_script(submit_dir: Path) -> None:
+    submit_dir.mkdir(parents=True, exist_ok=True)
+    (submit_dir / "my_model.py").write_text(OWN_MODEL)
+    (submit_dir / "my_train.py").write_text(OWN_SCRIPT)
+
+
+def test_single_node_runs_your_own_script(cluster, tmp_path):
+    """jobs/easgd-single-node.sbatch with EASGD_COMMAND: every rank runs the user's script
+    (easgd_mpi.torch), bound to its GPU, in the template's run folder, its modules found."""
+    own_script(tmp_path)
+    steps = 60
+    job = cluster.submit(
+        "easgd-single-node.sbatch",
+        *COMMON,
+        "--ntasks=3",
+        "--gpus-per-node=2",
+        submit_dir=tmp_path,
+        EASGD_COMMAND=f"python my_train.py {steps} 0",
+    )
+    info = cluster.wait(job, timeout=300)  # three ranks import torch on two cores
+    run_dir = tmp_path / "runs" / f"easgd-{job}"
+    out = check_finished_run(cluster, job, info, run_dir, tmp_path, workers=2, steps=steps)
+    assert "your optimizer" in out and "python my_train.py 60 0" in out, out
+    assert layout(out) == {0: ("n1", ""), 1: ("n1", "0"), 2: ("n1", "1")}, out
+    assert (run_dir / "center.pt").is_file(), out
+
+
+def test_preemptible_requeues_and_resumes_your_own_script(cluster, tmp_path):
+    """jobs/easgd-preemptible.sbatch with EASGD_COMMAND: USR1 mid-run -> the script's final
+    checkpoint and PREEMPTED -> requeue -> the script resumes (EASGD_RESUME=auto) and ends."""
+    own_script(tmp_path)
+    steps, workers = 400, 2
+    job = cluster.submit(
+        "easgd-preemptible.sbatch",
+        *COMMON,
+        "--ntasks-per-node=3",
+        "--gpus-per-node=2",
+        submit_dir=tmp_path,
+        EASGD_COMMAND=f"python my_train.py {steps} 0.01",
+    )
+    run_dir = tmp_path / "runs" / f"easgd-pre-{job}"
+    deadline = time.monotonic() + 120
+    while not any(r["steps"] > 0 for r in read_metrics(run_dir)):
+        assert time.monotonic() < deadline, describe(cluster, job, run_dir, tmp_path)
+        time.sleep(0.1)
+    cluster.run("scancel", "--batch", "--signal=USR1", job)
+
+    def restarted_or_over(info):
+        if info.get("JobState") in cluster.FINAL_STATES:
+            return True
+        return int(info.get("Restarts", 0)) >= 1 and info.get("JobState") == "RUNNING"
+
+    cluster.wait(job, timeout=120, until=restarted_or_over)
+    info = cluster.wait(job, timeout=180)
+    out = check_finished_run(
+        cluster, job, info, run_dir, tmp_path, workers=workers, steps=steps, announcements=2
+    )
+    why = describe(cluster, job, run_dir, tmp_path)
+    first, second = out.split("easgd-job: stopped before the end: requeueing", 1)
+    assert "got SIGUSR1" in first and "python exited with 0" in first, why
+    assert "resuming from checkpoint" in second, why
