@@ -1,5 +1,11 @@
 #!/usr/bin/env python3
-"""Per-step cost of the PyTorch adapter (DESIGN.md §4c) against a plain PyTorch loop, in one run.
+"""Per-step cost of the PyTorch faces against a plain PyTorch loop, in one run.
+
+Two faces (``--face``): ``adapter`` (the default, below), the package's own loop through the
+PyTorch adapter (docs/ARCHITECTURE.md §1.5); ``loop``, your own loop with
+``easgd_mpi.torch.ElasticAveraging`` (docs/ARCHITECTURE.md §8), in bench/torch_loop.py: a plain
+loop against the same loop with an exchange every τ steps, under ``mpiexec -n 2`` (started
+here when run as a plain script).
 
 The paper's CIFAR convnet (3×28×28 inputs, 10 classes) trains on the same pre-made batches of
 synthetic tensors in three variants:
@@ -26,6 +32,7 @@ variant's step into its parts (where the time goes). Writes JSON
     python bench/bench_torch.py                         # CPU, batch 128, 1 thread
     python bench/bench_torch.py --quick --out /tmp/t.json   # smoke run (seconds)
     python bench/bench_torch.py --device cuda           # GPU: CuPy backend, CUDA torch
+    python bench/bench_torch.py --face loop             # your own loop (2 ranks)
 """
 
 from __future__ import annotations
@@ -36,13 +43,14 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchlib import cpu_name
+from benchlib import cpu_name, launcher
 
 REPO = Path(__file__).resolve().parents[1]
 try:
@@ -59,6 +67,7 @@ NO_EXCHANGE_TAU = 1 << 40
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--face", choices=["adapter", "loop"], default="adapter")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--batch", type=int, default=128, help="minibatch size (default 128)")
     ap.add_argument("--steps", type=int, default=4, help="timed steps per block (default 4)")
@@ -85,7 +94,8 @@ def parse_args(argv=None):
         # Every timed block must hold the same number of exchanges (steps / τ).
         args.steps += args.tau - args.steps % args.tau
         print(f"--steps rounded up to {args.steps}, a multiple of τ = {args.tau}", file=sys.stderr)
-    args.out = args.out or REPO / "bench" / "results" / f"torch-{args.device}.json"
+    face = "" if args.face == "adapter" else f"{args.face}-"
+    args.out = args.out or REPO / "bench" / "results" / f"torch-{face}{args.device}.json"
     return args
 
 
@@ -140,6 +150,8 @@ class Adapter:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.face == "loop":
+        return _loop_face(args, argv)
     # TorchProblem adopts OMP_NUM_THREADS as the rank's share of the cores: keep them equal.
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch  # noqa: PLC0415
@@ -271,6 +283,17 @@ def main(argv=None) -> int:
     tmp.replace(args.out)  # never leave a half-written result
     print(f"wrote {args.out}")
     return 0
+
+
+def _loop_face(args, argv) -> int:
+    """Your own loop's face: two ranks (rank 0 serves the center); as a plain script, start
+    them."""
+    if "PMI_RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+        cmd = [launcher(), "-n", "2", sys.executable, str(Path(__file__).resolve())]
+        return subprocess.run([*cmd, *(sys.argv[1:] if argv is None else argv)]).returncode
+    from torch_loop import run_loop_face  # noqa: PLC0415
+
+    return run_loop_face(args, IMAGE, CLASSES, cpu_name)
 
 
 def _device(torch, args, NumpyBackend):

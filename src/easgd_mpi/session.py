@@ -560,12 +560,18 @@ class Session:
         if "steps" in summary:
             verb = "stopped early" if stopped else "done"
             is_rate = getattr(self.problem, "error_is_rate", True)
+            loss = summary["center_loss"]
+            if loss == loss:
+                result = (
+                    f"center test error {format_error(summary['center_error'], is_rate)}, "
+                    f"loss {loss:.4f}"
+                )
+            else:  # a user loop that does not evaluate the center
+                result = f"workers' loss {summary['worker_loss']:.4f}"
             _log.info(
                 f"{verb}: {cfg.algorithm} with {p} workers, {summary['steps']:,d} worker steps, "
                 f"{summary['exchanges']:,d} exchanges in {summary['wall_time']:.1f}s; "
-                f"center test error {format_error(summary['center_error'], is_rate)}, "
-                f"loss {summary['center_loss']:.4f}{_servers_text(server_cpu)}; "
-                f"run folder {self.run_dir}"
+                f"{result}{_servers_text(server_cpu)}; run folder {self.run_dir}"
             )
         return summary
 

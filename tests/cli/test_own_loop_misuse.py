@@ -20,13 +20,14 @@ from launching import assert_one_line_per_rank, run  # noqa: E402
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
+#: (case, ranks, what every rank's line says): two ranks where one worker shows the mistake.
 AGREED = [
-    ("no-serves-check", "et.ElasticAveraging(model, optimizer, run) on rank 0, which serves"),
-    ("serve-everywhere", ", a worker: the serving ranks (run.serves) call it"),
-    ("epochs-before-binding", "before et.ElasticAveraging(model, optimizer, run): bind the model"),
-    ("finish-before-binding", "before et.ElasticAveraging(model, optimizer, run): the run never"),
-    ("models-differ", "worker rank 2's model differs from worker rank 1's: tensor '0.weight'"),
-    ("half-parameters", "model parameter '0.weight' is torch.float16; easgd-mpi trains float32"),
+    ("no-serves-check", 2, "et.ElasticAveraging(model, optimizer, run) on rank 0, which serves"),
+    ("serve-everywhere", 2, "run.serve() on rank 1, a worker: the serving ranks"),
+    ("epochs-before-binding", 2, "before et.ElasticAveraging(model, optimizer, run): bind the"),
+    ("finish-before-binding", 2, "before et.ElasticAveraging(model, optimizer, run): the run"),
+    ("models-differ", 3, "worker rank 2's model differs from worker rank 1's: tensor '0.weight'"),
+    ("half-parameters", 2, "model parameter '0.weight' is torch.float16; easgd-mpi trains"),
 ]
 ALONE = [
     ("added-after-binding", "model tensor '3.weight' was added after et.ElasticAveraging bound"),
@@ -38,12 +39,12 @@ def misuse(mpiexec, case, run_dir, ranks=3):
     return [mpiexec, "-n", str(ranks), sys.executable, str(SCRIPTS / "own_loop_misuse.py"), case]
 
 
-@pytest.mark.parametrize(("case", "fragment"), AGREED, ids=[c for c, _ in AGREED])
+@pytest.mark.parametrize(("case", "ranks", "fragment"), AGREED, ids=[c for c, _, _ in AGREED])
 def test_a_mistake_before_the_run_starts_is_one_line_on_every_rank(
-    case, fragment, mpiexec, clean_env, tmp_path
+    case, ranks, fragment, mpiexec, clean_env, tmp_path
 ):
-    proc = run([*misuse(mpiexec, case, tmp_path), str(tmp_path)], clean_env, timeout=120)
-    assert_one_line_per_rank(proc, 3, fragment)
+    proc = run([*misuse(mpiexec, case, tmp_path, ranks), str(tmp_path)], clean_env, timeout=120)
+    assert_one_line_per_rank(proc, ranks, fragment)
     assert not list_checkpoints(tmp_path)
     assert not (tmp_path / "easgd.lock").exists()  # the folder is free for the next run
 

@@ -92,15 +92,14 @@ def main():
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
     # A schedule longer than any budget here, so a resume may raise ``steps``.
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=1000)
-    scaler = torch.amp.GradScaler("cpu")
+    device = run.device  # a worker's GPU where it has one
+    scaler = torch.amp.GradScaler(device.type)
     elastic = et.ElasticAveraging(model, opt, run, schedulers=sched, scaler=scaler)
     seen = {"batches": 0}
     elastic.register("seen", seen)
     out = Path(run_dir)
-    np.save(
-        out / f"start-{run.worker}.npy",
-        torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy(),
-    )
+    start = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    np.save(out / f"start-{run.worker}.npy", start.cpu().numpy())
     # The loader's own generator: each iter(loader) draws a seed from it, not from PyTorch's
     # global generator, which the worker's state holds (a resumed epoch starts its iterator at
     # another point of the stream than the uninterrupted run did).
@@ -116,7 +115,8 @@ def main():
             for x, y, index in loader:
                 log.write(f"{epoch}:{','.join(str(int(i)) for i in index)}\n")
                 log.flush()
-                with torch.autocast("cpu", dtype=torch.bfloat16):
+                x, y = x.to(device), y.to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16):
                     loss = F.cross_entropy(model(x), y)
                 opt.zero_grad()
                 scaler.scale(loss).backward()
