@@ -348,7 +348,8 @@ def test_preemptible_requeues_and_resumes(cluster, tmp_path):
 
 # ---- your own script (EASGD_COMMAND) ---------------------------------------------------------
 
-#: A user's own loop (easgd_mpi.torch) in the submit folder, with a module of its own beside it.
+#: A user's own loop (easgd_mpi.torch) in scripts/ of the submit folder, with a module of its
+#: own at the top of it (found through EASGD_PYTHONPATH: Python puts only scripts/ on the path).
 OWN_MODEL = """
 import torch
 
@@ -365,7 +366,7 @@ import torch
 import torch.nn.functional as F
 
 import easgd_mpi.torch as et
-from my_model import build  # beside the script: found through EASGD_PYTHONPATH
+from my_model import build  # in the submit folder: found through EASGD_PYTHONPATH
 
 steps, delay = int(sys.argv[1]), float(sys.argv[2])
 run = et.init({"steps": steps, "eval_interval": 0.2})  # run_dir, resume: from the template
@@ -389,9 +390,9 @@ run.finish()
 
 
 def own_script(submit_dir: Path) -> None:
-    submit_dir.mkdir(parents=True, exist_ok=True)
+    (submit_dir / "scripts").mkdir(parents=True, exist_ok=True)
     (submit_dir / "my_model.py").write_text(OWN_MODEL)
-    (submit_dir / "my_train.py").write_text(OWN_SCRIPT)
+    (submit_dir / "scripts" / "my_train.py").write_text(OWN_SCRIPT)
 
 
 def test_single_node_runs_your_own_script(cluster, tmp_path):
@@ -405,12 +406,12 @@ def test_single_node_runs_your_own_script(cluster, tmp_path):
         "--ntasks=3",
         "--gpus-per-node=2",
         submit_dir=tmp_path,
-        EASGD_COMMAND=f"python my_train.py {steps} 0",
+        EASGD_COMMAND=f"python scripts/my_train.py {steps} 0",
     )
     info = cluster.wait(job, timeout=300)  # three ranks import torch on two cores
     run_dir = tmp_path / "runs" / f"easgd-{job}"
     out = check_finished_run(cluster, job, info, run_dir, tmp_path, workers=2, steps=steps)
-    assert "your optimizer" in out and "python my_train.py 60 0" in out, out
+    assert "your optimizer" in out and "python scripts/my_train.py 60 0" in out, out
     assert layout(out) == {0: ("n1", ""), 1: ("n1", "0"), 2: ("n1", "1")}, out
     assert (run_dir / "center.pt").is_file(), out
 
@@ -426,7 +427,7 @@ def test_preemptible_requeues_and_resumes_your_own_script(cluster, tmp_path):
         "--ntasks-per-node=3",
         "--gpus-per-node=2",
         submit_dir=tmp_path,
-        EASGD_COMMAND=f"python my_train.py {steps} 0.01",
+        EASGD_COMMAND=f"python scripts/my_train.py {steps} 0.01",
     )
     run_dir = tmp_path / "runs" / f"easgd-pre-{job}"
     deadline = time.monotonic() + 120
