@@ -492,7 +492,8 @@ def exit_for(exc: BaseException, show_traceback: Callable[[], None] | None = Non
         show_traceback()
     if isinstance(exc, AgreedError):
         _finalize_and_exit(exc.exit_code)
-    _abort(exc.exit_code if isinstance(exc, EasgdError) else 1)
+    # Not after the lines are forwarded, an abort can cut them off (end_job waits for them).
+    end_job(exc.exit_code if isinstance(exc, EasgdError) else 1)
 
 
 def _finalize_and_exit(code: int) -> None:

@@ -32,6 +32,7 @@ AGREED = [
 ALONE = [
     ("added-after-binding", "model tensor '3.weight' was added after et.ElasticAveraging bound"),
     ("step-after-stop", "elastic.step() after run.should_stop turned true"),
+    ("no-finish", "the script ended on rank 1 without run.finish()"),
 ]
 
 

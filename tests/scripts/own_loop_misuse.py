@@ -6,7 +6,7 @@ Cases: ``no-serves-check`` (every rank builds a model and binds it, the master t
 ``serve-everywhere`` (every rank serves), ``epochs-before-binding``, ``finish-before-binding``,
 ``models-differ`` (the second worker's model is wider), ``half-parameters`` (float16
 parameters), ``added-after-binding`` (a layer added after binding), ``step-after-stop`` (steps
-after run.should_stop).
+after run.should_stop), ``no-finish`` (a worker ends without run.finish()).
 """
 
 import sys
@@ -69,4 +69,6 @@ else:
         train(run, model, opt, elastic)
         train(run, model, opt, elastic, steps=1)
     train(run, model, opt, elastic)
+    if CASE == "no-finish":
+        sys.exit(0)  # the others would wait for this worker forever
 run.finish()

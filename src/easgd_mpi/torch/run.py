@@ -19,6 +19,7 @@ only: its line and ``MPI_Abort``, so no rank waits forever; anything else: the t
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 from collections.abc import Iterator, Mapping
@@ -79,7 +80,9 @@ def init(config=None, *, resume=None, warm_start=None, comm=None) -> Run:
     session = Session(cfg, comm=world, resume=resume, warm_start=warm_start, own_loop=True)
     session.open_world()
     use_rank_threads(torch)
-    return Run(session)
+    run = Run(session)
+    atexit.register(run._unfinished_at_exit)
+    return run
 
 
 class Run:
@@ -322,6 +325,17 @@ class Run:
         if self._phase == "open":
             self._bind(error=message)
         raise UsageError(message)
+
+    def _unfinished_at_exit(self) -> None:
+        """A script that ends without :meth:`finish` would leave the other ranks waiting for
+        this one forever: its line, and the job ends (exit 2)."""
+        if self._phase != "finished":
+            exit_for(
+                UsageError(
+                    f"the script ended on rank {self.rank} without run.finish(): every rank "
+                    f"calls it at the end (the others wait for this one)"
+                )
+            )
 
     def _write_center(self) -> None:
         """The master, after the final checkpoint: the center as ``center.pt`` (a failure is
