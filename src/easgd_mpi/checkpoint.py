@@ -715,6 +715,10 @@ def summarize(data: CheckpointData, path=None) -> dict:
         if states.age is None
         else [round(float(a), 3) for a in states.age],
         "worker_center_distance": distances,
+        # A user loop's own states (optimizer, schedules, ...): bytes of each, None where none.
+        "user_states": None
+        if states.user is None
+        else [None if u is None else u.nbytes for u in states.user],
         "last_metrics": data.metrics[-1] if data.metrics else None,
         "metrics_records": len(data.metrics),
         "config": data.config_toml,
@@ -754,6 +758,14 @@ def format_summary(s: dict) -> str:
         )
     else:
         lines.append("worker states: not stored")
+    user = s.get("user_states")
+    if user is not None:
+        saved = [b for b in user if b is not None]
+        lines.append(
+            f"workers' own states (your loop: optimizer, schedules, sampler, ...): "
+            f"{len(saved)} of {len(user)} saved"
+            + (f", {max(saved) / 1024:.1f} KiB at most" if saved else "")
+        )
     ages = s.get("worker_state_age")
     if ages is not None:
         lines.append("age of each worker's saved state (s): " + ", ".join(f"{a:.2f}" for a in ages))

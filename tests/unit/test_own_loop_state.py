@@ -10,7 +10,13 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the torch extra is installed by `make test`")
 
-from easgd_mpi.checkpoint import CheckpointData, load_checkpoint, save_checkpoint  # noqa: E402
+from easgd_mpi.checkpoint import (  # noqa: E402
+    CheckpointData,
+    format_summary,
+    load_checkpoint,
+    save_checkpoint,
+    summarize,
+)
 from easgd_mpi.errors import CheckpointError, ConfigError  # noqa: E402
 from easgd_mpi.flat import Layout  # noqa: E402
 from easgd_mpi.torch.state import decode_state, encode_state  # noqa: E402
@@ -160,6 +166,11 @@ def test_user_states_in_a_checkpoint_come_back_and_are_checksummed(tmp_path):
     assert back.states.user[0].structure == mine.structure
     assert all(
         np.array_equal(a, b) for a, b in zip(back.states.user[0].arrays, mine.arrays, strict=True)
+    )
+    summary = summarize(back, path)  # easgd inspect
+    assert summary["user_states"] == [mine.nbytes, None]
+    assert "own states (your loop: optimizer, schedules, sampler, ...): 1 of 2 saved" in (
+        format_summary(summary)
     )
     plain = save_checkpoint(tmp_path / "checkpoint-000002.h5", checkpoint_with(None))
     assert load_checkpoint(plain).format_version == 2 and load_checkpoint(plain).states.user is None
