@@ -228,9 +228,11 @@ class WithBuffers(torch.nn.Module):
         self.lin = torch.nn.Linear(4, 6)
         self.norm = torch.nn.BatchNorm1d(6)
         self.out = torch.nn.Linear(6, 2)
+        # Averaged like any float buffer, but not in the state_dict the master hands over.
+        self.register_buffer("gain", torch.ones(6), persistent=False)
 
     def forward(self, x):
-        return self.out(torch.relu(self.norm(self.lin(x))))
+        return self.out(torch.relu(self.norm(self.lin(x)) * self.gain))
 
 
 @pytest.mark.mpi(min_size=2)
@@ -242,8 +244,11 @@ def test_the_module_views_the_flat_buffer_across_steps_and_exchanges(tmp_path):
         out = comm.bcast(str(tmp_path), root=0)
         run = et.init(settings(out, algorithm="easgd", tau=2, steps=8, alpha=0.5), comm=comm)
         if run.serves:
-            run.serve()
+            loaded = []
+            # The center is a state_dict the module loads as it is (strict).
+            run.serve(evaluate=lambda sd: loaded.append(WithBuffers().load_state_dict(sd)))
             run.finish()
+            assert loaded and all(not r.missing_keys and not r.unexpected_keys for r in loaded)
             return
         model = WithBuffers()
         opt = torch.optim.AdamW(model.parameters(), lr=0.05)

@@ -275,7 +275,7 @@ class Run:
             layout = Layout(shape[0])
             initial = self._first_worker_values(binding, layout)
             problem = (
-                CenterProblem(layout, shape[1], initial, evaluate)
+                CenterProblem(layout, shape[1], initial, evaluate, transient=shape[3])
                 if binding is None
                 else _WorkerModule(binding)
             )
@@ -371,9 +371,12 @@ class _WorkerModule:
 
 def _shape_of(binding: ModuleBinding) -> tuple:
     """What must be the same on every worker: each float tensor's name and shape in layout
-    order, where the trainable part ends, the integer buffers' names."""
+    order, where the trainable part ends, the integer buffers' names, and the buffers the
+    module's ``state_dict`` leaves out (``persistent=False``)."""
     specs = tuple((s.name, tuple(s.shape)) for s in binding.layout.specs)
-    return specs, binding.n_trainable, tuple(sorted(binding.local))
+    kept = binding.module.state_dict().keys()
+    transient = tuple(n for n, _ in binding.module.named_buffers() if n not in kept)
+    return specs, binding.n_trainable, tuple(sorted(binding.local)), transient
 
 
 def _check_same_models(shapes: list | None, servers: int) -> None:

@@ -26,15 +26,20 @@ class CenterProblem:
     """The problem protocol (models/__init__.py) on a serving rank of a user's loop.
 
     ``evaluate(state_dict) -> float | dict``: the user's evaluation of the center, given as a
-    ``state_dict`` of CPU tensors (views of the master's snapshot, valid during the call);
+    ``state_dict`` of CPU tensors (views of the master's snapshot, valid during the call; what
+    ``module.state_dict()`` holds: no ``persistent=False`` buffer, ``transient``);
     a number is the loss; a dict may hold ``loss``, ``error`` (a rate, printed as a percentage)
     and more numbers, recorded as ``center_<key>``. ``channel`` (set once it exists) gives the
     workers' metrics and the integer buffers of the first worker's latest saved state.
     """
 
-    def __init__(self, layout, n_trainable: int, initial: np.ndarray | None, evaluate=None):
+    def __init__(
+        self, layout, n_trainable: int, initial: np.ndarray | None, evaluate=None, transient=()
+    ):
         self.layout = layout
         self.n_trainable = int(n_trainable)
+        #: Buffers the module's state_dict leaves out (persistent=False): not handed over.
+        self._transient = set(transient)
         self._initial = initial
         self._evaluate = evaluate
         self.channel: ChannelWithUserStates | None = None
@@ -58,9 +63,13 @@ class CenterProblem:
         record: dict = {"loss": float("nan"), "error": None}
         if self._evaluate is not None:
             state = {
-                name: torch.from_numpy(view) for name, view in self.layout.views(x_host).items()
+                name: torch.from_numpy(view)
+                for name, view in self.layout.views(x_host).items()
+                if name not in self._transient
             }
-            state.update(self._saved_locals())
+            state.update(
+                {n: t for n, t in self._saved_locals().items() if n not in self._transient}
+            )
             result = self._evaluate(state)
             if isinstance(result, dict):
                 for key, value in result.items():
