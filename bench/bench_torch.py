@@ -38,11 +38,8 @@ variant's step into its parts (where the time goes). Writes JSON
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -50,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchlib import cpu_name, launcher
+from benchlib import cpu_name, launcher, machine_facts, timing_rows, timing_table
 
 REPO = Path(__file__).resolve().parents[1]
 try:
@@ -395,34 +392,14 @@ def _report(args, torch, device_info, n_params, times, parts, exchanges, MPI) ->
     # idle machine, and unlike wall time it does not count the time other processes take from
     # this one on a shared machine. On a GPU only wall time means anything.
     primary = "cpu" if args.device == "cpu" else "wall"
-    rows = []
-    for name in VARIANTS:
-        row = {"variant": name}
-        for metric in ("wall", "cpu") if args.device == "cpu" else ("wall",):
-            t, base = times[metric][name], times[metric]["plain"]
-            med, med_plain = statistics.median(t), statistics.median(base)
-            pre = "" if metric == "wall" else "cpu_"
-            row[f"{pre}median_ms_per_step"] = 1e3 * med
-            row[f"{pre}ms_per_step_by_repeat"] = [1e3 * v for v in t]
-            row[f"{pre}ratio_to_plain"] = med / med_plain
-            row[f"{pre}overhead_pct"] = 100.0 * (med / med_plain - 1.0)
-            # Each repeat's ratio against plain's block of the same repeat; their median.
-            row[f"{pre}paired_ratio_to_plain"] = statistics.median(
-                [v / p for v, p in zip(t, base, strict=True)]
-            )
-        row["exchanges"] = int(exchanges[name])  # in the whole run, warm-up included
-        row["parts_ms_per_step"] = parts[name]
-        rows.append(row)
+    rows = timing_rows(times, VARIANTS, ("wall", "cpu") if args.device == "cpu" else ("wall",))
+    for row in rows:
+        row["exchanges"] = int(exchanges[row["variant"]])  # the whole run, warm-up included
+        row["parts_ms_per_step"] = parts[row["variant"]]
     return {
         "benchmark": "bench_torch",
         "device": device_info,
-        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "host": platform.node(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch_version": torch.__version__,
-        "numpy_version": np.__version__,
-        "mpi": MPI.Get_library_version().splitlines()[0].strip(),
+        **machine_facts(torch, MPI),
         "model": "cifar-convnet",
         "input": list(IMAGE),
         "classes": CLASSES,
@@ -450,23 +427,9 @@ def format_table(report: dict) -> str:
         f"cifar-convnet ({report['parameters']:,d} parameters), batch {report['batch']}, "
         f"{report['steps']} steps x {report['repeats']} repeats, tau = {report['tau']} "
         f"({where}; torch {report['torch_version']})",
-        "ms per step: median over repeats; overhead = median / plain's median - 1; paired ="
-        " median of the per-repeat ratios to plain",
     ]
     metrics = ("cpu", "wall") if report["primary_metric"] == "cpu" else ("wall",)
-    head = f"{'variant':<10}" + "".join(
-        f"{m + ' ms':>10}{'overhead':>10}{'paired':>8}" for m in metrics
-    )
-    lines += [head, "-" * len(head)]
-    for r in report["variants"]:
-        line = f"{r['variant']:<10}"
-        for m in metrics:
-            pre = "" if m == "wall" else "cpu_"
-            line += (
-                f"{r[pre + 'median_ms_per_step']:>10.2f}{r[pre + 'overhead_pct']:>9.1f}%"
-                f"{r[pre + 'paired_ratio_to_plain']:>8.3f}"
-            )
-        lines.append(line)
+    lines += timing_table(report["variants"], metrics)
     lines.append("")
     lines.append(
         f"where the time goes ({report['parts_metric']} time, one instrumented block, ms per step):"

@@ -17,17 +17,15 @@ headline; and wall time) and the ratio to ``plain``. Writes
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
 import tempfile
 import time
 
-import numpy as np
+from benchlib import machine_facts, timing_rows, timing_table
 
 VARIANTS = ("plain", "elastic")
 
@@ -162,21 +160,7 @@ def _report(args, torch, dev, cpu_name, image, n_params, times, exchanges, excha
     from mpi4py import MPI  # noqa: PLC0415
 
     primary = "cpu" if args.device == "cpu" else "wall"
-    rows = []
-    for name in VARIANTS:
-        row = {"variant": name}
-        for metric in ("wall", "cpu") if args.device == "cpu" else ("wall",):
-            t, base = times[metric][name], times[metric]["plain"]
-            med, med_plain = statistics.median(t), statistics.median(base)
-            pre = "" if metric == "wall" else "cpu_"
-            row[f"{pre}median_ms_per_step"] = 1e3 * med
-            row[f"{pre}ms_per_step_by_repeat"] = [1e3 * v for v in t]
-            row[f"{pre}ratio_to_plain"] = med / med_plain
-            row[f"{pre}overhead_pct"] = 100.0 * (med / med_plain - 1.0)
-            row[f"{pre}paired_ratio_to_plain"] = statistics.median(
-                [v / p for v, p in zip(t, base, strict=True)]
-            )
-        rows.append(row)
+    rows = timing_rows(times, VARIANTS, ("wall", "cpu") if args.device == "cpu" else ("wall",))
     device = (
         {"kind": "cpu", "name": cpu_name(), "cores": os.cpu_count(), "threads": args.threads}
         if dev.type == "cpu"
@@ -186,13 +170,7 @@ def _report(args, torch, dev, cpu_name, image, n_params, times, exchanges, excha
         "benchmark": "bench_torch",
         "face": "loop",
         "device": device,
-        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "host": platform.node(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch_version": torch.__version__,
-        "numpy_version": np.__version__,
-        "mpi": MPI.Get_library_version().splitlines()[0].strip(),
+        **machine_facts(torch, MPI),
         "model": "cifar-convnet",
         "input": list(image),
         "parameters": int(n_params),
@@ -220,23 +198,9 @@ def format_loop_table(report: dict) -> str:
         f"{report['batch']}, {report['optimizer']}, {report['steps']} steps x "
         f"{report['repeats']} repeats, tau = {report['tau']} ({where}; torch "
         f"{report['torch_version']})",
-        "ms per step: median over repeats; overhead = median / plain's median - 1; paired ="
-        " median of the per-repeat ratios to plain",
     ]
     metrics = ("cpu", "wall") if report["primary_metric"] == "cpu" else ("wall",)
-    head = f"{'variant':<10}" + "".join(
-        f"{m + ' ms':>10}{'overhead':>10}{'paired':>8}" for m in metrics
-    )
-    lines += [head, "-" * len(head)]
-    for r in report["variants"]:
-        line = f"{r['variant']:<10}"
-        for m in metrics:
-            pre = "" if m == "wall" else "cpu_"
-            line += (
-                f"{r[pre + 'median_ms_per_step']:>10.2f}{r[pre + 'overhead_pct']:>9.1f}%"
-                f"{r[pre + 'paired_ratio_to_plain']:>8.3f}"
-            )
-        lines.append(line)
+    lines += timing_table(report["variants"], metrics)
     lines.append(
         f"one exchange (RMA + kernel, {report['primary_metric']} time): "
         f"{report['exchange_ms']:.2f} ms, every {report['tau']} steps"

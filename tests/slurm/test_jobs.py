@@ -270,6 +270,33 @@ def test_multi_node_refuses_a_server_layout_it_cannot_place(cluster, tmp_path, v
     assert message in out, out
 
 
+def signal_and_requeue(cluster, job, run_dir, submit_dir, timeout) -> dict:
+    """USR1 to the batch shell once the training is visibly under way (an evaluation with
+    steps > 0); returns scontrol's record once the job runs again (or is over).
+
+    Slurm holds a requeued job for AuthInfo's cred_expire (10 s on the test cluster, 120 s by
+    default) before it starts again. (Releasing it earlier with `scontrol update
+    StartTime=now` races with the revoked credential of the first start: "Job credential
+    revoked", and the job fails.)
+    """
+    deadline = time.monotonic() + timeout
+    while not any(r["steps"] > 0 for r in read_metrics(run_dir)):
+        info = cluster.job(job)
+        assert info.get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), describe(
+            cluster, job, run_dir, submit_dir
+        )
+        assert time.monotonic() < deadline, describe(cluster, job, run_dir, submit_dir)
+        time.sleep(0.1)
+    cluster.run("scancel", "--batch", "--signal=USR1", job)
+
+    def restarted_or_over(info):
+        if info.get("JobState") in cluster.FINAL_STATES:
+            return True
+        return int(info.get("Restarts", 0)) >= 1 and info.get("JobState") == "RUNNING"
+
+    return cluster.wait(job, timeout=timeout, until=restarted_or_over)
+
+
 def test_preemptible_requeues_and_resumes(cluster, tmp_path):
     """jobs/easgd-preemptible.sbatch: USR1 to the batch shell (what --signal=B:USR1@120 sends)
     mid-run -> checkpoint, requeue (same job id) -> the resumed run finishes from it.
@@ -286,28 +313,7 @@ def test_preemptible_requeues_and_resumes(cluster, tmp_path):
         EASGD_ARGS=f"--set steps={steps} --set eval_interval=0.2",
     )
     run_dir = tmp_path / "runs" / f"easgd-pre-{job}"
-
-    # Signal once the training is visibly under way (an evaluation with steps > 0).
-    deadline = time.monotonic() + 90
-    while not any(r["steps"] > 0 for r in read_metrics(run_dir)):
-        info = cluster.job(job)
-        assert info.get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), describe(
-            cluster, job, run_dir, tmp_path
-        )
-        assert time.monotonic() < deadline, describe(cluster, job, run_dir, tmp_path)
-        time.sleep(0.1)
-    cluster.run("scancel", "--batch", "--signal=USR1", job)
-
-    # Slurm holds a requeued job for AuthInfo's cred_expire (10 s on the test cluster, 120 s by
-    # default) before it starts again. (Releasing it earlier with `scontrol update
-    # StartTime=now` races with the revoked credential of the first start: "Job credential
-    # revoked", and the job fails.)
-    def restarted_or_over(info):
-        if info.get("JobState") in cluster.FINAL_STATES:
-            return True
-        return int(info.get("Restarts", 0)) >= 1 and info.get("JobState") == "RUNNING"
-
-    info = cluster.wait(job, timeout=90, until=restarted_or_over)
+    info = signal_and_requeue(cluster, job, run_dir, tmp_path, timeout=90)
     assert int(info.get("Restarts", 0)) == 1, "[issue 4] not requeued\n" + describe(
         cluster, job, run_dir, tmp_path
     )
@@ -430,18 +436,7 @@ def test_preemptible_requeues_and_resumes_your_own_script(cluster, tmp_path):
         EASGD_COMMAND=f"python scripts/my_train.py {steps} 0.01",
     )
     run_dir = tmp_path / "runs" / f"easgd-pre-{job}"
-    deadline = time.monotonic() + 120
-    while not any(r["steps"] > 0 for r in read_metrics(run_dir)):
-        assert time.monotonic() < deadline, describe(cluster, job, run_dir, tmp_path)
-        time.sleep(0.1)
-    cluster.run("scancel", "--batch", "--signal=USR1", job)
-
-    def restarted_or_over(info):
-        if info.get("JobState") in cluster.FINAL_STATES:
-            return True
-        return int(info.get("Restarts", 0)) >= 1 and info.get("JobState") == "RUNNING"
-
-    cluster.wait(job, timeout=120, until=restarted_or_over)
+    signal_and_requeue(cluster, job, run_dir, tmp_path, timeout=120)
     info = cluster.wait(job, timeout=180)
     out = check_finished_run(
         cluster, job, info, run_dir, tmp_path, workers=workers, steps=steps, announcements=2
