@@ -8,6 +8,9 @@ MPIEXEC := $(VENV)/bin/mpiexec
 NP      ?= 5
 # Per-launch limit for MPI test runs: a hung rank must fail the run, not stall CI.
 MPI_TEST_TIMEOUT ?= 300
+# pytest-xdist workers for the unit and CLI tests: one per core (auto), at most 4 (each CLI test
+# launches up to 5 MPI ranks). TEST_WORKERS=0 runs them in one process.
+TEST_WORKERS ?= auto
 ARGS    ?=
 
 .PHONY: venv demo test lint test-unit test-mpi test-tools test-slurm bench clean
@@ -40,8 +43,14 @@ lint: venv
 test-tools:
 	bash tools/install-test-tools.sh
 
+## test-unit: the unit, CLI and GPU tests in parallel (pytest-xdist; a group that shares a
+## module fixture or the GPU stays in one worker), then the `serial` ones alone: they bound in
+## seconds how a run they signal or kill ends, which a busy machine would break. The CLI tests
+## (MPI launches, seconds each) are handed out first, the short unit tests fill the last gaps.
 test-unit: venv test-tools
-	timeout 1500 $(PY) -m pytest -q tests/unit tests/cli tests/gpu
+	timeout 1500 $(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses=4 --dist loadgroup \
+	  -m "not serial" tests/cli tests/gpu tests/unit
+	timeout 600 $(PY) -m pytest -q -m serial tests/unit tests/cli tests/gpu
 
 test-mpi: venv
 	@for n in 2 3 5; do \

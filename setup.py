@@ -54,7 +54,7 @@ setup(
         "plot": ["matplotlib"],
         # PyTorch models (model.name = "cifar-convnet" / "torch", easgd export to .pt).
         "torch": ["torch>=2.1"],
-        "test": ["pytest>=8", "pytest-mpi>=0.6", "ruff==0.17.6"],
+        "test": ["pytest>=8", "pytest-mpi>=0.6", "pytest-xdist>=3.6", "ruff==0.17.6"],
     },
     entry_points={"console_scripts": ["easgd = easgd_mpi.cli:main"]},
 )

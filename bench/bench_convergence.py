@@ -15,6 +15,8 @@ writes JSON and figures (PNG, via ``easgd_mpi.plot``).
     python bench/bench_convergence.py --model cifar-convnet          # the paper's convnet on a
                                                                      # synthetic CIFAR-format set
     python bench/bench_convergence.py --model cifar-convnet --data ~/cifar-10-batches-py
+    python bench/bench_convergence.py --model cifar-convnet --algorithms eamsgd --taus 4,16 \
+        --compress none,int8,int8-nofeedback            # compressed pushes (§2.16)
 
 With ``--model cifar-convnet`` every run also reports the worker steps and the wall time the
 center needed to reach each held-out error of ``--targets`` (the first evaluation at or below
@@ -23,6 +25,11 @@ it). Without ``--data`` the runs train on a synthetic data set in the CIFAR-10 p
 label noise; see :func:`write_synthetic_cifar`), built once into ``bench/data/`` and sized for
 a sweep of minutes on a laptop; ``--data`` runs the same comparison on the real CIFAR-10 (the
 ``cifar-10-batches-py`` folder or ``cifar-10-python.tar.gz``) with the paper's settings.
+
+``--compress`` runs each configuration once per coding of the workers' pushes (``none``,
+``int8``, ``fp8``, or ``int8-nofeedback``/``fp8-nofeedback`` without error feedback) and adds
+the bytes of the pushes as coded (``push_bytes``) beside the bytes the transfers moved, to each
+target and in a comparison with ``none``.
 
 ``--set KEY=VALUE`` goes to every run; ``--set ALGORITHM:KEY=VALUE`` to that algorithm's runs
 only (after its defaults below). Wall times are from one oversubscribed node unless you launch
@@ -50,7 +57,19 @@ import numpy as np
 from benchlib import launcher
 
 REPO = Path(__file__).resolve().parents[1]
+#: The default sweep: the paper's methods of the first comparison.
 ALGORITHMS = ("easgd", "eamsgd", "sync-easgd", "downpour", "allreduce-sgd")
+#: Every method this script knows (``--algorithms``): DOWNPOUR's master-side variants, local
+#: SGD and DiLoCo (issue 19) too.
+KNOWN = (
+    *ALGORITHMS,
+    "mdownpour",
+    "adownpour",
+    "mvadownpour",
+    "localsgd",
+    "diloco",
+    "async-diloco",
+)
 #: Per-algorithm settings on top of the shared ones. EAMSGD gets δ = 0.9 and η = 0.01, an
 #: effective step η/(1 − δ) = 0.1, twice the plain methods' η (``--set eamsgd:momentum=0.99``
 #: gives the paper's δ); β = 0.9 (the paper's) is the default for the elastic ones.
@@ -60,6 +79,12 @@ DEFAULTS = {
     "sync-easgd": {},
     "downpour": {},
     "allreduce-sgd": {},
+    "mdownpour": {"momentum": "0.9", "lr": "0.01"},
+    "adownpour": {"outer_lr": "0.01"},
+    "mvadownpour": {},
+    "localsgd": {"momentum": "0.9", "lr": "0.01"},
+    "diloco": {},
+    "async-diloco": {},
 }
 SHARED = {"lr": "0.05", "batch_size": "128", "eval_interval": "0.25"}
 
@@ -84,6 +109,19 @@ CONVNET_DEFAULTS = {
     "sync-easgd": {},
     "downpour": {},
     "allreduce-sgd": {},
+    # Issue 19, from one pilot each at τ = 4 (docs/PERFORMANCE.md): the master's δ = 0.5 with
+    # η = 0.005 (δ = 0.9 at η = 0.005 or 0.0025 stayed at 80-90 % error; the paper's 0.99 is
+    # outside the round-robin stability region at p = 4, docs/STABILITY.md §7); Adagrad at the
+    # master with η_o = 0.001 (0.01 stayed at chance); MVADOWNPOUR on DOWNPOUR with η = 0.05/p
+    # and ν = 0.05; local SGD with EAMSGD's Nesterov step (the baseline the issue compares
+    # with); DiLoCo with plain SGD inside (the inner and the outer momentum compound) and its
+    # paper's outer 0.7 / 0.9.
+    "mdownpour": {"momentum": "0.5", "lr": "0.005"},
+    "adownpour": {"outer_lr": "0.001"},
+    "mvadownpour": {"lr": "0.0125", "moving_rate": "0.05"},
+    "localsgd": {"momentum": "0.99", "lr": "0.002"},
+    "diloco": {},
+    "async-diloco": {},
 }
 #: On the synthetic set (2 cores, a sweep of 20 runs in ~15 minutes): minibatch 8, 16×16
 #: random crops (a third of the paper's 28×28 compute; the network is the same, its first fully
@@ -96,6 +134,14 @@ CIFAR10_DEFAULTS = {"eamsgd": {"lr": "0.005"}}
 #: Held-out errors whose first crossing each run reports (``--targets``).
 CONVNET_TARGETS = "0.5,0.3,0.2,0.1"
 SYNTHETIC_FOLDER = REPO / "bench" / "data" / "synthetic-cifar"
+#: ``--compress`` variants: the config keys each sets (docs/ARCHITECTURE.md §2.16).
+COMPRESS_VARIANTS = {
+    "none": {},
+    "int8": {"compress": "int8"},
+    "fp8": {"compress": "fp8"},
+    "int8-nofeedback": {"compress": "int8", "error_feedback": "false"},
+    "fp8-nofeedback": {"compress": "fp8", "error_feedback": "false"},
+}
 #: Parameters of the synthetic set; changing one rebuilds the cache.
 SYNTHETIC = {
     "version": 1,
@@ -148,6 +194,13 @@ def parse_args(argv=None):
     ap.add_argument("--workers", "-p", type=int, default=4)
     ap.add_argument("--taus", default="1,4,16,64", help="comma-separated τ values")
     ap.add_argument("--algorithms", default=",".join(ALGORITHMS))
+    ap.add_argument(
+        "--compress",
+        default="none",
+        help="comma-separated codings of the pushes to compare: "
+        + ", ".join(COMPRESS_VARIANTS)
+        + " (default none)",
+    )
     ap.add_argument(
         "--seeds",
         type=int,
@@ -230,7 +283,11 @@ def parse_args(argv=None):
         args.workers, args.taus, args.seeds, args.steps = 2, "1,8", 1, 150
     args.taus = [int(t) for t in str(args.taus).split(",") if t.strip()]
     args.algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
-    unknown = [a for a in args.algorithms if a not in ALGORITHMS]
+    args.compress = [c.strip() for c in args.compress.split(",") if c.strip()] or ["none"]
+    bad = [c for c in args.compress if c not in COMPRESS_VARIANTS]
+    if bad:
+        ap.error(f"--compress: unknown {bad} (known: {', '.join(COMPRESS_VARIANTS)})")
+    unknown = [a for a in args.algorithms if a not in KNOWN]
     if args.reuse and not args.runs_dir:
         ap.error("--reuse needs --runs-dir (the folder of the earlier runs)")
     if args.retries < 0:
@@ -259,8 +316,8 @@ def parse_args(argv=None):
 def model_settings(args) -> tuple[dict, dict, dict]:
     """Shared settings, per-algorithm settings and a description of the data, before --set."""
     if args.model == "mlp":
-        return dict(SHARED), {a: dict(DEFAULTS[a]) for a in ALGORITHMS}, {"name": "digits"}
-    per = {a: dict(CONVNET_DEFAULTS[a]) for a in ALGORITHMS}
+        return dict(SHARED), {a: dict(DEFAULTS[a]) for a in KNOWN}, {"name": "digits"}
+    per = {a: dict(CONVNET_DEFAULTS[a]) for a in KNOWN}
     if args.data is not None:
         path = Path(args.data).expanduser().resolve()
         if not path.exists():
@@ -419,7 +476,7 @@ def ensure_synthetic_cifar(folder: Path, params: dict) -> Path:
 
 def split_overrides(pairs):
     """Shared and per-algorithm ``--set`` values."""
-    shared, per = {}, {a: {} for a in ALGORITHMS}
+    shared, per = {}, {a: {} for a in KNOWN}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
@@ -434,15 +491,17 @@ def split_overrides(pairs):
     return shared, per
 
 
-def run_one(args, algorithm, tau, seed, settings, runs_dir) -> dict:
+def run_one(args, algorithm, tau, seed, settings, runs_dir, compress="none") -> dict:
     """Launch one training run (or, with --reuse, take a finished one with the same
     configuration from --runs-dir) and read its metrics back."""
-    run_dir = runs_dir / f"{algorithm}-tau{tau}-seed{seed}"
+    coded = "" if compress == "none" else f"-{compress}"
+    run_dir = runs_dir / f"{algorithm}{coded}-tau{tau}-seed{seed}"
     values = {
         **settings["base"],
         **settings["base_per"][algorithm],
         **settings["shared"],
         **settings[algorithm],
+        **COMPRESS_VARIANTS[compress],
         "algorithm": algorithm,
         "tau": str(tau),
         "seed": str(seed),
@@ -486,6 +545,7 @@ def run_one(args, algorithm, tau, seed, settings, runs_dir) -> dict:
     result = {
         "algorithm": algorithm,
         "tau": tau,
+        "compress": compress,
         "seed": seed,
         "returncode": code,
         "launch_time": None if launch_time is None else round(launch_time, 2),
@@ -496,6 +556,10 @@ def run_one(args, algorithm, tau, seed, settings, runs_dir) -> dict:
             for r in records
         ],
     }
+    # The center's error against the bytes moved and the bytes of the pushes as coded.
+    result["bytes_curve"] = [
+        [r.get("bytes"), r.get("push_bytes"), r.get("center_error")] for r in records
+    ]
     if reused:
         result["reused"] = True
     if attempts > 1:
@@ -504,6 +568,11 @@ def run_one(args, algorithm, tau, seed, settings, runs_dir) -> dict:
     result.update(summarize(records, args.steps * args.workers))
     if args.targets:
         result["to_target"] = steps_to_targets(records, args.targets)
+        # The bytes the workers had moved at each first crossing (None: never reached).
+        result["bytes_to_target"] = [
+            _first_record(records, t).get("bytes") if _first_record(records, t) else None
+            for t in args.targets
+        ]
     if code != 0:
         result["error"] = _last_line(stderr)
     return result
@@ -589,6 +658,7 @@ def summarize(records: list[dict], budget: int) -> dict:
             "best_error": None,
             "time": None,
             "bytes": None,
+            "push_bytes": None,
             "steps": 0,
             "diverged": True,
         }
@@ -601,25 +671,32 @@ def summarize(records: list[dict], budget: int) -> dict:
         "final_loss": last.get("center_loss") if not diverged else None,
         "time": last.get("time"),
         "bytes": last.get("bytes"),
+        "push_bytes": last.get("push_bytes"),
         "steps": last.get("steps"),
         "complete": last.get("steps") == budget,
         "diverged": diverged,
     }
 
 
+def _first_record(records: list[dict], target: float) -> dict | None:
+    """The first evaluation of the center at or below ``target``."""
+    return next(
+        (
+            r
+            for r in records
+            if _finite(r.get("center_error")) and r["center_error"] <= target + 1e-12
+        ),
+        None,
+    )
+
+
 def steps_to_targets(records: list[dict], targets: list[float]) -> list[dict]:
     """For each target error: the first evaluation of the center at or below it (total worker
-    steps, wall time, exchanges), or None where the run never got there."""
+    steps, wall time, exchanges, bytes moved and bytes of the pushes as coded), or None where
+    the run never got there."""
     out = []
     for target in targets:
-        hit = next(
-            (
-                r
-                for r in records
-                if _finite(r.get("center_error")) and r["center_error"] <= target + 1e-12
-            ),
-            None,
-        )
+        hit = _first_record(records, target)
         out.append(
             {
                 "target": target,
@@ -627,22 +704,37 @@ def steps_to_targets(records: list[dict], targets: list[float]) -> list[dict]:
                 "steps": hit.get("steps") if hit else None,
                 "time": hit.get("time") if hit else None,
                 "exchanges": hit.get("exchanges") if hit else None,
+                "bytes": hit.get("bytes") if hit else None,
+                "push_bytes": hit.get("push_bytes") if hit else None,
             }
         )
     return out
 
 
+def _variant(r: dict) -> str:
+    return r.get("compress", "none")
+
+
+def _key(r: dict) -> tuple:
+    """(algorithm, τ, compress): one row of the tables."""
+    return r["algorithm"], r["tau"], _variant(r)
+
+
 def aggregate(results: list[dict]) -> list[dict]:
-    """Mean ± sd over seeds per (algorithm, τ); diverged runs count as error 1 in the mean."""
+    """Mean ± sd over seeds per (algorithm, τ, compress); diverged runs count as error 1 in the
+    mean."""
     rows = []
+    variants = list(COMPRESS_VARIANTS)
     keys = sorted(
-        {(r["algorithm"], r["tau"]) for r in results}, key=lambda k: (ALGORITHMS.index(k[0]), k[1])
+        {_key(r) for r in results},
+        key=lambda k: (KNOWN.index(k[0]), k[1], variants.index(k[2])),
     )
-    for algorithm, tau in keys:
-        group = [r for r in results if r["algorithm"] == algorithm and r["tau"] == tau]
+    for algorithm, tau, compress in keys:
+        group = [r for r in results if _key(r) == (algorithm, tau, compress)]
         row = {
             "algorithm": algorithm,
             "tau": tau,
+            "compress": compress,
             "runs": len(group),
             "diverged": sum(1 for r in group if r["diverged"] or r["returncode"] != 0),
         }
@@ -651,6 +743,7 @@ def aggregate(results: list[dict]) -> list[dict]:
             ("best_error", 1.0),
             ("time", None),
             ("bytes", None),
+            ("push_bytes", None),
         ):
             values = [r[key] if _finite(r.get(key)) else missing for r in group]
             values = [v for v in values if v is not None]
@@ -667,6 +760,11 @@ def _aggregate_targets(group: list[dict]) -> list[dict]:
     out = []
     for i, first in enumerate(group[0]["to_target"]):
         hits = [r["to_target"][i] for r in group if r["to_target"][i]["reached"]]
+        moved = [
+            r["bytes_to_target"][i]
+            for r in group
+            if r.get("bytes_to_target") and r["bytes_to_target"][i] is not None
+        ]
         out.append(
             {
                 "target": first["target"],
@@ -674,6 +772,12 @@ def _aggregate_targets(group: list[dict]) -> list[dict]:
                 "runs": len(group),
                 "steps": statistics.fmean(h["steps"] for h in hits) if hits else None,
                 "time": statistics.fmean(h["time"] for h in hits) if hits else None,
+                # What the links moved to the target (the run's byte counts), and the pushes
+                # in coded form where the target records them (--compress).
+                "bytes": statistics.fmean(moved) if moved else None,
+                "push_bytes": statistics.fmean(h["push_bytes"] for h in hits)
+                if hits and all(_finite(h.get("push_bytes")) for h in hits)
+                else None,
             }
         )
     return out
@@ -683,23 +787,34 @@ def _pm(mean, sd, fmt) -> str:
     return "—" if mean is None else f"{fmt(mean)} ± {fmt(sd)}"
 
 
+def _compressing(rows: list[dict]) -> bool:
+    return any(_variant(r) != "none" for r in rows)
+
+
 def format_table(rows: list[dict]) -> str:
     pct = lambda v: f"{100 * v:5.2f}%"  # noqa: E731
     sec = lambda v: f"{v:5.1f}s"  # noqa: E731
     mb = lambda v: f"{v / 1e6:7.1f}"  # noqa: E731
+    coded = _compressing(rows)  # the compress column and the pushes' bytes as coded
     header = (
-        f"| {'algorithm':<13} | {'τ':>3} | {'final error':>17} | {'best error':>17} | "
-        f"{'time':>15} | {'MB sent+received':>18} | diverged |"
+        f"| {'algorithm':<13} | {'τ':>3} | "
+        + (f"{'compress':<15} | " if coded else "")
+        + f"{'final error':>17} | {'best error':>17} | "
+        f"{'time':>15} | {'MB sent+received':>18} | "
+        + (f"{'push MB (coded)':>18} | " if coded else "")
+        + "diverged |"
     )
     lines = [header, "|" + "|".join("-" * (len(c) + 0) for c in header.split("|")[1:-1]) + "|"]
     for r in rows:
         lines.append(
             f"| {r['algorithm']:<13} | {r['tau']:>3} | "
-            f"{_pm(r['final_error'], r['final_error_sd'], pct):>17} | "
+            + (f"{_variant(r):<15} | " if coded else "")
+            + f"{_pm(r['final_error'], r['final_error_sd'], pct):>17} | "
             f"{_pm(r['best_error'], r['best_error_sd'], pct):>17} | "
             f"{_pm(r['time'], r['time_sd'], sec):>15} | "
             f"{_pm(r['bytes'], r['bytes_sd'], mb):>18} | "
-            f"{r['diverged']}/{r['runs']:<6} |"
+            + (f"{_pm(r['push_bytes'], r['push_bytes_sd'], mb):>18} | " if coded else "")
+            + f"{r['diverged']}/{r['runs']:<6} |"
         )
     return "\n".join(lines)
 
@@ -709,23 +824,31 @@ def format_target_table(rows: list[dict], results: list[dict]) -> str:
     and the wall time of the center's first evaluation at or below it ("—": never). A run
     that did not exit cleanly is marked "exit N" (what it reached before counts)."""
     targets = [t["target"] for t in rows[0]["to_target"]]
+    coded = _compressing(rows)
     failed = {}
     for r in results:
         if r["returncode"] != 0:
-            failed.setdefault((r["algorithm"], r["tau"]), []).append(r["returncode"])
-    cols = [f"≤{100 * t:g}%: steps / time" for t in targets]
+            failed.setdefault(_key(r), []).append(r["returncode"])
+    cols = [
+        f"≤{100 * t:g}%: steps / time / bytes" + (" / push MB" if coded else "") for t in targets
+    ]
 
     def cell(t) -> str:
         if not t["reached"]:
             return "—"
         text = f"{t['steps']:.0f} / {t['time']:.1f}s"
+        if t.get("bytes") is not None:
+            text += f" / {t['bytes'] / 1e6:.0f} MB"
+        if coded:
+            text += " / —" if t.get("push_bytes") is None else f" / {t['push_bytes'] / 1e6:.1f}"
         return text if t["reached"] == t["runs"] else f"{text} ({t['reached']}/{t['runs']})"
 
-    head = ["algorithm", "τ", "final error", "best error", "time", *cols]
+    head = ["algorithm", "τ", *(["compress"] if coded else []), "final error", "best error"]
+    head += ["time", *cols]
     body = []
     for r in rows:
-        codes = failed.get((r["algorithm"], r["tau"]), [])
-        group = [x for x in results if (x["algorithm"], x["tau"]) == (r["algorithm"], r["tau"])]
+        codes = failed.get(_key(r), [])
+        group = [x for x in results if _key(x) == _key(r)]
         if codes and len(codes) == r["runs"]:
             last = [x["final_error"] for x in group if _finite(x.get("final_error"))]
             final = f"exit {codes[0]}" + (f" at {100 * last[0]:.1f}%" if last else "")
@@ -737,6 +860,7 @@ def format_target_table(rows: list[dict], results: list[dict]) -> str:
             [
                 r["algorithm"],
                 str(r["tau"]),
+                *([_variant(r)] if coded else []),
                 final,
                 f"{100 * r['best_error']:.1f}%",
                 "—" if r["time"] is None else f"{r['time']:.1f}s",
@@ -745,6 +869,8 @@ def format_target_table(rows: list[dict], results: list[dict]) -> str:
         )
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
     right = [False] + [True] * (len(head) - 1)
+    if coded:
+        right[2] = False
 
     def line(cells):
         return (
@@ -767,13 +893,107 @@ def format_target_table(rows: list[dict], results: list[dict]) -> str:
     return "\n".join([line(head), sep, *(line(b) for b in body)])
 
 
+def format_compression_table(rows: list[dict]) -> str:
+    """Each coded variant against ``none`` of the same algorithm and τ: the final error's
+    difference, and per target how many times fewer bytes it took to get there, counting the
+    pushes alone (as coded) and the read of the center plus the pushes (what a center that
+    decodes would move; the passive window moves float32: the "MB sent+received" column)."""
+    base = {(r["algorithm"], r["tau"]): r for r in rows if _variant(r) == "none"}
+    targets = [t["target"] for t in rows[0].get("to_target", [])]
+    head = ["algorithm", "τ", "compress", "final error − none's"]
+    head += [f"≤{100 * t:g}%: push × / read+push ×" for t in targets]
+    body = []
+
+    def ratio(a, b):
+        return f"{a / b:.2f}" if _finite(a) and _finite(b) and b > 0 else "—"
+
+    for r in rows:
+        ref = base.get((r["algorithm"], r["tau"]))
+        if _variant(r) == "none" or ref is None:
+            continue
+        diff = (
+            f"{100 * (r['final_error'] - ref['final_error']):+.2f} points"
+            if _finite(r["final_error"]) and _finite(ref["final_error"])
+            else "—"
+        )
+        cells = []
+        for mine, theirs in zip(r.get("to_target", []), ref.get("to_target", []), strict=True):
+            both = mine["reached"] and theirs["reached"]
+            push = ratio(theirs["push_bytes"], mine["push_bytes"]) if both else "—"
+            total = "—"
+            if both and _finite(theirs["bytes"]) and _finite(mine["bytes"]):
+                # the async rules read 4 bytes per element for each 4 they push in float32
+                total = ratio(
+                    theirs["bytes"] / 2 + theirs["push_bytes"],
+                    mine["bytes"] / 2 + mine["push_bytes"],
+                )
+            cells.append(f"{push} / {total}")
+        body.append([r["algorithm"], str(r["tau"]), _variant(r), diff, *cells])
+    if not body:
+        return ""
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)) + " |"]
+    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    lines += [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(b, widths, strict=True)) + " |" for b in body
+    ]
+    return "\n".join(lines)
+
+
+def _error_vs_push_bytes(results, path: Path) -> list[str]:
+    """One panel per τ: the center's held-out error against the MB of the pushes as coded, per
+    algorithm and coding (first seed)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    taus = sorted({r["tau"] for r in results})
+    first_seed = min(r["seed"] for r in results)
+    fig, axes = plt.subplots(1, len(taus), figsize=(5 * len(taus), 4), squeeze=False)
+    dashes = ("-", "--", "-.", ":", (0, (1, 3)))
+    styles = dict(zip(COMPRESS_VARIANTS, dashes, strict=True))
+    for ax, tau in zip(axes[0], taus, strict=True):
+        for r in results:
+            if r["tau"] != tau or r["seed"] != first_seed:
+                continue
+            points = [(b[1], b[2]) for b in r.get("bytes_curve", []) if _finite(b[1])]
+            points = [(x / 1e6, y) for x, y in points if _finite(y)]
+            if points:
+                ax.plot(
+                    *zip(*points, strict=True),
+                    linestyle=styles[_variant(r)],
+                    color=f"C{ALGORITHMS.index(r['algorithm'])}",
+                    label=f"{r['algorithm']} {_variant(r)}",
+                )
+        ax.set_xscale("log")
+        ax.set_xlabel("MB pushed by the workers (as coded)")
+        ax.set_title(f"τ = {tau}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("center held-out error")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [str(path)]
+
+
 def make_figures(results, folder: Path, stem: str) -> list[str]:
-    """One figure per τ (every algorithm, first seed) and the final error against τ."""
+    """One figure per τ (every algorithm, first seed) and the final error against τ; with
+    ``--compress``, those of the uncoded runs and the error against the bytes pushed."""
     try:
         from easgd_mpi.plot import PlotError, load_run, plot_runs
     except ImportError:
         return []
     written = []
+    if any(_variant(r) != "none" for r in results):
+        written.extend(_error_vs_push_bytes(results, folder / f"{stem}-push-bytes.png"))
+        results = [r for r in results if _variant(r) == "none"]
+        if not results:
+            return written
     first_seed = min(r["seed"] for r in results)
     for tau in sorted({r["tau"] for r in results}):
         runs = []
@@ -814,14 +1034,14 @@ def _steps_to_target(results, path: Path) -> list[str]:
     fig, axes = plt.subplots(1, len(targets), figsize=(3.6 * len(targets), 3.8), squeeze=False)
     taus = sorted({r["tau"] for r in rows})
     for ax, (i, target) in zip(axes[0], enumerate(targets), strict=True):
-        for algorithm in ALGORITHMS:
+        for algorithm in KNOWN:
             mine = [r for r in rows if r["algorithm"] == algorithm and r["to_target"][i]["reached"]]
             if mine:
                 ax.plot(
                     [r["tau"] for r in mine],
                     [r["to_target"][i]["steps"] for r in mine],
                     marker="o",
-                    color=f"C{ALGORITHMS.index(algorithm)}",  # the same in every panel
+                    color=f"C{KNOWN.index(algorithm) % 10}",  # the same in every panel
                     label=algorithm,
                 )
         ax.set_xscale("log", base=2)
@@ -855,7 +1075,7 @@ def _error_vs_tau(results, path: Path) -> list[str]:
         return []
     rows = aggregate(results)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for algorithm in ALGORITHMS:
+    for algorithm in KNOWN:
         mine = [r for r in rows if r["algorithm"] == algorithm]
         if mine:
             ax.errorbar(
@@ -892,21 +1112,23 @@ def main(argv=None) -> int:
     runs_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     results = []
-    total = len(args.algorithms) * len(args.taus) * args.seeds
+    total = len(args.algorithms) * len(args.taus) * len(args.compress) * args.seeds
     try:
         for tau in args.taus:
             for algorithm in args.algorithms:
                 for seed in range(args.seeds):
-                    r = run_one(args, algorithm, tau, seed, settings, runs_dir)
-                    results.append(r)
-                    status = "diverged" if r["diverged"] else f"{100 * r['final_error']:.2f}%"
-                    if r["returncode"] != 0:
-                        status += f" (exit {r['returncode']}: {r.get('error', '')})"
-                    print(
-                        f"[{len(results):>3}/{total}] {algorithm:<13} τ={tau:<3} seed {seed}: "
-                        f"{status}, {r['time'] or 0:.1f}s",
-                        flush=True,
-                    )
+                    for compress in args.compress:  # interleaved: the machine's load is shared
+                        r = run_one(args, algorithm, tau, seed, settings, runs_dir, compress)
+                        results.append(r)
+                        status = "diverged" if r["diverged"] else f"{100 * r['final_error']:.2f}%"
+                        if r["returncode"] != 0:
+                            status += f" (exit {r['returncode']}: {r.get('error', '')})"
+                        coded = "" if compress == "none" else f" {compress}"
+                        print(
+                            f"[{len(results):>3}/{total}] {algorithm:<13}{coded} τ={tau:<3} "
+                            f"seed {seed}: {status}, {r['time'] or 0:.1f}s",
+                            flush=True,
+                        )
         rows = aggregate(results)
         figures = []
         if args.figures is None or args.figures.lower() != "none":
@@ -933,6 +1155,15 @@ def main(argv=None) -> int:
             "evaluation of the center at or below each held-out error (— = not reached)"
         )
         print(target_table)
+    compression_table = format_compression_table(rows) if _compressing(rows) else ""
+    if compression_table:
+        print()
+        print(
+            "Compressed pushes against none (same algorithm and τ): final error difference; "
+            "per target, how many times fewer bytes the pushes (as coded) and the read of "
+            "the center plus the pushes took to reach it (— = not reached by both)"
+        )
+        print(compression_table)
     report = {
         "benchmark": "convergence",
         "model": args.model,
@@ -940,6 +1171,7 @@ def main(argv=None) -> int:
         "workers": args.workers,
         "taus": args.taus,
         "algorithms": args.algorithms,
+        "compress": args.compress,
         "seeds": args.seeds,
         "steps_per_worker": args.steps,
         "budget": f"{args.steps} local steps per worker (a step budget, not a time budget)",
@@ -959,6 +1191,8 @@ def main(argv=None) -> int:
     }
     if target_table is not None:
         report["target_table"] = target_table
+    if compression_table:
+        report["compression_table"] = compression_table
     reused = [r for r in results if r.get("reused")]
     if reused:
         report["reused_runs"] = len(reused)  # total_time covers only the runs launched now

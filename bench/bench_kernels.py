@@ -1,4 +1,4 @@
-"""Effective bandwidth of the fused update kernels (DESIGN.md §5).
+"""Effective bandwidth of the fused update kernels (docs/ARCHITECTURE.md §6.2).
 
 For each fused method and size n, the table shows the bytes one pass moves (every array read or
 written once, float32) divided by its time, next to two baselines measured in the same run:

@@ -19,6 +19,13 @@ oversubscribed 2-core machine as on a real node: sleeping ranks leave the cores 
 
     python bench/bench_stragglers.py                 # p = 4, k ∈ {1, 2, 4}, 8 s per run
     python bench/bench_stragglers.py --quick         # a smoke run (about a minute)
+
+``--ratios 1,1.3,2.6,5.7`` (one factor per worker, a published async-DiLoCo setting) replaces
+the single slow worker: every algorithm runs once with all workers at ``--step-time`` and once
+with worker i at ratio_i × ``--step-time``, and the report adds the wall time to each of
+``--targets`` and the fastest worker's own step rate in both runs (each worker counts its
+gradients and writes them at exit): with sleeps that dominate the step it must not rise when
+the others slow down, or the sharing of the cores is what the result shows.
 """
 
 from __future__ import annotations
@@ -40,9 +47,14 @@ from benchlib import launcher
 
 REPO = Path(__file__).resolve().parents[1]
 ALGORITHMS = ("easgd", "eamsgd", "sync-easgd", "allreduce-sgd")
-SYNCHRONOUS = ("sync-easgd", "allreduce-sgd")
-#: Settings per algorithm (as bench_convergence: EAMSGD with δ = 0.9 and η = 0.01).
-SETTINGS = {"eamsgd": {"momentum": 0.9, "lr": 0.01}}
+SYNCHRONOUS = ("sync-easgd", "allreduce-sgd", "localsgd", "diloco")
+#: Settings per algorithm (as bench_convergence: EAMSGD with δ = 0.9 and η = 0.01; local SGD
+#: with the same Nesterov step; DiLoCo with plain SGD inside, docs/STABILITY.md §7).
+SETTINGS = {
+    "eamsgd": {"momentum": 0.9, "lr": 0.01},
+    "localsgd": {"momentum": 0.9, "lr": 0.01},
+    "mdownpour": {"momentum": 0.9, "lr": 0.01},
+}
 #: Seconds between the launch and the stop beyond the measured window (MPI start-up, data).
 START_MARGIN = 4.0
 #: Seconds at the start of a run left out of the throughput slope.
@@ -58,11 +70,14 @@ def parse_args(argv=None):
     ap.add_argument("--step-time", type=float, default=0.01, help="s per gradient (default 10 ms)")
     ap.add_argument("--tau", type=int, default=4)
     ap.add_argument("--quick", action="store_true", help="k ∈ {1, 4}, 3 s per run")
+    ap.add_argument("--ratios", default="", help="per-worker step-time factors, e.g. 1,1.3,2.6,5.7")
+    ap.add_argument("--targets", default="0.1,0.05,0.03", help="center errors for --ratios")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "stragglers.json"))
     # Internal: one run inside mpiexec.
     ap.add_argument("--run", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--algorithm", help=argparse.SUPPRESS)
     ap.add_argument("--slowdown", type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--factors", default="", help=argparse.SUPPRESS)
     ap.add_argument("--run-dir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick:
@@ -78,6 +93,15 @@ def run_inside_mpi(args) -> int:
 
     rank = MPI.COMM_WORLD.Get_rank()
     delay = args.step_time * (args.slowdown if rank == 1 else 1.0)  # world rank 1: worker 0
+    if args.factors:  # one factor per worker (world rank i + 1)
+        factors = [float(f) for f in args.factors.split(",")]
+        delay = args.step_time * (factors[rank - 1] if rank >= 1 else 1.0)
+    counted = {"steps": 0, "first": None, "last": None}
+
+    def write_count():
+        if rank >= 1 and counted["first"] is not None:
+            path = Path(args.run_dir) / f"worker-rank{rank}.json"
+            path.write_text(json.dumps({"rank": rank, "delay": delay, **counted}))
 
     class Straggling:
         """The built-in problem, with a sleep before every gradient of this rank."""
@@ -91,6 +115,10 @@ def run_inside_mpi(args) -> int:
 
         def loss_and_grad(self, x, batch, g):
             time.sleep(delay)
+            now = time.monotonic()
+            counted["steps"] += 1
+            counted["first"] = counted["first"] or now
+            counted["last"] = now
             return self.inner.loss_and_grad(x, batch, g)
 
     overrides = {
@@ -112,14 +140,15 @@ def run_inside_mpi(args) -> int:
         timer.start()
     logging.getLogger("easgd_mpi").setLevel(logging.WARNING)  # the table is the output
     ea.train(cfg, problem=Straggling)
+    write_count()
     return 0
 
 
 # ---- the driver ----------------------------------------------------------------------------
 
 
-def run_one(args, algorithm: str, k: float, runs: Path) -> dict:
-    run_dir = runs / f"{algorithm}-k{k:g}"
+def run_one(args, algorithm: str, k: float, runs: Path, factors: str = "") -> dict:
+    run_dir = runs / f"{algorithm}-k{k:g}{'-ratios' if factors else ''}"
     cmd = [
         launcher(),
         "-n",
@@ -139,6 +168,8 @@ def run_one(args, algorithm: str, k: float, runs: Path) -> dict:
         str(args.step_time),
         "--tau",
         str(args.tau),
+        "--factors",
+        factors,
     ]
     env = {key: v for key, v in os.environ.items() if not key.startswith("EASGD_")}
     proc = subprocess.run(
@@ -152,7 +183,18 @@ def run_one(args, algorithm: str, k: float, runs: Path) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{algorithm} k={k:g} failed ({proc.returncode}): {proc.stderr[-2000:]}")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return measure(records, args.seconds) | {"algorithm": algorithm, "slowdown": k}
+    row = measure(records, args.seconds) | {"algorithm": algorithm, "slowdown": k}
+    if factors:
+        row["factors"] = factors
+        row["time_to"] = {
+            t: next((r["time"] for r in records if r["center_error"] <= t), None)
+            for t in (float(x) for x in args.targets.split(","))
+        }
+    counts = [json.loads(f.read_text()) for f in sorted(run_dir.glob("worker-rank*.json"))]
+    fastest = min(counts, key=lambda c: c["delay"]) if counts else None
+    if fastest and fastest["last"] > fastest["first"]:
+        row["fastest_worker_steps_per_s"] = fastest["steps"] / (fastest["last"] - fastest["first"])
+    return row
 
 
 def measure(records: list[dict], seconds: float) -> dict:
@@ -193,6 +235,8 @@ def main(argv=None) -> int:
     if 1.0 not in slowdowns:
         slowdowns.insert(0, 1.0)  # the baseline every ratio is taken against
     rows = []
+    if args.ratios:
+        return _heterogeneous(args, algorithms)
     with tempfile.TemporaryDirectory(prefix="easgd-stragglers-") as tmp:
         for algorithm in algorithms:
             base = None
@@ -217,6 +261,46 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     print(f"\n{_table(rows, args)}\nwrote {out}")
+    return 0
+
+
+def _heterogeneous(args, algorithms) -> int:
+    """Every algorithm with all workers alike, then with the per-worker ``--ratios``."""
+    rows = []
+    equal = ",".join(["1"] * args.workers)
+    with tempfile.TemporaryDirectory(prefix="easgd-stragglers-") as tmp:
+        for algorithm in algorithms:
+            for name, factors in (("equal", equal), ("ratios", args.ratios)):
+                row = run_one(args, algorithm, 1.0, Path(tmp) / name, factors)
+                row["setting"] = name
+                rows.append(row)
+                times = ", ".join(
+                    f"≤{100 * float(t):g}%: " + ("—" if v is None else f"{v:.1f}s")
+                    for t, v in row["time_to"].items()
+                )
+                print(
+                    f"{algorithm:<14} {name:<6} {row['steps_per_s']:7.1f} steps/s, fastest "
+                    f"worker {row.get('fastest_worker_steps_per_s', float('nan')):6.1f}/s, "
+                    f"error {100 * row['center_error']:.2f}% at {row['error_at']:.1f}s; {times}",
+                    flush=True,
+                )
+    report = {
+        "benchmark": "stragglers (per-worker ratios)",
+        "workers": args.workers,
+        "ratios": args.ratios,
+        "tau": args.tau,
+        "step_time_s": args.step_time,
+        "seconds": args.seconds,
+        "targets": args.targets,
+        "model": "digits MLP (built-in defaults)",
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "load_average_at_end": os.getloadavg(),
+        "rows": rows,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {out}")
     return 0
 
 

@@ -82,8 +82,8 @@ def main() -> int:
     from mpi4py import MPI  # noqa: PLC0415
 
     if MPI.COMM_WORLD.Get_rank() == 0:
-        from easgd_mpi.checkpoint import list_checkpoints  # noqa: PLC0415
         from easgd_mpi.export import export_checkpoint  # noqa: PLC0415
+        from easgd_mpi.rundir import list_checkpoints  # noqa: PLC0415
 
         newest = list_checkpoints(summary["run_dir"])[-1]
         path = export_checkpoint(newest, f"{summary['run_dir']}/model.pt")

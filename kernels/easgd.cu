@@ -1,4 +1,4 @@
-// easgd.cu -- fused CUDA kernels, one per fused method of NumpyBackend (DESIGN.md section 5).
+// easgd.cu -- fused CUDA kernels, one per fused method of NumpyBackend (docs/ARCHITECTURE.md §6.3).
 //
 // Each kernel is one grid-stride pass over flat float32 vectors of n elements, updated in place;
 // its parameters are the NumPy method's parameters in the same order, followed by n. The
@@ -289,3 +289,37 @@ extern "C" __global__ void easgd_sync_easgd_update(float* x, float* c, const flo
 }
 
 #undef EASGD_LANES
+
+// ---- compressed pushes (docs/ARCHITECTURE.md section 2.10) --------------------------------------
+// One thread per block of `block` elements: it finds the block's largest magnitude, then codes
+// the block (easgd::compress_block). No shared memory and no synchronisation between threads,
+// so host_grid_emulation.cpp runs it exactly. Each thread walks its own block: the accesses of
+// a warp are `block` floats apart rather than coalesced; a chunk of 2^22 floats still has
+// 16384 blocks of 256 in flight. r == nullptr: no error feedback (the residual is not kept).
+#define EASGD_COMPRESS_KERNEL(NAME, CODEC)                                                    \
+    extern "C" __global__ void NAME(float* e, float* r, unsigned char* codes, float* scales,   \
+                                    long long block, long long n) {                           \
+        const long long blocks = (n + block - 1) / block;                                     \
+        for (long long b = first_index(); b < blocks; b += grid_stride()) {                    \
+            const long long lo = b * block;                                                   \
+            const long long hi = lo + block < n ? lo + block : n;                             \
+            easgd::compress_block<CODEC>(e, r, codes, scales, lo, hi, b);                     \
+        }                                                                                     \
+    }
+
+// Element by element (coalesced): out = value(code) * scale of the element's block.
+#define EASGD_DECOMPRESS_KERNEL(NAME, CODEC)                                                  \
+    extern "C" __global__ void NAME(const unsigned char* codes, const float* scales,           \
+                                    float* out, long long block, long long n) {               \
+        for (long long i = first_index(); i < n; i += grid_stride()) {                         \
+            easgd::decompress_element<CODEC>(codes[i], scales[i / block], out[i]);             \
+        }                                                                                     \
+    }
+
+EASGD_COMPRESS_KERNEL(easgd_compress_int8, easgd::INT8)
+EASGD_COMPRESS_KERNEL(easgd_compress_fp8, easgd::FP8)
+EASGD_DECOMPRESS_KERNEL(easgd_decompress_int8, easgd::INT8)
+EASGD_DECOMPRESS_KERNEL(easgd_decompress_fp8, easgd::FP8)
+
+#undef EASGD_COMPRESS_KERNEL
+#undef EASGD_DECOMPRESS_KERNEL

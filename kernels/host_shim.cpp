@@ -59,4 +59,24 @@ void easgd_sync_easgd_update(float* x, float* c, const float* xmean, float alpha
     for (long long i = 0; i < n; ++i) easgd::sync_easgd_update(x[i], c[i], xmean[i], alpha, beta);
 }
 
+// Compressed pushes: the blocks one after the other (the kernel gives each to a thread).
+#define EASGD_HOST_CODEC(CODEC, COMPRESS, DECOMPRESS)                                          \
+    void COMPRESS(float* e, float* r, unsigned char* codes, float* scales, long long block,    \
+                  long long n) {                                                              \
+        for (long long b = 0; b * block < n; ++b) {                                            \
+            const long long hi = (b + 1) * block < n ? (b + 1) * block : n;                    \
+            easgd::compress_block<CODEC>(e, r, codes, scales, b * block, hi, b);               \
+        }                                                                                     \
+    }                                                                                         \
+    void DECOMPRESS(const unsigned char* codes, const float* scales, float* out,               \
+                    long long block, long long n) {                                           \
+        for (long long i = 0; i < n; ++i) {                                                    \
+            easgd::decompress_element<CODEC>(codes[i], scales[i / block], out[i]);             \
+        }                                                                                     \
+    }
+
+EASGD_HOST_CODEC(easgd::INT8, easgd_compress_int8, easgd_decompress_int8)
+EASGD_HOST_CODEC(easgd::FP8, easgd_compress_fp8, easgd_decompress_fp8)
+#undef EASGD_HOST_CODEC
+
 }  // extern "C"

@@ -4,6 +4,10 @@ Under ``mpiexec ... pytest --with-mpi`` (pytest-mpi) every rank runs every test.
 such runs sane: a failure on any rank aborts the whole MPI job at once (otherwise the other
 ranks wait forever in the test's next collective), and only rank 0 reports, so the output is
 one readable summary.
+
+Optional heavy libraries (PyTorch, matplotlib) come from the fixtures below, imported when a
+test first needs them: collecting the suite imports neither (PyTorch alone takes seconds, and
+every pytest-xdist worker collects the whole suite).
 """
 
 from __future__ import annotations
@@ -33,6 +37,15 @@ def pytest_configure(config):
         reporter = config.pluginmanager.getplugin("terminalreporter")
         if reporter is not None:
             config.pluginmanager.unregister(reporter)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups from the markers
+def pytest_collection_modifyitems(items):
+    """One GPU, one test on it at a time: under pytest-xdist (``--dist loadgroup``) every
+    ``gpu`` test runs in the same worker, while the CPU tests run beside them."""
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(pytest.mark.xdist_group("gpu"))
 
 
 def pytest_runtest_logreport(report):
@@ -69,3 +82,15 @@ def clean_env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EASGD_")}
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+@pytest.fixture(scope="session")
+def torch():
+    """PyTorch (the ``torch`` extra), imported on first use; without it the test is skipped."""
+    return pytest.importorskip("torch", reason="the torch extra is installed by `make test`")
+
+
+@pytest.fixture(scope="session")
+def matplotlib():
+    """matplotlib (the ``plot`` extra), imported on first use; without it the test is skipped."""
+    return pytest.importorskip("matplotlib", reason="the plot extra is installed by `make test`")

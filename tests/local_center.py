@@ -37,3 +37,35 @@ class LocalCenter:
     def write(self, values):
         with self.lock:
             self.value[...] = values
+
+
+class LocalInbox:
+    """The servers' inboxes of a center that computes (center_inbox.CenterInbox's interface for
+    a worker), in one process: each push is applied at once by the real rule of
+    center_rules.py to the LocalCenter's values, as one server that keeps up would."""
+
+    def __init__(self, center, rule, trainable, workers=1):
+        self.center, self.rule, self.trainable = center, rule, trainable
+        self.rows = rule.initial_rows(center.value)
+        self.row_names = rule.rows
+        self.n_workers = workers
+        self.arrived = self.applied = 0
+
+    def push(self, update):
+        with self.center.lock:
+            u = np.array(update, dtype=np.float32)
+            self.arrived += 1
+            self.rule.apply(
+                self.center.value, self.rows, u, self.trainable, self.applied + 1, self.arrived
+            )
+            self.applied = self.arrived
+        return [self.arrived]
+
+    def counters(self):
+        return np.array([[self.arrived, self.applied, self.applied, 0]], dtype=np.int64)
+
+    def wait_applied(self, tickets, lag=0):
+        return 0.0
+
+    def read_row(self, name, out):
+        out[...] = self.rows[name]

@@ -1,4 +1,4 @@
-"""The float64 recurrences of DESIGN.md §2, written independently of the package, and the
+"""The float64 recurrences of docs/ARCHITECTURE.md §2, written independently of the package, and the
 quadratic problem with one optimum per worker they are checked on (the unit, MPI and checkpoint
 cut tests share them).
 
@@ -121,3 +121,89 @@ def async_rule(algorithm, steps, tau, alpha, delta=0.0, lr=LR):
         else:
             x = x + v
     return np.array(points), x, c
+
+
+# ---- the rules of issue 19: a center that computes, local SGD, DiLoCo -------------------------
+
+
+def _local_phase(x, v, m, delta, lr, tau, points):
+    """τ local steps (Nesterov δ; SGD at δ = 0) of every row of x toward its optimum row m,
+    recording the gradient points."""
+    for _ in range(tau):
+        y = x + delta * v
+        points.append(y.copy())
+        v = delta * v - lr * H * (y - m)
+        x = x + v
+    return x, v
+
+
+def local_sgd(p, steps, tau, delta=0.0, lr=LR, outer_lr=None, outer_momentum=0.0):
+    """Local SGD (outer_lr None: θ ← mean x_i) or DiLoCo (outer Nesterov on D = mean(θ − x_i):
+    m ← μm + D, θ ← θ − η_o(D + μm)), p workers: gradient points (steps × p × dim), the final
+    center and the outer momentum. A round ends after every τ-th step and after the last."""
+    m_opt = np.array([optimum(i) for i in range(p)])
+    theta = np.full(len(H), START)
+    x = np.tile(theta, (p, 1))
+    v = np.zeros_like(x)
+    mom = np.zeros(len(H))
+    points = []
+    done = 0
+    while done < steps:
+        h = min(tau, steps - done)
+        x, v = _local_phase(x, v, m_opt, delta, lr, h, points)
+        done += h
+        d = (theta - x).mean(axis=0)
+        if outer_lr is None:
+            theta = theta - d
+        else:
+            mom = outer_momentum * mom + d
+            theta = theta - outer_lr * (d + outer_momentum * mom)
+        x = np.tile(theta, (p, 1))
+    return np.array(points), theta, mom
+
+
+def master_rule(algorithm, steps, tau, lr=LR, **knobs):
+    """A rule whose center computes, one worker (no staleness): gradient points (steps × dim),
+    the vector the master evaluates, and the center-side rows.
+
+    mdownpour (knob ``momentum`` δ): the paper's master x̃ ← x̃ + v with v ← δv + u, the
+    worker pulling x̃ + δv; adownpour (``outer_lr``, ``outer_eps``): G ← G + u²,
+    x̃ ← x̃ + η_o u/(√G + ε); mvadownpour (``moving_rate`` ν): x̃ ← x̃ + u,
+    z ← (1 − ν)z + νx̃, z evaluated; async-diloco (``outer_lr``, ``outer_momentum``, worker
+    ``momentum``): g = θ − x after τ local steps, m ← μm + g, θ ← θ − η_o(g + μm). u is the
+    worker's summed update x − (what it pulled) after τ local steps (the last round shorter).
+    """
+    m_opt = optimum(0)[None, :]
+    start = np.full(len(H), START)
+    center, vel, big, avg, mom = start.copy(), 0 * start, 0 * start, start.copy(), 0 * start
+    delta = knobs.get("momentum", 0.0) if algorithm == "async-diloco" else 0.0
+    v = np.zeros((1, len(H)))
+
+    def pulled():
+        if algorithm == "mdownpour":
+            return center + knobs["momentum"] * vel
+        return center
+
+    points, done = [], 0
+    while done < steps:
+        h = min(tau, steps - done)
+        base = pulled()
+        x, v = _local_phase(base[None, :].copy(), v, m_opt, delta, lr, h, points)
+        done += h
+        u = x[0] - base
+        if algorithm == "mdownpour":
+            vel = knobs["momentum"] * vel + u
+            center = center + vel
+        elif algorithm == "adownpour":
+            big = big + u * u
+            center = center + knobs["outer_lr"] * u / (np.sqrt(big) + knobs["outer_eps"])
+        elif algorithm == "mvadownpour":
+            center = center + u
+            avg = (1 - knobs["moving_rate"]) * avg + knobs["moving_rate"] * center
+        else:
+            g = -u
+            mom = knobs["outer_momentum"] * mom + g
+            center = center - knobs["outer_lr"] * (g + knobs["outer_momentum"] * mom)
+    evaluated = {"mvadownpour": avg, "mdownpour": pulled()}.get(algorithm, center)
+    rows = {"velocity": vel, "adagrad_sum": big, "average": avg, "outer_momentum": mom}
+    return np.array(points)[:, 0, :], evaluated, rows

@@ -9,7 +9,8 @@ over the workers only through :class:`WorkerAllreduce`.
 
 The synchronous rules (sync EASGD, all-reduce SGD) keep the master's window up to date so that
 evaluation, metrics and checkpoints work as in the asynchronous case: after each round, the first
-worker adds (replica − window) to the window, so the window equals the workers' common center.
+worker sets the window to the workers' common center (``CenterWindow.write``, an element-wise
+``Accumulate(REPLACE)``: nothing is added, so the window is that center bit for bit).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from .backend.numpy_backend import host_sum_squares
+from .center_rules import outer_nesterov, staleness_weight
 from .collective import WorkerAllreduce
+from .compress import make_push_compressor
 
 __all__ = [
     "WorkerAlgorithm",
@@ -29,6 +31,12 @@ __all__ = [
     "SyncEASGD",
     "Downpour",
     "AllreduceSGD",
+    "MDownpour",
+    "ADownpour",
+    "MVADownpour",
+    "LocalSGD",
+    "DiLoCo",
+    "AsyncDiLoCo",
     "LoopEASGD",
     "LoopSyncEASGD",
     "LoopLocalSGD",
@@ -47,7 +55,7 @@ class _ChunkStaging:
     difference on the host) after it has started the next one, so copies, kernels and MPI of
     neighbouring chunks overlap. Without, each chunk is finished before the next starts (the
     baseline the device check compares against). Σ e² (the worker-to-center distance, and the
-    finiteness test) is taken from the host copy once it is there.
+    finiteness test) is taken where e is computed, on the device, and comes back with the chunk.
     """
 
     def __init__(self, backend, chunk: int, overlap: bool = True):
@@ -57,31 +65,44 @@ class _ChunkStaging:
         self.overlap = overlap and self.staged
         if self.staged:
             self._pipeline = backend.staging_pipeline()
-            # Device chunk pairs: one per chunk in flight (at most one started chunk per slice
-            # of the center, plus the one starting); made on first need, then reused.
-            self._free: list[tuple[object, object]] = []
+            # Slots (device buffers and events): one per chunk in flight (at most one started
+            # chunk per slice of the center, plus the one starting); made on first need, then
+            # reused.
+            self._free: list = []
 
-    def start(self, c, e, kernel):
-        """Start kernel(c_dev, e_dev) on one chunk; returns finish() → Σ e² (float64; inf or
-        nan if e is not finite), which must be called before c or e is touched again."""
-        b = self.backend
+    def start(self, c, e, kernel, on_finish) -> _StartedChunk:
+        """Start kernel(c_dev, e_dev) on one chunk; the returned chunk, once called, calls
+        ``on_finish(Σ e²)`` (float64; inf or nan if e is not finite). c and e must not be
+        touched before then (c may be refilled once ``input_consumed()`` says so)."""
         if not self.staged:
             kernel(c, e)
-            return lambda: b.sum_squares(e)
-        pair = self._free.pop() if self._free else (b.zeros(self.chunk), b.zeros(self.chunk))
-        k = c.shape[0]
-        c_dev, e_dev = pair[0][:k], pair[1][:k]
-        ticket = self._pipeline.start(c, c_dev, kernel, e_dev, e)
+            return _StartedChunk(None, None, None, on_finish, self.backend.sum_squares(e))
+        slot = self._free.pop() if self._free else self._pipeline.slot(self.chunk)
+        self._pipeline.start(slot, c, kernel, e)
+        return _StartedChunk(self._pipeline, slot, self._free, on_finish)
 
-        def finish() -> float:
-            self._pipeline.wait(ticket)
-            self._free.append(pair)
-            return host_sum_squares(e)
 
-        if self.overlap:
-            return finish
-        sq = finish()
-        return lambda: sq
+class _StartedChunk:
+    """A chunk whose copies and kernel may still be in flight (see :data:`center.ChunkKernel`):
+    calling it waits for its difference and Σ e², hands its slot back and calls on_finish."""
+
+    __slots__ = ("_pipeline", "_slot", "_free", "_on_finish", "_sq")
+
+    def __init__(self, pipeline, slot, free, on_finish, sq=None):
+        self._pipeline, self._slot, self._free = pipeline, slot, free
+        self._on_finish = on_finish
+        self._sq = sq
+
+    def input_consumed(self) -> bool:
+        """Whether the center's chunk has been copied in (never waits)."""
+        return self._slot is None or self._pipeline.input_consumed(self._slot)
+
+    def __call__(self) -> None:
+        if self._slot is not None:
+            self._sq = self._pipeline.wait(self._slot)
+            self._free.append(self._slot)
+            self._slot = None
+        self._on_finish(self._sq)
 
 
 class WorkerAlgorithm(ABC):
@@ -108,6 +129,11 @@ class WorkerAlgorithm(ABC):
         self.v = backend.zeros(n) if self.uses_momentum else None
         self.exchanges = 0
         self.bytes = 0
+        #: Bytes of this worker's pushes toward the center in the form it codes them (float32,
+        #: or the codes and scales of ``compress``): docs/ARCHITECTURE.md §2.16.
+        self.push_bytes = 0
+        #: The coder of pushes, holding the residual (None: float32 pushes, ``compress = none``).
+        self.compressor = make_push_compressor(cfg, backend, n)
         #: Times this worker went non-finite and was reset to the center.
         self.resets = 0
         #: ‖x − x̃‖ at the last exchange (before the elastic pull).
@@ -164,20 +190,20 @@ class WorkerAlgorithm(ABC):
         poisoned = False
 
         def compute(lo, hi, c, e):
-            sum_squares = self._staging.start(c, e, lambda cd, ed: chunk_kernel(lo, hi, cd, ed))
-
-            def finish() -> None:
+            def finished(sq: float) -> None:
                 nonlocal total_sq, poisoned
-                sq = sum_squares()
                 if math.isfinite(sq):
                     total_sq += sq
                 else:
                     e[...] = 0
                     poisoned = True
 
+            started = self._staging.start(
+                c, e, lambda cd, ed: self._coded_chunk(chunk_kernel, lo, hi, cd, ed), finished
+            )
             if self._staging.overlap:
-                return finish  # the exchange calls it after it has started the next chunk
-            finish()
+                return started  # the exchange finishes it after it has started the next chunk
+            started()
             return None
 
         self.bytes += self.center.exchange(compute)
@@ -185,17 +211,47 @@ class WorkerAlgorithm(ABC):
         if poisoned:
             self.resets += 1
             self.pull_center()
+            if self.compressor is not None:
+                self.compressor.reset()  # the residual of a trajectory that was abandoned
             self.distance = float("nan")
         else:
             self.distance = math.sqrt(total_sq) / self.alpha if self.alpha > 0 else 0.0
 
+    def _coded_chunk(self, chunk_kernel, lo, hi, c, e) -> None:
+        """chunk_kernel(lo, hi, c, e), then e coded in place for the push (where the chunk's
+        kernels run: on a GPU before the difference is copied out)."""
+        chunk_kernel(lo, hi, c, e)
+        self.push_bytes += self._code_push(lo, hi, e)
+
+    def _code_push(self, lo, hi, e) -> int:
+        """Code the push of elements [lo, hi) in place (nothing without ``compress``); returns
+        its bytes in that form."""
+        if self.compressor is None:
+            return 4 * (hi - lo)
+        return self.compressor.compress(lo, hi, e)
+
     def saved_rows(self) -> list:
-        """What a checkpoint stores of this worker (``Config.state_rows``): x, then v."""
-        return [self.x] if self.v is None else [self.x, self.v]
+        """What a checkpoint stores of this worker (``Config.state_rows``): x, then v, then
+        the residual of compressed pushes."""
+        return ([self.x] if self.v is None else [self.x, self.v]) + self._residual_row()
+
+    def _residual_row(self) -> list:
+        c = self.compressor
+        return [] if c is None or c.residual is None else [c.residual]
 
     def cut_center(self):
         """The center at this moment, where this worker holds it exactly (the synchronous
         rules); None for the asynchronous rules, whose center is the window itself."""
+        return None
+
+    def cut_state(self) -> list:
+        """The center-side rows (``Config.center_rows``) at this moment, where this worker
+        holds them exactly (saved with :meth:`cut_center`); none by default."""
+        return []
+
+    def finish(self) -> None:
+        """Complete this worker's part before it reports done (a center that computes: its
+        pushes applied)."""
         return None
 
     def restore(self, state) -> None:
@@ -207,6 +263,8 @@ class WorkerAlgorithm(ABC):
         if v_host is not None and self.v is not None:
             self.backend.from_host(np.ascontiguousarray(v_host, np.float32), self.v)
         self.exchanges, self.resets = int(state.exchanges), int(state.resets)
+        if self.compressor is not None:  # none saved (compress was off): nothing pending
+            self.compressor.restore(state.rows.get("residual"))
         self.backend.synchronize()
 
 
@@ -311,6 +369,7 @@ class _Synchronous(WorkerAlgorithm):
         else:
             self.center.write(self.backend.to_host(source, self._center_host))
         self.bytes += 4 * self.problem.layout.size
+        self.push_bytes += 4 * self.problem.layout.size
 
 
 class SyncEASGD(_Synchronous):
@@ -454,7 +513,7 @@ class Downpour(WorkerAlgorithm):
         pending[:m] = self.acc[:m]
         if self._buffers_base is not None:
             pending[m:] = self._buffers_base
-        return [self.x, pending]
+        return [self.x, pending] + self._residual_row()
 
     def restore(self, state) -> None:
         super().restore(state)
@@ -483,18 +542,7 @@ class Downpour(WorkerAlgorithm):
 
     def _push_and_copy(self) -> None:
         b = self.backend
-        if self._buffers_base is not None:  # Δ of the buffers: their change since the copy
-            delta = self.acc[self.m :]
-            delta[...] = self.x[self.m :] - self._buffers_base
-            if self._buffers_share != 1.0:
-                b.scale(delta, self._buffers_share)
-        # ‖Δ‖: how far this worker moved away from the center it last copied.
-        self.distance = math.sqrt(b.sum_squares(self.acc))
-        if not b.all_finite(self.acc):
-            # A non-finite update never reaches the center: drop it, restart from the center.
-            self.acc[...] = 0
-            self.resets += 1
-            self.distance = float("nan")
+        self._complete_update()
         if self._host is None:  # host memory: MPI reads and writes the worker's own arrays
             self.center.add(self.acc)  # x̃ ← x̃ + Δ (atomic accumulate)
             self.center.read(self.x)  # x ← x̃, with every worker's updates so far
@@ -508,6 +556,320 @@ class Downpour(WorkerAlgorithm):
         b.synchronize()
         self.bytes += 8 * self.problem.layout.size
         self.exchanges += 1
+
+    def _complete_update(self) -> None:
+        """acc ← the whole Δ to push: the buffers' share past the trainable part; ‖Δ‖ as the
+        distance; a non-finite Δ dropped (the copy that follows restarts the worker)."""
+        b = self.backend
+        if self._buffers_base is not None:  # Δ of the buffers: their change since the copy
+            delta = self.acc[self.m :]
+            delta[...] = self.x[self.m :] - self._buffers_base
+            if self._buffers_share != 1.0:
+                b.scale(delta, self._buffers_share)
+        # ‖Δ‖: how far this worker moved away from the center it last copied.
+        self.distance = math.sqrt(b.sum_squares(self.acc))
+        self.push_bytes += self._code_push(0, self.acc.shape[0], self.acc)
+        if not b.all_finite(self.acc):
+            # A non-finite update never reaches the center: drop it, restart from the center.
+            self.acc[...] = 0
+            self.resets += 1
+            self.distance = float("nan")
+            if self.compressor is not None:
+                self.compressor.reset()
+
+
+class LocalSGD(_Synchronous):
+    """Local SGD (model averaging): τ local steps (SGD, or Nesterov when momentum > 0), then
+    every worker's x becomes the mean of all of them.
+
+    Each worker keeps a replica θ of the center (the last mean). After the τ-th local step (and
+    after the last step) one all-reduce averages the workers' Δ = θ − x; θ ← θ − mean(Δ) (the
+    mean of the x, computed from the small differences) and x ← θ. The velocity v stays each
+    worker's own across rounds. The first worker mirrors θ into the window (§2.13).
+    """
+
+    name = "localsgd"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        n = self.problem.layout.size
+        self.theta = self.backend.zeros(n)  # this worker's replica of the center
+        self.d = self.backend.zeros(n)  # Δ = θ − x, then its mean over the workers
+
+    def pull_center(self) -> None:
+        super().pull_center()
+        self._read_center(self.theta)
+        self.backend.synchronize()
+
+    def cut_center(self):
+        return self.theta
+
+    def step(self, t: int) -> float:
+        loss = self._gradient()
+        self._local_step()
+        if (t + 1) % self.cfg.tau == 0 or t + 1 == self.cfg.steps:
+            self._round()
+        return loss
+
+    def _round(self) -> None:
+        b, d = self.backend, self.d
+        b.xp.subtract(self.theta, self.x, out=d)
+        self.distance = math.sqrt(b.sum_squares(d))  # ‖θ − x‖: how far this worker went
+        finite = math.isfinite(self.distance)
+        if not finite:  # it adds nothing to the mean and restarts from the center
+            d[...] = 0
+            self.resets += 1
+        self.bytes += self.allreduce.mean(d, d)
+        self._center_step(d)
+        self.x[...] = self.theta
+        if not finite and self.v is not None:
+            self.v[...] = 0
+        self._mirror_center(self.theta)
+        self.exchanges += 1
+
+    def _center_step(self, mean_delta) -> None:
+        """θ ← θ − mean(θ − x^i): the mean of the workers' x."""
+        self.theta -= mean_delta
+
+
+class DiLoCo(LocalSGD):
+    """DiLoCo (Douillard et al. 2023): local SGD whose average is an outer Nesterov step.
+
+    The mean pseudo-gradient D = mean(θ − x^i) goes to the outer optimizer on the trainable
+    part: m ← μm + D, θ ← θ − η_o(D + μm) (:func:`~easgd_mpi.center_rules.outer_nesterov`);
+    buffers are averaged. Every worker runs the same step on the same D, so the replicas and
+    their outer momenta stay equal; the momentum is checkpointed with the center (§2.14).
+    """
+
+    name = "diloco"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.outer_lr = self.cfg.resolve_center("outer_lr")
+        self.outer_momentum_rate = self.cfg.resolve_center("outer_momentum")
+        self.outer_m = self.backend.zeros(self.m)
+        self._scratch = self.backend.zeros(self.m)
+
+    def _center_step(self, mean_delta) -> None:
+        m = self.m
+        outer_nesterov(
+            self.theta[:m],
+            self.outer_m,
+            mean_delta[:m],
+            self.outer_lr,
+            self.outer_momentum_rate,
+            self._scratch,
+        )
+        if m < self.theta.shape[0]:
+            self.theta[m:] -= mean_delta[m:]
+
+    def cut_state(self) -> list:
+        return [self._full(self.outer_m)]
+
+    def restore(self, state) -> None:
+        super().restore(state)
+        saved = state.center.get("outer_momentum")
+        if saved is not None:
+            self.backend.from_host(np.ascontiguousarray(saved[: self.m], np.float32), self.outer_m)
+            self.backend.synchronize()
+
+    def _full(self, row):
+        """A trainable-part row as a whole vector (zeros past m), as checkpoints store it."""
+        if self.m == self.problem.layout.size:
+            return row
+        full = self.backend.zeros(self.problem.layout.size)
+        full[: self.m] = row
+        return full
+
+
+class _Pushing:
+    """The worker's side of a center that computes (§3.11), mixed into a rule.
+
+    A push: read the servers' counters (how many pushes reached the center since this
+    worker's base: its staleness s), form the payload (:meth:`_form_push`, the one place a
+    worker's push is made: compression hooks in there), push it into every server's inbox,
+    wait until the servers have applied it (or all but ``push_lag`` of this worker's pushes),
+    note the version, pull the center.
+    """
+
+    def _init_pushing(self, inbox) -> None:
+        n = self.problem.layout.size
+        self.inbox = inbox
+        self.lag = int(self.cfg.push_lag)
+        self._payload = (
+            self.backend.host_empty(n) if self.backend.is_gpu else np.zeros(n, np.float32)
+        )
+        self._tickets: list[int] | None = None
+        self._base = None  # the servers' applied counters when this worker last pulled
+        #: Pushes, their summed and largest staleness, seconds spent waiting for the center.
+        self.pushes = 0
+        self.staleness_sum = 0
+        self.staleness_max = 0
+        self.wait_s = 0.0
+
+    def _pull_version(self) -> None:
+        self._base = self.inbox.counters()[:, 1]
+
+    def _staleness(self) -> int:
+        """Pushes the center received since the version this worker started from (its own
+        pushes still waiting included)."""
+        if self._base is None or not len(self._base):
+            return 0
+        arrived = self.inbox.counters()[:, 0]
+        return int(np.max(arrived - self._base))
+
+    def _form_push(self, update, staleness: int):
+        """The host payload of one push from the update (on the worker's device). The hook
+        for compressed pushes: a subclass may quantize here and keep the residual."""
+        if self.backend.is_gpu:
+            return self.backend.to_host(update, self._payload)
+        return update
+
+    def _push_update(self, update) -> None:
+        """Push ``update`` (already weighted), wait for the center, pull it into x."""
+        staleness = self._last_staleness
+        payload = self._form_push(update, staleness)
+        self._tickets = self.inbox.push(payload)
+        self.wait_s += self.inbox.wait_applied(self._tickets, self.lag)
+        self.pushes += 1
+        self.staleness_sum += staleness
+        self.staleness_max = max(self.staleness_max, staleness)
+        self._pull_version()
+        self._read_center(self.x)
+        self.bytes += 8 * self.problem.layout.size
+        self.exchanges += 1
+
+    def finish(self) -> None:
+        """Wait until every push of this worker is applied (the end of its run, a cut)."""
+        if self._tickets is not None:
+            self.wait_s += self.inbox.wait_applied(self._tickets, 0)
+
+    def cut_center(self):
+        """One worker (p = 1, the only time the channel asks): with its pushes applied nobody
+        moves the center, so it and the rows read now are the cut's."""
+        self.finish()
+        host = np.empty(self.problem.layout.size, np.float32)
+        self.center.read(host)
+        return host
+
+    def cut_state(self) -> list:
+        rows = []
+        for name in self.inbox.row_names:
+            host = np.empty(self.problem.layout.size, np.float32)
+            self.inbox.read_row(name, host)
+            rows.append(host)
+        return rows
+
+
+class ActiveDownpour(_Pushing, Downpour):
+    """DOWNPOUR's worker for the master-side variants (mdownpour, adownpour, mvadownpour):
+    τ local SGD steps summed into Δ, pushed into the servers' inboxes; the servers apply their
+    rule (center_rules.py) and the worker pulls the result (§2.10-2.12)."""
+
+    def __init__(self, *args, inbox, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_pushing(inbox)
+        self._buffers_share = 1.0 / inbox.n_workers  # each worker's share of the statistics
+
+    def pull_center(self) -> None:
+        super().pull_center()
+        self._pull_version()
+
+    def _push_and_copy(self) -> None:
+        self._last_staleness = self._staleness()
+        self._complete_update()
+        self._push_update(self.acc)
+        self.acc[...] = 0
+        self._remember_buffers()
+        self.backend.synchronize()
+
+
+class MDownpour(ActiveDownpour):
+    name = "mdownpour"
+
+
+class ADownpour(ActiveDownpour):
+    name = "adownpour"
+
+
+class MVADownpour(ActiveDownpour):
+    name = "mvadownpour"
+
+
+class AsyncDiLoCo(_Pushing, WorkerAlgorithm):
+    """Asynchronous DiLoCo: τ local steps (SGD, or Nesterov when momentum > 0) from the
+    center last pulled, θ_b; then u = w(s)·(x − θ_b) is pushed, the negative pseudo-gradient
+    weighted for its staleness s (:func:`~easgd_mpi.center_rules.staleness_weight`), and the
+    servers take their outer step on it as it arrives (§2.15). The buffers push their change
+    times 1/p and are averaged.
+    """
+
+    name = "async-diloco"
+
+    def __init__(self, cfg, *args, inbox, **kwargs):
+        self.uses_momentum = cfg.momentum > 0  # before the base class allocates v
+        super().__init__(cfg, *args, **kwargs)
+        n = self.problem.layout.size
+        self._init_pushing(inbox)
+        self.y = self.backend.zeros(n) if self.uses_momentum else None
+        self.base = self.backend.zeros(n)  # θ_b: the center this worker's round started from
+        self.u = self.backend.zeros(n)
+        self.workers = inbox.n_workers
+        self.scale_rule = cfg.resolve_center("staleness_scale")
+        self._last_staleness = 0
+
+    def pull_center(self) -> None:
+        super().pull_center()
+        self.base[...] = self.x
+        self._pull_version()
+
+    def saved_rows(self) -> list:
+        rows = [self.x] if self.v is None else [self.x, self.v]
+        return [*rows, self.base]
+
+    def restore(self, state) -> None:
+        super().restore(state)
+        base = state.rows.get("pending")
+        if base is not None:
+            self.backend.from_host(np.ascontiguousarray(base, np.float32), self.base)
+            self.backend.synchronize()
+
+    def step(self, t: int) -> float:
+        cfg, b, m = self.cfg, self.backend, self.m
+        point = self.x
+        if self.v is not None:
+            b.nesterov_lookahead(self.x[:m], self.v[:m], cfg.momentum, self.y[:m])
+            point = self.y
+        batch = self.problem.sample_batch(self.rng)
+        loss = self.problem.loss_and_grad(point, batch, self.g)
+        if self.v is not None:
+            b.nesterov_step(
+                self.x[:m], self.v[:m], self.g[:m], cfg.lr, cfg.momentum, cfg.weight_decay
+            )
+        else:
+            b.sgd_step(self.x[:m], self.g[:m], cfg.lr, cfg.weight_decay)
+        if (t + 1) % cfg.tau == 0 or t + 1 == cfg.steps:
+            self._exchange_outer()
+        return loss
+
+    def _exchange_outer(self) -> None:
+        b, u, m = self.backend, self.u, self.m
+        staleness = self._last_staleness = self._staleness()
+        weight = staleness_weight(staleness, self.workers, self.scale_rule)
+        b.xp.subtract(self.x, self.base, out=u)
+        self.distance = math.sqrt(b.sum_squares(u))  # ‖x − θ_b‖: this round's pseudo-gradient
+        if not math.isfinite(self.distance):  # it never reaches the center
+            u[...] = 0
+            self.resets += 1
+            if self.v is not None:
+                self.v[...] = 0
+        else:
+            b.scale(u[:m], weight)
+            if m < u.shape[0]:
+                b.scale(u[m:], 1.0 / self.workers)
+        self._push_update(u)
+        self.base[...] = self.x
+        b.synchronize()
 
 
 # ---- the rules of a user's own loop (docs/ARCHITECTURE.md §8) ----------------------------------
@@ -559,7 +921,7 @@ class LoopLocalSGD(_Synchronous):
     x, parameters and buffers (PyTorch's ``PeriodicModelAverager`` with period τ, which leaves
     buffers alone); the first worker sets the window to it. The center is that last mean."""
 
-    name = "local-sgd"
+    name = "localsgd"
     uses_gradient = False
     before_update = False
 
@@ -575,7 +937,24 @@ class LoopLocalSGD(_Synchronous):
         self.exchanges += 1
 
 
-_RULES = {cls.name: cls for cls in (AsyncEASGD, EAMSGD, SyncEASGD, Downpour, AllreduceSGD)}
+_RULES = {
+    cls.name: cls
+    for cls in (
+        AsyncEASGD,
+        EAMSGD,
+        SyncEASGD,
+        Downpour,
+        AllreduceSGD,
+        MDownpour,
+        ADownpour,
+        MVADownpour,
+        LocalSGD,
+        DiLoCo,
+        AsyncDiLoCo,
+    )
+}
+
+
 _LOOP_RULES = {cls.name: cls for cls in (LoopEASGD, LoopSyncEASGD, LoopLocalSGD)}
 
 
@@ -588,6 +967,7 @@ def make_algorithm(
     rng,
     direct_mpi=False,
     workers_comm=None,
+    inbox=None,
     own_loop: bool = False,
 ):
     """The worker-side rule named by ``cfg.algorithm``: the package's own (it takes the
@@ -595,11 +975,16 @@ def make_algorithm(
 
     ``workers_comm`` (the workers-only communicator, :attr:`Roles.workers`) is required by the
     synchronous rules, which average over the workers with one all-reduce; ``direct_mpi``
-    (CUDA-aware MPI) lets that all-reduce take device buffers. The center's one-sided transfers
-    always go through host memory.
+    (CUDA-aware MPI) lets that all-reduce take device buffers. ``inbox`` (a
+    :class:`~easgd_mpi.center_inbox.CenterInbox`) is required by the rules whose center
+    computes. The center's one-sided transfers always go through host memory.
     """
     rule = (_LOOP_RULES if own_loop else _RULES)[cfg.algorithm]
     extra = {}
+    if issubclass(rule, _Pushing):
+        if inbox is None:
+            raise ValueError(f"algorithm {cfg.algorithm!r} needs the servers' inbox")
+        extra["inbox"] = inbox
     if rule.collective:
         if workers_comm is None:
             raise ValueError(f"algorithm {cfg.algorithm!r} needs workers_comm (Roles.workers)")

@@ -8,9 +8,11 @@ user memory passive-target RMA stalls while the owner is busy). In the default l
 keeps it open for the whole run, so workers read and accumulate while the servers compute or
 sleep; in ``exclusive`` mode each transfer locks every server it touches instead, one after the
 other in rank order (the same order on every rank: no deadlock). Reads are
-``Get_accumulate(NO_OP)`` and differences go in with ``Accumulate(SUM)``: both element-wise
-atomic against each other, so concurrent exchanges never tear an element and every slice is
-exactly ``initial + Σ e`` (the conservation invariant the tests check, per slice and in total).
+``Get_accumulate(NO_OP)`` (``Rget_accumulate`` in the exchange) and differences go in with
+``Accumulate(SUM)`` (``Raccumulate``); a synchronous rule's exact write is ``Accumulate(REPLACE)``:
+all element-wise atomic against each other, so concurrent exchanges never tear an element and
+every slice is exactly ``initial + Σ e`` (the conservation invariant the tests check, per slice
+and in total).
 
 The exchange is pipelined in chunks: the first read of every slice goes out at once, the
 caller's kernel runs on whichever chunk arrives first, and while it does, the next read of that
@@ -38,13 +40,18 @@ __all__ = [
     "round_chunk",
     "shard_slices",
     "describe_slice",
+    "scatter_slices",
+    "pieces",
 ]
 
 #: compute(lo, hi, c_chunk, e_chunk): given the center's elements [lo, hi) in ``c_chunk``, write
 #: the elastic difference to add to them into ``e_chunk`` (and update the worker's own state).
 #: It may instead start that work and return a callable that finishes it (a GPU worker's copies
 #: and kernel in flight): the exchange then starts the next chunk before it finishes this one,
-#: and touches neither buffer of this chunk before the callable has returned.
+#: and touches neither buffer of this chunk before the callable has returned, except that when
+#: the callable has an ``input_consumed()`` method that returns True (the chunk's copy to the
+#: device is done; it must never wait), the next read of the center goes into ``c_chunk`` at
+#: once, before the exchange waits for the difference.
 ChunkKernel = Callable[[int, int, object, object], Callable[[], None] | None]
 
 
@@ -174,19 +181,17 @@ class CenterWindow:
         self._local[:] = 0.0
         if self.rank == MASTER and initial is not None and initial.shape != (self.n,):
             raise ValueError(f"initial center has shape {initial.shape}, need ({self.n},)")
-        given = self.comm.bcast(initial is not None, root=MASTER)
-        if not given or self.rank >= self.servers:
-            return
-        if self.rank == MASTER:
-            lo, hi = self.slices[MASTER]
-            self._local[:] = initial[lo:hi]
-            for s in range(1, self.servers):
-                for a, b in _pieces(*self.slices[s], _FILL_PIECE):
-                    self.comm.Send(initial[a:b], dest=s, tag=_FILL_TAG)
-            return
+        scatter_slices(self.comm, self.slices, self.servers, initial, self._local)
+
+    def replace_own_slice(self, values: np.ndarray) -> None:
+        """A server's own slice ← ``values`` (element-wise atomic ``REPLACE``): a center that
+        computes publishes its new slice while workers read it (docs/ARCHITECTURE.md §3.11)."""
         lo, hi = self.slices[self.rank]
-        for a, b in _pieces(lo, hi, _FILL_PIECE):
-            self.comm.Recv(self._local[a - lo : b - lo], source=MASTER, tag=_FILL_TAG)
+        for a, b in _pieces(0, hi - lo, self.chunk):
+            self._win.Accumulate(
+                values[a:b], self.rank, target=(a, b - a, self._MPI.FLOAT), op=self._MPI.REPLACE
+            )
+        self._win.Flush(self.rank)
 
     # ---- collective teardown ------------------------------------------------------------
     def close(self) -> None:
@@ -237,9 +242,13 @@ class CenterWindow:
                 lo, hi = sh.chunks[k]
                 finish = compute(lo, hi, sh.c[buf][: hi - lo], sh.e[buf][: hi - lo])
                 if started[i] is not None:  # chunk k-1: finish it, send it, reuse its buffers
+                    consumed = getattr(started[i][2], "input_consumed", None)
+                    early = more and consumed is not None and consumed()
+                    if early:  # its center chunk is on the device: read k+1 before waiting
+                        reads[i] = self._rget(sh, k + 1)
                     self._finish(i, *started[i], accs)
                     started[i] = None
-                    if more:
+                    if more and not early:
                         reads[i] = self._rget(sh, k + 1)
                 if finish is None:
                     self._accumulate(i, buf, k, accs)
@@ -366,5 +375,30 @@ class CenterWindow:
                 self._win.Unlock(sh.target)
 
 
+def scatter_slices(comm, slices, servers: int, whole: np.ndarray | None, local: np.ndarray) -> bool:
+    """Collective: each server's ``local`` ← its slice of rank 0's ``whole`` vector, sent in
+    pieces before any window is locked. Returns whether rank 0 had one (when not, ``local``
+    is left as it is)."""
+    rank = comm.Get_rank()
+    given = comm.bcast(whole is not None, root=MASTER)
+    if not given or rank >= servers:
+        return given
+    if rank == MASTER:
+        lo, hi = slices[MASTER]
+        local[:] = whole[lo:hi]
+        for s in range(1, servers):
+            for a, b in _pieces(*slices[s], _FILL_PIECE):
+                comm.Send(whole[a:b], dest=s, tag=_FILL_TAG)
+        return given
+    lo, hi = slices[rank]
+    for a, b in _pieces(lo, hi, _FILL_PIECE):
+        comm.Recv(local[a - lo : b - lo], source=MASTER, tag=_FILL_TAG)
+    return given
+
+
 def _pieces(lo: int, hi: int, size: int):
     return [(a, min(a + size, hi)) for a in range(lo, hi, size)]
+
+
+#: [lo, hi) in pieces of at most ``size`` (the chunks of a transfer).
+pieces = _pieces

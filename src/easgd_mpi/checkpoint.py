@@ -1,9 +1,12 @@
-"""HDF5 checkpoints: the format (docs/CHECKPOINT.md), atomic save, validated load, inspect.
+"""HDF5 checkpoints: the format of one file (docs/CHECKPOINT.md), atomic save, validated load,
+inspect. Which files a run folder holds, their numbers and pruning are rundir.py's.
 
 A checkpoint is plain HDF5 (h5dump and HDFView open it; no pickles anywhere). It holds the
-center, the flat layout, the resolved config as TOML text, global and per-worker counters, each
-worker's local state (x, and v for momentum methods) with its random-number state, and the
-metrics so far. A SHA-256 over every stored array and the config is checked on load.
+center, the flat layout, the resolved config as TOML text, global counters and every worker's
+state at the cut (workerstate.py: counters, generator words, the rows x and v or DOWNPOUR's
+pending row unless ``checkpoint.worker_states = false``, each state's age), the trainable size,
+a model's local tensors, and the metrics so far. A SHA-256 over every stored array and the config
+is checked on load.
 
 Files are written to a temporary name in the same folder, flushed, fsynced and renamed over the
 target, then the folder is fsynced: a crash at any point leaves either the old set of
@@ -17,7 +20,6 @@ import gc
 import hashlib
 import json
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,7 +29,7 @@ import numpy as np
 
 from .errors import CheckpointError, os_reason
 from .flat import Layout
-from .workerstate import COUNTERS, UserState, WorkerStates, encode_rng
+from .workerstate import COUNTERS, ROW_NAMES, UserState, WorkerStates, encode_rng
 
 __all__ = [
     "FORMAT_NAME",
@@ -35,11 +37,7 @@ __all__ = [
     "CheckpointData",
     "save_checkpoint",
     "load_checkpoint",
-    "list_checkpoints",
-    "checkpoint_sequence",
-    "newest_valid_checkpoint",
-    "prune_checkpoints",
-    "checkpoint_is_valid",
+    "check_matches",
     "summarize",
     "format_summary",
 ]
@@ -52,7 +50,6 @@ USER_STATE_VERSION = 3
 #: Versions this code reads (1: generator states as JSON text; 2: as int64 words; 3: 2 with
 #: the user loop's states).
 READABLE_VERSIONS = (1, 2, 3)
-_NAME = re.compile(r"^checkpoint-(\d+)\.h5$")
 
 
 @dataclass
@@ -80,6 +77,9 @@ class CheckpointData:
     local_tensors: dict[str, np.ndarray] = field(default_factory=dict)
     #: The format version of the file it was read from (what a save writes otherwise).
     format_version: int = FORMAT_VERSION
+    #: The center-side vectors of a rule whose center keeps state (``Config.center_rows``:
+    #: momentum, Adagrad sums, moving average, outer optimizer state): name → float32 [n].
+    center_state: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def workers(self) -> int:
@@ -140,7 +140,6 @@ def save_checkpoint(path: str | os.PathLike, data: CheckpointData) -> Path:
     if reason is not None:
         raise CheckpointError(f"checkpoint {path} could not be written: {reason}")
     _fsync_dir(path.parent)
-    _remember(path, True)
     return path
 
 
@@ -290,6 +289,10 @@ def _write(f, d: CheckpointData) -> None:
             local.create_dataset(name, data=np.asarray(value))
 
     f.create_dataset("center", data=d.center.astype(np.float32, copy=False))
+    if d.center_state:
+        group = f.create_group("center_state")
+        for name, value in d.center_state.items():
+            group.create_dataset(name, data=np.asarray(value, np.float32))
     workers = f.create_group("workers")
     states = d.states
     for name in COUNTERS:
@@ -373,8 +376,11 @@ def _checksum(d: CheckpointData, rng_text: str | None = None) -> str:
     # Version 1 stored (and hashed) the generators as JSON text; version 2 as words.
     h.update(rng_text.encode() if rng_text is not None else b"rng:" + states.rng_words.tobytes())
     # Added after format 1 was first written: hashed only when present, so older files verify.
-    if states.row("pending") is not None:
-        h.update(b"pending:" + np.ascontiguousarray(states.row("pending"), np.float32).tobytes())
+    for name in ("pending", "residual"):
+        if states.row(name) is not None:
+            h.update(
+                f"{name}:".encode() + np.ascontiguousarray(states.row(name), np.float32).tobytes()
+            )
     if states.age is not None:
         h.update(b"age:" + np.ascontiguousarray(states.age, np.float64).tobytes())
     if d.trainable_size is not None:
@@ -386,6 +392,9 @@ def _checksum(d: CheckpointData, rng_text: str | None = None) -> str:
         for array in state.arrays:
             h.update(f"{array.dtype.str}:{list(array.shape)}".encode())
             h.update(np.ascontiguousarray(array).tobytes())
+    for name, value in sorted(d.center_state.items()):  # hashed only when present
+        h.update(f"center_state:{name}:".encode())
+        h.update(np.ascontiguousarray(value, np.float32).tobytes())
     for name, value in sorted(d.local_tensors.items()):
         value = np.ascontiguousarray(value)
         h.update(f"{name}:{value.dtype.str}:{list(value.shape)}".encode())
@@ -468,7 +477,7 @@ def _read(f, path: Path) -> CheckpointData:
     states = WorkerStates(
         counters={name: workers[name][()] for name in COUNTERS},
         rng_words=rng_words,
-        rows={name: workers[name][()] for name in ("x", "v", "pending") if name in workers},
+        rows={name: workers[name][()] for name in ROW_NAMES if name in workers},
         age=workers["state_age"][()] if "state_age" in workers else None,
         user=_read_user_states(workers["user"], len(rng_words), path)
         if "user" in workers
@@ -497,9 +506,18 @@ def _read(f, path: Path) -> CheckpointData:
         if "local_tensors" in f
         else {},
         format_version=version,
+        center_state={k: v[()] for k, v in f["center_state"].items()}
+        if "center_state" in f
+        else {},
     )
     if _checksum(data, rng_text) != f.attrs["checksum_sha256"]:
         raise CheckpointError(f"checkpoint {path} failed its checksum: the data is damaged")
+    for name, value in data.center_state.items():
+        if value.shape != (layout.size,):
+            raise CheckpointError(
+                f"checkpoint {path}: center_state/{name} has {value.shape[0]} elements, "
+                f"layout needs {layout.size}"
+            )
     if data.center.shape != (layout.size,):
         raise CheckpointError(
             f"checkpoint {path}: center has {data.center.shape[0]} elements, "
@@ -518,7 +536,17 @@ def _words_of_json(text: str) -> np.ndarray:
     return encode_rng(rng)
 
 
-_INT_METRICS = {"steps", "exchanges", "bytes", "resets"}
+_INT_METRICS = {
+    "steps",
+    "exchanges",
+    "bytes",
+    "push_bytes",
+    "resets",
+    "steps_per_worker",
+    "step_budget",
+    "slowest_rank",
+    "slowest_steps",
+}
 
 
 def _int_if_whole(key: str, value) -> float | int:
@@ -547,117 +575,6 @@ def check_matches(data: CheckpointData, layout: Layout, path) -> None:
         f"checkpoint {path} does not match the model: extra tensors "
         f"{', '.join(extra) or '(order differs)'}"
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# A run folder's checkpoints
-
-
-def checkpoint_path(run_dir: str | os.PathLike, sequence: int) -> Path:
-    return Path(run_dir) / f"checkpoint-{sequence:06d}.h5"
-
-
-def checkpoint_sequence(path: str | os.PathLike) -> int:
-    """The sequence number in a checkpoint's file name (checkpoint-000012.h5 → 12)."""
-    match = _NAME.match(Path(path).name)
-    if match is None:
-        raise ValueError(f"{path} is not named like a checkpoint (checkpoint-NNNNNN.h5)")
-    return int(match.group(1))
-
-
-def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """Checkpoint files of a run folder, oldest first (by sequence number)."""
-    folder = Path(run_dir)
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def newest_valid_checkpoint(run_dir, report=print) -> tuple[Path, CheckpointData] | None:
-    """The newest checkpoint that loads and validates; bad ones are reported and skipped.
-
-    None when the folder holds no checkpoint at all; a :class:`CheckpointError` naming them
-    when it holds checkpoints and every one is damaged (starting over would silently drop the
-    run's progress and metrics).
-    """
-    bad = []
-    for path in reversed(list_checkpoints(run_dir)):
-        try:
-            data = load_checkpoint(path)
-        except CheckpointError as exc:
-            report(f"easgd: skipping bad checkpoint: {exc}")
-            _remember(path, False)
-            bad.append(path.name)
-            continue
-        _remember(path, True)
-        return path, data
-    if bad:
-        raise CheckpointError(
-            f"every checkpoint in {run_dir} is damaged ({', '.join(reversed(bad))}): refusing "
-            f"to start over; move them away to start a new run, or resume a copy you trust"
-        )
-    return None
-
-
-#: Verdicts on checkpoint files already checked by this process: path → (size, mtime_ns, ok).
-#: A file this process wrote is good by construction (written atomically, then renamed).
-_VERDICTS: dict[Path, tuple[int, int, bool]] = {}
-
-
-def _remember(path: Path, ok: bool) -> None:
-    try:
-        st = path.stat()
-    except OSError:
-        return
-    _VERDICTS[Path(path)] = (st.st_size, st.st_mtime_ns, ok)
-
-
-def checkpoint_is_valid(path: Path) -> bool:
-    """Whether ``path`` loads and passes its checksum (cached per file version)."""
-    path = Path(path)
-    try:
-        st = path.stat()
-    except OSError:
-        return False
-    known = _VERDICTS.get(path)
-    if known is not None and known[:2] == (st.st_size, st.st_mtime_ns):
-        return known[2]
-    try:
-        load_checkpoint(path)
-        ok = True
-    except CheckpointError:
-        ok = False
-    _VERDICTS[path] = (st.st_size, st.st_mtime_ns, ok)
-    return ok
-
-
-def prune_checkpoints(run_dir, keep: int, report=None) -> list[Path]:
-    """Keep the newest ``keep`` *valid* checkpoints and delete older valid ones.
-
-    Damaged checkpoints never count toward ``keep`` (so they never cause a good one to be
-    pruned) and are never deleted: they are reported once (``report``) and left for the user
-    to inspect. Returns what was removed.
-    """
-    kept, doomed = 0, []
-    for path in reversed(list_checkpoints(run_dir)):
-        before = _VERDICTS.get(Path(path))
-        if not checkpoint_is_valid(path):
-            newly_bad = before is None or before[2]
-            if newly_bad and report is not None:
-                report(
-                    f"easgd: warning: checkpoint {path} is damaged: it is kept for inspection "
-                    f"and does not count toward checkpoint.keep"
-                )
-            continue
-        kept += 1
-        if kept > keep:
-            doomed.append(path)
-    doomed.reverse()  # oldest first, like list_checkpoints
-    for p in doomed:
-        p.unlink(missing_ok=True)
-        _VERDICTS.pop(Path(p), None)
-    return doomed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -710,7 +627,8 @@ def summarize(data: CheckpointData, path=None) -> dict:
             k: {"dtype": str(np.asarray(v).dtype), "shape": list(np.shape(v))}
             for k, v in data.local_tensors.items()
         },
-        "worker_state": {name: states.row(name) is not None for name in ("x", "v", "pending")},
+        "worker_state": {name: states.row(name) is not None for name in ROW_NAMES},
+        "center_state": sorted(data.center_state),
         "worker_state_age": None
         if states.age is None
         else [round(float(a), 3) for a in states.age],
@@ -735,6 +653,8 @@ def format_summary(s: dict) -> str:
         "  per worker steps: " + ", ".join(f"{v:,d}" for v in c["per_worker"]["steps"]),
         f"center: {s['parameters']:,d} parameters, norm {s['center_norm']:.6g}",
     ]
+    if s.get("center_state"):
+        lines.append("center-side state: " + ", ".join(s["center_state"]))
     # Module names (features.0.weight) are longer than the built-in ones (w0): fit the widest.
     width = max(
         [16, *(len(t["name"]) + (1 if t.get("kind") != "parameter" else 0) for t in s["tensors"])]

@@ -56,23 +56,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = sub.add_parser(
         "inspect",
-        help="summarize a checkpoint file",
+        help="summarize a checkpoint file (or a run folder's newest valid checkpoint)",
         description="Print a checkpoint's format version, config, algorithm and p, counters, "
-        "each tensor (shape, norm, min/max), worker-to-center distances and the last metrics.",
+        "each tensor (shape, norm, min/max), worker-to-center distances and the last metrics. "
+        "A run folder stands for its newest valid checkpoint, as with `train --resume`.",
     )
-    inspect.add_argument("file", metavar="FILE.h5")
+    inspect.add_argument("file", metavar="FILE.h5|RUN_DIR")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
     inspect.set_defaults(func=_cmd_inspect)
 
     export = sub.add_parser(
         "export",
         help="write a checkpoint's center as a PyTorch state_dict (.pt) or arrays (.npz)",
-        description="Write the center of a checkpoint, named as the model names its "
-        "parameters and buffers: FILE.pt is a state_dict that model.load_state_dict("
-        "torch.load(FILE.pt, weights_only=True)) accepts (needs PyTorch); FILE.npz holds "
-        "plain arrays.",
+        description="Write the center of a checkpoint (or of a run folder's newest valid "
+        "checkpoint, as with `train --resume`), named as the model names its parameters and "
+        "buffers: FILE.pt is a state_dict that model.load_state_dict(torch.load(FILE.pt, "
+        "weights_only=True)) accepts (needs PyTorch); FILE.npz holds plain arrays.",
     )
-    export.add_argument("file", metavar="CHECKPOINT.h5")
+    export.add_argument("file", metavar="CHECKPOINT.h5|RUN_DIR")
     export.add_argument("-o", "--output", required=True, metavar="OUT.pt|OUT.npz")
     export.set_defaults(func=_cmd_export)
 
@@ -178,10 +179,14 @@ def _cmd_train(args) -> int:
 def _cmd_inspect(args) -> int:
     import json  # noqa: PLC0415
 
-    from .checkpoint import format_summary, load_checkpoint, summarize  # noqa: PLC0415
+    from .checkpoint import format_summary, summarize  # noqa: PLC0415
+    from .export import read_checkpoint  # noqa: PLC0415
+    from .log import console  # noqa: PLC0415
 
+    console(notes_to_stderr=True)  # a damaged checkpoint skipped: a note beside the result
     try:
-        summary = summarize(load_checkpoint(args.file), args.file)
+        path, data = read_checkpoint(args.file)
+        summary = summarize(data, path)
     except EasgdError as exc:
         sys.stderr.write(f"easgd: error: {exc}\n")
         return exc.exit_code
@@ -191,7 +196,9 @@ def _cmd_inspect(args) -> int:
 
 def _cmd_export(args) -> int:
     from .export import export_checkpoint  # noqa: PLC0415
+    from .log import console  # noqa: PLC0415
 
+    console(notes_to_stderr=True)  # a damaged checkpoint skipped: a note beside the result
     try:
         path = export_checkpoint(args.file, args.output)
     except EasgdError as exc:
@@ -247,36 +254,11 @@ def _cmd_check(args) -> int:
         infos = gather_to_master(world, info)
         if infos is not None:
             slices = center_slices(cfg, infos)
-            if args.json:
-                text = json.dumps(infos, indent=2)
-            else:
-                text = _with_bindings(format_report(infos, slices), infos)
+            text = json.dumps(infos, indent=2) if args.json else format_report(infos, slices)
             print(text, flush=True)
         return 0
 
     return run_or_abort(run)
-
-
-def _with_bindings(report: str, infos: list[dict]) -> str:
-    """``easgd check``'s text with each rank's CUDA_VISIBLE_DEVICES and GPU binding appended
-    to that rank's line (one line per rank after the MPI line)."""
-    lines = report.splitlines()
-    extra = []
-    for info in infos:
-        visible = info["cuda_visible_devices"]
-        extra.append(
-            f"CUDA_VISIBLE_DEVICES={'(unset)' if visible is None else visible}; "
-            f"GPU binding: {info['gpu_binding'] or 'none'}"
-        )
-    if len(lines) == len(infos) + 1:
-        pairs = zip(lines[1:], extra, strict=True)
-        return "\n".join([lines[0], *(f"{ln}; {x}" for ln, x in pairs)])
-    pairs = zip(infos, extra, strict=True)
-    return "\n".join([*lines, *(f"rank {i['rank']}: {x}" for i, x in pairs)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 def _print(text: str) -> None:
@@ -285,3 +267,8 @@ def _print(text: str) -> None:
         print(text, flush=True)
     except BrokenPipeError:
         sys.stdout = None  # nothing more can be written; avoid a second error at exit
+
+
+# Last: `python -m easgd_mpi.cli` runs main() here, so everything it calls must be defined.
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,5 @@
-"""The workers' all-reduce: the one collective of the synchronous rules (DESIGN.md §2).
+"""The workers' all-reduce: the one collective of the synchronous rules (docs/ARCHITECTURE.md
+§2.5, §2.6, §3.8).
 
 Sync EASGD averages the workers' parameters and all-reduce SGD their gradients; both need the
 element-wise mean of one flat float32 vector over the workers-only communicator

@@ -11,10 +11,12 @@ loop in it).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -57,6 +59,7 @@ __all__ = [
     "run_or_abort",
     "exit_for",
     "report_error",
+    "MpiTurn",
 ]
 
 MASTER = 0
@@ -208,7 +211,7 @@ def wait_for_all(comm, poll: float = BARRIER_POLL) -> None:
     _test_until_complete(comm.Ibarrier(), poll)
 
 
-def keep_progress(comm, poll: float = BARRIER_POLL) -> dict:
+def keep_progress(comm, poll: float = BARRIER_POLL, work: Callable[[], bool] | None = None) -> dict:
     """The idle servers' loop: a server that is not the master joins the end-of-run barrier of
     ``comm`` at once and keeps MPI's progress going until every other rank has joined it.
 
@@ -217,10 +220,11 @@ def keep_progress(comm, poll: float = BARRIER_POLL) -> dict:
     while the target is inside an MPI call. Each test of the barrier is such a call, and the
     sleep between tests leaves the core to the workers. Returns what the loop cost this rank:
     ``rank``, ``wall_s``, ``cpu_s`` (this process's user + system seconds) and ``tests``, which
-    the run's summary reports as ``server_cpu``.
+    the run's summary reports as ``server_cpu``. ``work``: the server's share of a center that
+    computes (docs/ARCHITECTURE.md §3.11), run between the tests.
     """
     wall, cpu = time.monotonic(), time.process_time()
-    tests = _test_until_complete(comm.Ibarrier(), poll)
+    tests = _test_until_complete(comm.Ibarrier(), poll, work)
     return {
         "rank": comm.Get_rank(),
         "wall_s": time.monotonic() - wall,
@@ -229,11 +233,14 @@ def keep_progress(comm, poll: float = BARRIER_POLL) -> dict:
     }
 
 
-def _test_until_complete(request, poll: float) -> int:
-    """Test ``request`` every ``poll`` seconds until it completes; returns the tests made."""
+def _test_until_complete(request, poll: float, work: Callable[[], bool] | None = None) -> int:
+    """Test ``request`` every ``poll`` seconds until it completes; returns the tests made.
+    ``work()`` runs before each sleep; when it did something (returns True) there is no sleep:
+    a server of a center that computes applies the pushes that arrived meanwhile."""
     tests = 1
     while not request.Test():
-        time.sleep(poll)
+        if work is None or not work():
+            time.sleep(poll)
         tests += 1
     return tests
 
@@ -526,6 +533,10 @@ def _abort(code: int) -> None:
         if MPI.Is_initialized() and not MPI.Is_finalized() and MPI.COMM_WORLD.Get_size() > 1:
             sys.stderr.flush()
             sys.stdout.flush()
+            # The launcher forwards output through pipes that the abort may cut before they are
+            # drained (seen on a loaded node: the error line lost): a moment for the line that
+            # says why the job ends.
+            time.sleep(0.3)
             MPI.COMM_WORLD.Abort(code)
     except Exception:  # noqa: BLE001
         pass
@@ -548,3 +559,39 @@ def end_job(code: int) -> None:
     # drained: give it a moment, so the line that says why the job ended reaches the user.
     time.sleep(0.5)
     _abort(code)
+
+
+class MpiTurn:
+    """One MPI caller at a time in the master's process, whose slice of a center that computes
+    is served by a thread (``center_server.CenterServer.start_thread``).
+
+    MPI_THREAD_MULTIPLE allows both threads to call MPI at once, on the same windows; after a
+    rare run in which the master's two threads stopped together inside MPI (once in about a
+    hundred threaded runs, not reproduced since), they take turns instead: the master's loop
+    holds the turn for its reads and gives it up around the work that needs no MPI (the
+    evaluation of a snapshot, the checkpoint file), the thread takes it for each poll.
+    ``threaded`` False: no lock (a passive center, or a server without a thread).
+    """
+
+    def __init__(self, threaded: bool = True):
+        self._lock = threading.Lock() if threaded else None
+
+    def __enter__(self) -> MpiTurn:
+        if self._lock is not None:
+            self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._lock is not None:
+            self._lock.release()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Inside ``with turn:``, give the turn up for work that needs no MPI."""
+        if self._lock is not None:
+            self._lock.release()
+        try:
+            yield
+        finally:
+            if self._lock is not None:
+                self._lock.acquire()

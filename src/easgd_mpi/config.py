@@ -36,7 +36,7 @@ from .config_io import (
     show_value,
 )
 from .errors import ConfigError
-from .stability import check_elastic_stability, check_local_stability
+from .stability import check_center_stability, check_elastic_stability, check_local_stability
 
 __all__ = [
     "Config",
@@ -53,22 +53,44 @@ __all__ = [
     "ELASTIC_ALGORITHMS",
     "MOMENTUM_ALGORITHMS",
     "OPTIONAL_MOMENTUM_ALGORITHMS",
+    "ACTIVE_ALGORITHMS",
+    "OUTER_ALGORITHMS",
+    "STALENESS_SCALES",
     "TORCH_MODELS",
     "LOCK_MODES",
+    "COMPRESS",
+    "COMPRESS_ALGORITHMS",
+    "DEVICES",
 ]
 
-#: Algorithms the worker loops know (docs/ARCHITECTURE.md §2); "local-sgd" (periodic model
-#: averaging) runs in a user's own loop only (docs/ARCHITECTURE.md §8).
-ALGORITHMS = ("easgd", "eamsgd", "sync-easgd", "downpour", "allreduce-sgd", "local-sgd")
+#: Algorithms the package's own loop knows (docs/ARCHITECTURE.md §2).
+ALGORITHMS = (
+    "easgd",
+    "eamsgd",
+    "sync-easgd",
+    "downpour",
+    "allreduce-sgd",
+    "mdownpour",
+    "adownpour",
+    "mvadownpour",
+    "localsgd",
+    "diloco",
+    "async-diloco",
+)
+#: Algorithms whose center computes: workers push into the servers' inboxes and the servers
+#: apply the rule to their slices (docs/ARCHITECTURE.md §3.11). The others leave it passive.
+ACTIVE_ALGORITHMS = ("mdownpour", "adownpour", "mvadownpour", "async-diloco")
 #: Algorithms that exchange through the RMA window without a collective.
-ASYNC_ALGORITHMS = ("easgd", "eamsgd", "downpour")
+ASYNC_ALGORITHMS = ("easgd", "eamsgd", "downpour", *ACTIVE_ALGORITHMS)
 #: Algorithms whose workers move in lockstep through an all-reduce among the workers.
-SYNC_ALGORITHMS = ("sync-easgd", "allreduce-sgd", "local-sgd")
+SYNC_ALGORITHMS = ("sync-easgd", "allreduce-sgd", "localsgd", "diloco")
 #: Algorithms of a user's own PyTorch loop (easgd_mpi.torch): the user's optimizer steps, the
-#: rule exchanges (EAMSGD there is "easgd" around SGD with Nesterov momentum).
-LOOP_ALGORITHMS = ("easgd", "sync-easgd", "local-sgd")
-#: Algorithms the package's own loop runs.
-BUILTIN_ALGORITHMS = ("easgd", "eamsgd", "sync-easgd", "downpour", "allreduce-sgd")
+#: rule exchanges (EAMSGD there is "easgd" around SGD with Nesterov momentum; "localsgd"
+#: averages as PyTorch's PeriodicModelAverager does). The other rules are refused there
+#: (docs/ARCHITECTURE.md §8).
+LOOP_ALGORITHMS = ("easgd", "sync-easgd", "localsgd")
+#: Algorithms the package's own loop runs: every one.
+BUILTIN_ALGORITHMS = ALGORITHMS
 #: Algorithms whose resume may change the number of workers: their resume is not exact anyway
 #: (the interleaving of exchanges is the scheduler's), so new workers start at the center.
 RESIZABLE_ALGORITHMS = ("easgd", "eamsgd")
@@ -77,16 +99,51 @@ ELASTIC_ALGORITHMS = ("easgd", "eamsgd", "sync-easgd")
 #: Algorithms that keep a velocity v per worker.
 MOMENTUM_ALGORITHMS = ("eamsgd",)
 #: Algorithms that keep a velocity (Nesterov) only when momentum > 0; see Config.keeps_velocity.
-OPTIONAL_MOMENTUM_ALGORITHMS = ("sync-easgd", "allreduce-sgd")
+OPTIONAL_MOMENTUM_ALGORITHMS = ("sync-easgd", "allreduce-sgd", "localsgd", "diloco")
+#: Algorithms whose center takes an outer Nesterov step on the workers' pseudo-gradients.
+OUTER_ALGORITHMS = ("diloco", "async-diloco")
+#: How async-diloco scales a pseudo-gradient by its staleness s (docs/ARCHITECTURE.md §2.15).
+STALENESS_SCALES = ("inverse", "none")
+#: The keys of the center's own optimizer: each is used by these algorithms only, and its
+#: default (None in the dataclass) is the rule's (:meth:`Config.resolve_center`).
+CENTER_KEYS = {
+    "outer_lr": ("diloco", "async-diloco", "adownpour"),
+    "outer_momentum": ("diloco", "async-diloco"),
+    "outer_eps": ("adownpour",),
+    "moving_rate": ("mvadownpour",),
+    "staleness_scale": ("async-diloco",),
+}
+#: The rule's default of each center key.
+_CENTER_DEFAULTS = {
+    "outer_lr": {"diloco": 0.7, "async-diloco": 0.7, "adownpour": 0.01},
+    "outer_momentum": {"diloco": 0.9, "async-diloco": 0.9},
+    "outer_eps": {"adownpour": 1e-8},
+    "moving_rate": {"mvadownpour": 0.01},
+    "staleness_scale": {"async-diloco": "inverse"},
+}
+#: The center-side vectors each rule keeps (checkpointed with the center, docs/CHECKPOINT.md).
+CENTER_ROWS = {
+    "mdownpour": ("velocity",),
+    "adownpour": ("adagrad_sum",),
+    "mvadownpour": ("average",),
+    "diloco": ("outer_momentum",),
+    "async-diloco": ("outer_momentum", "outer_buffer"),
+}
 #: How workers lock the center's window (``lock_mode``); the window itself (center.py) takes them
-#: from here, so this module imports nothing that touches MPI (DESIGN.md §3).
+#: from here, so this module imports nothing that touches MPI (docs/ARCHITECTURE.md §1.1).
 LOCK_MODES = ("shared", "exclusive")
+#: How a worker codes what it pushes to the center (``compress``, docs/ARCHITECTURE.md §2.16).
+COMPRESS = ("none", "int8", "fp8")
+#: The rules whose workers push a difference to the center, which compression can carry.
+COMPRESS_ALGORITHMS = ("easgd", "eamsgd", "downpour")
 
 #: Default exchange chunks (floats): CPU workers overlap small chunks best; a GPU worker pays one
 #: stream synchronisation per chunk, so it takes large ones.
 CPU_CHUNK = 1 << 18
 GPU_CHUNK = 1 << 22
 
+#: The ``device`` settings (backend.select_backend says what each does).
+DEVICES = ("auto", "gpu", "cpu-fallback", "off")
 DATASETS = ("digits", "synthetic", "file", "cifar10", "mnist")
 #: Data sets read from files named by data.path.
 FILE_DATASETS = ("file", "cifar10", "mnist")
@@ -194,7 +251,29 @@ class Config:
     #: Floats per RMA transfer in the pipelined exchange; 0 = auto: 262144 (1 MiB) on a CPU
     #: worker, 4194304 (16 MiB) on a GPU worker, where each chunk costs one synchronisation.
     chunk: int = 0
-    #: Use a GPU on workers that have one ("auto") or never ("off").
+    #: The center's own optimizer (docs/ARCHITECTURE.md §2.10-2.15); unset = the rule's default.
+    #: Outer learning rate: diloco and async-diloco (0.7), adownpour's Adagrad at the master (0.01).
+    outer_lr: float | None = None
+    #: Outer Nesterov momentum of diloco and async-diloco (0.9).
+    outer_momentum: float | None = None
+    #: adownpour: ε of the master's Adagrad step u/(√G + ε) (1e-8).
+    outer_eps: float | None = None
+    #: mvadownpour: the rate ν of the center's moving average z ← (1 − ν)z + νx̃ (0.01).
+    moving_rate: float | None = None
+    #: async-diloco: "inverse" scales a pseudo-gradient of staleness s by 1/(1 + s); "none".
+    staleness_scale: str | None = None
+    #: Rules whose center computes: how many of a worker's own pushes may still wait in the
+    #: servers' inboxes when it pulls the center (0: every pull includes its last push).
+    push_lag: int = 0
+    #: How each worker codes its pushes to the center: "none" (float32), "int8" or "fp8"
+    #: (one byte per element and a float32 scale per block of 256; docs/ARCHITECTURE.md §2.16).
+    compress: str = "none"
+    #: With compress: each worker keeps what its codes could not carry (the residual) and adds
+    #: it to its next push. Off only to measure what that buys.
+    error_feedback: bool = True
+    #: Where workers compute (``DEVICES``): "auto" a GPU when CuPy sees one (one that cannot
+    #: run the kernels stops the run), "gpu" a GPU or stop, "cpu-fallback" a GPU when it
+    #: works and NumPy otherwise, "off" always NumPy.
     device: str = "auto"
     #: BLAS threads per rank (0 = this node's cores divided by its ranks).
     threads: int = 0
@@ -351,23 +430,48 @@ class Config:
     def resolve_beta(self, workers: int) -> float:
         return self.resolve_alpha(workers) * workers
 
+    def resolve_center(self, key: str):
+        """The value of a center key (:data:`CENTER_KEYS`) for this algorithm: as given, or
+        the rule's default; None for an algorithm that does not use it."""
+        value = getattr(self, key)
+        if value is not None:
+            return value
+        return _CENTER_DEFAULTS[key].get(self.algorithm)
+
+    @property
+    def is_active(self) -> bool:
+        """Whether the center computes (the servers apply the rule to pushed updates)."""
+        return self.algorithm in ACTIVE_ALGORITHMS
+
     @property
     def keeps_velocity(self) -> bool:
         """Whether each worker of this run keeps a velocity v (checkpoints must store it)."""
         return self.algorithm in MOMENTUM_ALGORITHMS or (
-            self.algorithm in OPTIONAL_MOMENTUM_ALGORITHMS and self.momentum > 0
+            self.algorithm in (*OPTIONAL_MOMENTUM_ALGORITHMS, "async-diloco") and self.momentum > 0
         )
 
     @property
+    def keeps_residual(self) -> bool:
+        """Whether each worker keeps the residual of its compressed pushes (error feedback)."""
+        return self.compress != "none" and self.error_feedback
+
+    @property
     def state_rows(self) -> tuple[str, ...]:
-        """The vectors each worker saves in a checkpoint: x, then v (a velocity) or pending
-        (DOWNPOUR's update sum not yet pushed, with the buffers' base after the trainable part).
+        """The vectors each worker saves in a checkpoint: x, then v (a velocity) and/or pending
+        (DOWNPOUR and its master-side variants: the update sum not yet pushed, with the buffers'
+        base after the trainable part; async-diloco: the center it last pulled), then the
+        residual of compressed pushes not yet carried to the center.
         """
-        if self.keeps_velocity:
-            return ("x", "v")
-        if self.algorithm == "downpour":
-            return ("x", "pending")
-        return ("x",)
+        rows = ("x", "v") if self.keeps_velocity else ("x",)
+        if self.algorithm in ("downpour", *ACTIVE_ALGORITHMS):
+            rows += ("pending",)
+        return (*rows, "residual") if self.keeps_residual else rows
+
+    @property
+    def center_rows(self) -> tuple[str, ...]:
+        """The center-side vectors of the rule (momentum, Adagrad sums, moving average, outer
+        optimizer state), stored in checkpoints next to the center."""
+        return CENTER_ROWS.get(self.algorithm, ())
 
     # ---- validation ---------------------------------------------------------------------
     def validate(self, workers: int | None = None) -> Config:
@@ -389,9 +493,15 @@ class Config:
             raise ConfigError(
                 f"config: momentum = {self.momentum} is not supported by algorithm 'downpour' "
                 f"(it sums plain SGD updates; the paper's momentum variant keeps the velocity "
-                f"on the master, which is not implemented): set momentum = 0"
+                f"on the master: algorithm = 'mdownpour'): set momentum = 0"
             )
-        with_momentum = MOMENTUM_ALGORITHMS + OPTIONAL_MOMENTUM_ALGORITHMS
+        # mdownpour's momentum is the master's (the paper's δ); async-diloco's the workers'.
+        with_momentum = (
+            *MOMENTUM_ALGORITHMS,
+            *OPTIONAL_MOMENTUM_ALGORITHMS,
+            "mdownpour",
+            "async-diloco",
+        )
         if self.algorithm not in with_momentum and self.momentum != 0.0:
             raise ConfigError(
                 f"config: momentum = {self.momentum} is not used by algorithm "
@@ -408,7 +518,8 @@ class Config:
         _check_positive("eval_interval", self.eval_interval)
         _check_choice("lock_mode", self.lock_mode, LOCK_MODES)
         _check_int("servers", self.servers, low=1)
-        _check_choice("device", self.device, ("auto", "off"))
+        _check_choice("device", self.device, DEVICES)
+        self._validate_compress()
         if self.chunk != 0:
             _check_int("chunk", self.chunk, low=1024)
         _check_int("threads", self.threads, low=0)
@@ -495,6 +606,8 @@ class Config:
                 check_elastic_stability(self, workers)
             else:
                 check_local_stability(self)
+            if self.algorithm in (*OUTER_ALGORITHMS, "mdownpour", "mvadownpour"):
+                check_center_stability(self, workers)
         return self
 
     def _validate_schedule(self) -> None:
@@ -508,12 +621,16 @@ class Config:
         """
         if self.tau <= self.steps:
             return
+        pushes_once = (
+            "each worker would push its updates to the center only once, after its last step"
+        )
         why = {
-            "downpour": "each worker would push its updates to the center only once, after its "
-            "last step",
+            **{a: pushes_once for a in ("downpour", *ACTIVE_ALGORITHMS)},
+            "localsgd": "the workers would average their parameters only once (after the last "
+            "step; in your own loop, after the first, as PyTorch's PeriodicModelAverager does)",
+            "diloco": "the workers would average their parameters only once, after the last step",
             "allreduce-sgd": "the master would see the workers' parameters only after the last "
             "step (tau = steps does that explicitly)",
-            "local-sgd": "the workers would average their models only once, after their first step",
         }.get(
             self.algorithm,
             "the only exchange would be the one at t = 0, when every worker still equals the "
@@ -559,6 +676,29 @@ class Config:
                 f"batch_size = {self.batch_size}; lower batch_size or raise data.samples"
             )
 
+    def _validate_compress(self) -> None:
+        """Compression codes a difference pushed to the center; the synchronous rules push
+        none (docs/ARCHITECTURE.md §2.16 says why their all-reduce is not compressed)."""
+        _check_choice("compress", self.compress, COMPRESS)
+        if self.compress != "none" and self.algorithm not in COMPRESS_ALGORITHMS:
+            why = (
+                "its center applies the rule to float32 pushes; coded pushes to a center that "
+                "computes are not built yet"
+                if self.algorithm in ACTIVE_ALGORITHMS
+                else "its workers average through an all-reduce, which sums float32 and cannot "
+                "add codes of different scales"
+            )
+            raise ConfigError(
+                f"config: compress = '{self.compress}' cannot be used with algorithm = "
+                f"'{self.algorithm}' ({why}; compression applies to "
+                f"{', '.join(COMPRESS_ALGORITHMS)}): set compress = 'none'"
+            )
+        if not self.error_feedback and self.compress == "none":
+            raise ConfigError(
+                "config: error_feedback = false only applies to compressed pushes (compress = "
+                "'int8' or 'fp8'); with compress = 'none' nothing is lost: remove it"
+            )
+
     def _validate_algorithm_keys(self, elastic_given: list[str]) -> None:
         """Keys that the chosen algorithm cannot use are errors, not silently ignored."""
         if self.algorithm not in ELASTIC_ALGORITHMS and elastic_given:
@@ -567,6 +707,7 @@ class Config:
                 f"(no elastic force; rho/alpha/beta apply to {', '.join(ELASTIC_ALGORITHMS)}): "
                 f"remove it"
             )
+        self._validate_center_keys()
         if self.algorithm in SYNC_ALGORITHMS and self.lock_mode == "exclusive":
             raise ConfigError(
                 f"config: lock_mode = 'exclusive' cannot be used with algorithm = "
@@ -574,6 +715,45 @@ class Config:
                 f"of them mirrors the center into the window; there is no read-modify-write to "
                 f"lock): set lock_mode = 'shared'"
             )
+
+    def _validate_center_keys(self) -> None:
+        """The center's optimizer keys: only for the rules that use them, each in its range."""
+        for key, users in CENTER_KEYS.items():
+            if getattr(self, key) is not None and self.algorithm not in users:
+                raise ConfigError(
+                    f"config: {key} is not used by algorithm '{self.algorithm}' (only by "
+                    f"{', '.join(users)}): remove it"
+                )
+        _check_int("push_lag", self.push_lag, low=0)
+        if self.push_lag and not self.is_active:
+            raise ConfigError(
+                f"config: push_lag = {self.push_lag} is not used by algorithm "
+                f"'{self.algorithm}' (its center does not compute; push_lag applies to "
+                f"{', '.join(ACTIVE_ALGORITHMS)}): remove it"
+            )
+        if self.is_active and self.lock_mode == "exclusive":
+            raise ConfigError(
+                f"config: lock_mode = 'exclusive' cannot be used with algorithm = "
+                f"'{self.algorithm}' (its servers apply the pushed updates themselves; no worker "
+                f"reads, modifies and writes the center): set lock_mode = 'shared'"
+            )
+        lr, mom = self.resolve_center("outer_lr"), self.resolve_center("outer_momentum")
+        if lr is not None:
+            _check_positive("outer_lr", lr)
+        if mom is not None and not (0.0 <= mom < 1.0):
+            raise ConfigError(f"config: outer_momentum = {mom} must be in [0, 1)")
+        eps = self.resolve_center("outer_eps")
+        if eps is not None:
+            _check_positive("outer_eps", eps)
+        rate = self.resolve_center("moving_rate")
+        if rate is not None and not (0.0 < rate <= 1.0):
+            raise ConfigError(
+                f"config: moving_rate = {rate} must be in (0, 1] (the weight of the newest "
+                f"center in the moving average; 1 is plain DOWNPOUR)"
+            )
+        scale = self.resolve_center("staleness_scale")
+        if scale is not None:
+            _check_choice("staleness_scale", scale, STALENESS_SCALES)
 
     # ---- output -------------------------------------------------------------------------
     def to_dict(self) -> dict:

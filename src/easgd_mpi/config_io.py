@@ -143,7 +143,9 @@ def _coerce(full: str, f: dataclasses.Field, value: Any, source: str) -> Any:
         if not isinstance(value, bool):
             raise bad("true or false")
         return value
-    if kind == "str":
+    if kind in ("str", "str | None"):
+        if value is None and kind.endswith("None"):
+            return None
         if not isinstance(value, str):
             raise bad("a string")
         return value

@@ -1,8 +1,10 @@
 """The package's exceptions.
 
 Every error a user can cause (bad config, bad data, bad checkpoint, bad launch) is an
-:class:`EasgdError`. The command line turns one into a single line on stderr and exit code 2;
-anything else is a bug and aborts the MPI job with a traceback.
+:class:`EasgdError`. The command line (and ``ea.run`` for a script) turns one into a single line
+on stderr and exit code 2: raised on every rank at once (an :class:`AgreedError`) each rank exits
+2; raised on one rank only, that line is followed by ``MPI_Abort(2)`` so no rank is left waiting.
+Anything else is a bug and aborts the MPI job with a traceback.
 """
 
 import os

@@ -25,12 +25,24 @@ this node holds the ranks numbered from rank − local rank, so the servers on i
 them below S; a cyclic placement would pair workers with GPUs differently (set
 ``EASGD_BIND_GPUS=0`` there).
 
+Without ``CUDA_VISIBLE_DEVICES`` the node's GPUs are those the CUDA driver can use, counted in a
+child process (so that CUDA is not initialised in this one): the driver honours the job's
+cgroup, which hides the GPUs of other jobs that ``/proc/driver/nvidia/gpus`` still lists.
+
 Nothing changes when ``EASGD_BIND_GPUS=0``, when the launcher is unknown (e.g. a plain
 ``python`` start), when no GPU is visible, or when a worker already sees exactly one GPU (a job
 template or ``--gpus-per-task=1`` narrowed it: never remapped twice). What was done is recorded
 in ``EASGD_GPU_BINDING`` (e.g. ``world rank 3, local rank 2 (MPICH Hydra): worker 1 on this node
 -> GPU 1 of 0,1,2,3``) for ``easgd check`` and the start-up line. The jobs/ templates do the same
 in bash (their RANK_WRAPPER) and write the same record.
+
+A script that calls ``easgd_mpi.train()`` itself is bound the same way, by
+:func:`bind_before_mpi` when ``train()`` starts: it knows the config's ``servers`` there, and
+MPI starts there unless the script started it itself. Not at ``import easgd_mpi``: the servers
+are not known yet, and importing a package (the plotting and export tools, the tests, a
+notebook) should not change the process's environment. A script that imports ``mpi4py.MPI``
+before ``train()`` has started MPI with every GPU visible: it is left alone (each worker still
+picks its own GPU by its index), or it calls :func:`bind_gpu` before that import.
 
 This module must not import mpi4py, CuPy or anything that initialises CUDA.
 """
@@ -39,9 +51,9 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
-from collections.abc import Callable, MutableMapping
+import sys
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +65,7 @@ __all__ = [
     "detect_launch",
     "plan",
     "bind_gpu",
+    "bind_before_mpi",
     "bound_gpu",
 ]
 
@@ -119,23 +132,39 @@ def detect_launch(environ=os.environ) -> Launch | None:
     return None
 
 
-def _count_node_gpus() -> int:
-    """NVIDIA GPUs on this node, without initialising CUDA: the driver's /proc entries, else
-    ``nvidia-smi -L``; 0 when neither says."""
-    gpus = Path("/proc/driver/nvidia/gpus")
-    try:
-        if gpus.is_dir():
-            return sum(1 for p in gpus.iterdir() if p.is_dir())
-    except OSError:
-        pass
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
+#: Run by ``python -I -c`` in a child process: the number of devices the CUDA driver can use.
+_DRIVER_COUNT = """
+import ctypes, sys
+try:
+    cuda = ctypes.CDLL("libcuda.so.1")
+except OSError:
+    print(0)
+    sys.exit()
+n = ctypes.c_int(0)
+ok = cuda.cuInit(0) == 0 and cuda.cuDeviceGetCount(ctypes.byref(n)) == 0
+print(n.value if ok else 0)
+"""
+
+
+def _count_node_gpus(timeout: float = 30.0, control: Path = Path("/dev/nvidiactl")) -> int:
+    """GPUs this process can use, as the CUDA driver counts them, asked in a child process so
+    that CUDA is not initialised in this one (it would then ignore a new
+    ``CUDA_VISIBLE_DEVICES``). The driver sees only the devices the job's cgroup lets it open;
+    ``/proc/driver/nvidia/gpus`` and ``nvidia-smi`` may list others. 0 when there is no
+    driver, or it does not answer within ``timeout`` seconds."""
+    if not control.exists():  # no NVIDIA driver on this node: no child process needed
         return 0
     try:
-        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10).stdout
+        out = subprocess.run(
+            [sys.executable, "-I", "-c", _DRIVER_COUNT],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return 0
-    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+    lines = out.split()
+    return int(lines[-1]) if lines and lines[-1].isdigit() else 0
 
 
 def plan(
@@ -203,6 +232,43 @@ def bind_gpu(
         return record
     except Exception:  # noqa: BLE001 - binding is an optimisation; it must never fail a run
         return ""
+
+
+def bind_before_mpi(
+    servers: int | None = None,
+    modules: Mapping[str, object] = sys.modules,
+    environ: MutableMapping[str, str] | None = None,
+) -> str:
+    """:func:`bind_gpu` for ``easgd_mpi.train()`` called from a script, while it still can
+    work: MPI not started in this process (``mpi4py.MPI`` not imported: importing it starts
+    MPI; ``easgd train`` has imported it after binding) and CUDA not initialised (a new
+    ``CUDA_VISIBLE_DEVICES`` would not apply, and the record would claim a binding that did
+    not happen). Returns the record ("" when nothing changed)."""
+    if "mpi4py.MPI" in modules or _cuda_initialised(modules):
+        return ""
+    return bind_gpu(environ, servers=servers)
+
+
+def _cuda_initialised(modules) -> bool:
+    """Whether this process has initialised CUDA: PyTorch says so, or the driver's control
+    device is open (cuInit opens /dev/nvidiactl; Linux only, else taken as not)."""
+    torch = modules.get("torch")
+    try:
+        if torch is not None and torch.cuda.is_initialized():
+            return True
+    except Exception:  # noqa: BLE001 - a partly imported torch: look at the files instead
+        pass
+    try:
+        fds = list(Path("/proc/self/fd").iterdir())
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(fd) == "/dev/nvidiactl":
+                return True
+        except OSError:  # closed meanwhile (the listing's own descriptor)
+            continue
+    return False
 
 
 def bound_gpu(environ=os.environ) -> str | None:

@@ -23,10 +23,16 @@ class _ConsoleHandler(logging.Handler):
     """INFO lines to stdout, WARNING and above to stderr, each in one write and flushed.
 
     The streams are looked up at each line (not bound once), so a redirected ``sys.stdout``
-    (pytest's capture, a notebook) gets the lines."""
+    (pytest's capture, a notebook) gets the lines. ``notes_to_stderr``: every line to stderr
+    (a command whose stdout is its result: ``easgd inspect --json``)."""
+
+    def __init__(self, notes_to_stderr: bool = False):
+        super().__init__()
+        self.notes_to_stderr = notes_to_stderr
 
     def emit(self, record: logging.LogRecord) -> None:
-        stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+        to_stderr = self.notes_to_stderr or record.levelno >= logging.WARNING
+        stream = sys.stderr if to_stderr else sys.stdout
         if stream is None:  # closed pipe: nothing more can be written
             return
         try:
@@ -38,14 +44,18 @@ class _ConsoleHandler(logging.Handler):
             self.handleError(record)
 
 
-def console(quiet: bool = False) -> logging.Logger:
-    """Print the package's lines as ``easgd train`` does (``quiet``: warnings and errors only).
+def console(quiet: bool = False, notes_to_stderr: bool = False) -> logging.Logger:
+    """Print the package's lines as ``easgd train`` does (``quiet``: warnings and errors only;
+    ``notes_to_stderr``: every line on stderr, for commands whose stdout is their result).
 
     Idempotent; the logger stops propagating, so a root handler added later does not print
     every line twice."""
     logger = logging.getLogger(LOGGER_NAME)
-    if not any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
-        handler = _ConsoleHandler()
+    mine = [h for h in logger.handlers if isinstance(h, _ConsoleHandler)]
+    if mine:
+        mine[0].notes_to_stderr = notes_to_stderr
+    else:
+        handler = _ConsoleHandler(notes_to_stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
     logger.propagate = False

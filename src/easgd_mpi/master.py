@@ -1,4 +1,5 @@
-"""The master loop: serve the center, evaluate snapshots, report, checkpoint, end the run.
+"""The master loop: evaluate snapshots of the center, report, checkpoint, end the run (the center's
+window itself is a passive RMA target: nothing runs to serve it).
 
 The master never blocks the workers: between its own jobs it only reads the workers' rows in
 the RMA windows and sleeps briefly, so on an oversubscribed node it leaves the cores to them.
@@ -12,17 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import (
-    CheckpointData,
-    checkpoint_path,
-    checkpoint_sequence,
-    list_checkpoints,
-    prune_checkpoints,
-    save_checkpoint,
-)
+from .checkpoint import CheckpointData
+from .comm import MpiTurn
 from .config import SYNC_ALGORITHMS
-from .errors import CheckpointError, os_reason
-from .metrics import format_progress
+from .errors import CheckpointError
+from .metrics import format_progress, progress_fields
 
 __all__ = ["run_master", "MasterResult"]
 
@@ -41,26 +36,22 @@ class MasterResult(dict):
 
 
 class _Run:
-    def __init__(self, cfg, roles, problem, center, status, channel, metrics, run_dir, resume):
+    def __init__(
+        self, cfg, roles, problem, center, status, channel, metrics, folder, resume, active=None
+    ):
         self.cfg, self.problem, self.center, self.channel = cfg, problem, center, channel
+        #: A center that computes (center_server.ActiveCenter), or None: a passive window.
+        self.active = active
+        #: The MPI turn shared with the master's center thread (none: nobody to share with).
+        server = active.server if active is not None else None
+        self.turn = server.turn if server is not None else MpiTurn(threaded=False)
         self.status = status
-        self.metrics, self.run_dir = metrics, Path(run_dir)
+        self.metrics, self.folder = metrics, folder
         self.p = roles.n_workers
         self.first_worker_rank = roles.size - roles.n_workers
         self.start = time.monotonic()
         self.time_offset = resume.wall_time if resume else 0.0
         self.records = list(resume.metrics) if resume else []
-        # New checkpoints are numbered above every file already in the folder (a damaged one
-        # that resume skipped, or an earlier run's), so pruning never removes the newest.
-        for stale in self.run_dir.glob(".checkpoint-*.h5.tmp-*"):  # a crash mid-write left it
-            stale.unlink(missing_ok=True)
-        existing = [checkpoint_sequence(p) for p in list_checkpoints(run_dir)]
-        self.sequence = max([resume.sequence if resume else 0, *existing])
-        if existing and resume is None:
-            _log.info(
-                f"easgd: note: {run_dir} already holds checkpoints of an earlier run; this "
-                f"run's are numbered from {self.sequence + 1}"
-            )
         self.snapshot = np.empty(center.n, dtype=np.float32)
         # When the master first saw each (worker, epoch) state: its age goes into checkpoints.
         # Epoch 0 is the state a worker starts from (this segment's start, or the resumed one).
@@ -103,12 +94,24 @@ class _Run:
             )
 
     def evaluate(self) -> dict:
-        self.center.read(self.snapshot)  # atomic snapshot; workers keep going meanwhile
+        # An atomic snapshot, element by element; workers keep going meanwhile.
+        if self.active is None:
+            self.center.read(self.snapshot)
+        else:  # mvadownpour evaluates its moving average, the others the center
+            self.active.read_evaluated(self.snapshot)
         status = self.status.read()
-        result = self.problem.evaluate(self.snapshot)
+        with self.turn.paused():  # no MPI in the evaluation: the center's thread goes on
+            result = self.problem.evaluate(self.snapshot)
         error = result.get("error")
+        now = round(self.elapsed(), 4)
+        # The rate is measured from the previous record of this start (a resumed run's last
+        # record is older than this start: time_offset is its checkpoint's wall time).
+        last = self.records[-1] if self.records else None
+        previous = (
+            (last["time"], last["steps"]) if last and last["time"] > self.time_offset else None
+        )
         record = {
-            "time": round(self.elapsed(), 4),
+            "time": now,
             "steps": int(status["steps"].sum()),
             "exchanges": int(status["exchanges"].sum()),
             "center_loss": float(result["loss"]),
@@ -117,7 +120,14 @@ class _Run:
             "worker_loss": float(np.nanmean(status["loss"])) if self.p else 0.0,
             "bytes": int(status["bytes"].sum()),
             "resets": int(status["resets"].sum()),
+            **progress_fields(
+                status["steps"], self.cfg.steps, self.first_worker_rank, now, previous
+            ),
+            # After every older field: older readers and files keep their order.
+            "push_bytes": int(status["push_bytes"].sum()),
         }
+        if self.active is not None:
+            record.update(self._center_metrics(status))
         # A user loop's own numbers (docs/ARCHITECTURE.md §8.3): its evaluation's other keys
         # (center_<key>) and its workers' (worker_<key>), after the standard ones.
         record.update({k: float(v) for k, v in result.items() if k not in ("loss", "error")})
@@ -125,6 +135,18 @@ class _Run:
         self.metrics.write(record)
         _log.info(format_progress(record, getattr(self.problem, "error_is_rate", True)))
         return record
+
+    def _center_metrics(self, status) -> dict:
+        """A center that computes: the workers' pushes, their mean and largest staleness
+        (pushes the center took between a worker's pull and its push), the seconds workers
+        waited for the servers (summed), and the servers' side (ActiveCenter.metrics)."""
+        pushes = float(status["pushes"].sum())
+        return {
+            "staleness": round(float(status["staleness"].sum()) / pushes, 3) if pushes else 0.0,
+            "staleness_max": int(status["staleness_max"].max(initial=0)),
+            "push_wait_s": round(float(status["wait"].sum()), 4),
+            **self.active.metrics(),
+        }
 
     def checkpoint(self, table, epoch: int, read_center: bool = True) -> Path:
         """Write the next checkpoint from the states at hand for ``epoch``.
@@ -140,12 +162,16 @@ class _Run:
         cut = self.channel.cut(table, common)
         now = self.elapsed()
         age = np.array([now - self.seen.get((i, int(a)), now) for i, a in enumerate(cut["ack"])])
-        states, cut_center = self.channel.states(cut, age=np.maximum(age, 0.0))
-        if cut_center is not None:
-            self.snapshot[:] = cut_center
-        elif read_center:
-            self.center.read(self.snapshot)
-        self.sequence += 1
+        states, cut_rows = self.channel.states(cut, age=np.maximum(age, 0.0))
+        center_state = {}
+        if cut_rows is not None:
+            self.snapshot[:] = cut_rows.pop("center")
+            center_state = cut_rows
+        else:
+            if read_center or (self.active is not None and self.active.rule.evaluated != "center"):
+                self.center.read(self.snapshot)
+            if self.active is not None:
+                center_state = self.active.read_rows()
         data = CheckpointData(
             config_toml=self.cfg.to_toml(),
             algorithm=self.cfg.algorithm,
@@ -153,27 +179,16 @@ class _Run:
             center=self.snapshot.copy(),
             states=states,
             wall_time=now,
-            sequence=self.sequence,
             metrics=self.records,
             trainable_size=getattr(self.problem, "n_trainable", None),
             local_tensors=self.problem.local_state()
             if hasattr(self.problem, "local_state")
             else {},
+            center_state=center_state,
         )
-        path = checkpoint_path(self.run_dir, self.sequence)
-        try:
-            save_checkpoint(path, data)
-        except CheckpointError:
-            self.sequence -= 1  # nothing was written: the next try takes the same number
-            raise
-        try:  # pruning only after a checkpoint is safe: a failed one never costs a good one
-            prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep, report=_log.info)
-        except OSError as exc:
-            _warn(
-                f"easgd: warning: an older checkpoint ({exc.filename or self.run_dir}) cannot "
-                f"be removed: {os_reason(exc)}"
-            )
-        return path
+        # The folder numbers it above every file already there and prunes once it is safe.
+        with self.turn.paused():
+            return self.folder.save_checkpoint(data)
 
 
 def run_master(
@@ -184,9 +199,10 @@ def run_master(
     status,
     channel,
     metrics,
-    run_dir,
+    folder,
     resume: CheckpointData | None = None,
     stop_flag=None,
+    active=None,
 ) -> MasterResult:
     """Serve until every worker has finished (or a stop); returns the last metrics record.
 
@@ -196,7 +212,7 @@ def run_master(
     checkpoint is written with the states at hand, and a stop writes its final checkpoint
     without the workers that did not answer (they are returned as ``abandoned``).
     """
-    run = _Run(cfg, roles, problem, center, status, channel, metrics, run_dir, resume)
+    run = _Run(cfg, roles, problem, center, status, channel, metrics, folder, resume, active)
     stop_flag = stop_flag or (lambda: False)
     interval, wait = cfg.checkpoint.interval, cfg.checkpoint.state_wait
     next_eval = time.monotonic()
@@ -205,59 +221,64 @@ def run_master(
     requested_at = stop_deadline = float("inf")
     abandoned: list[int] = []
     while True:
-        now = time.monotonic()
-        table = channel.table()
-        run.note_answers(table)
-        if not stopping and (stop_flag() or table["wants_stop"].any()):
-            stopping = True
-            stop_deadline = now + wait
-            channel.stop()
-            _log.info("easgd: stop requested (signal): writing a final checkpoint")
-            if not final:  # the final checkpoint replaces a periodic one still waiting
-                pending = None
-        if pending is not None:
-            answered = table["ack"] == pending
-            late = now - requested_at > wait
-            # The final checkpoint of a stop goes ahead once the wait is over with the workers
-            # that finished; a stalled one (not finished) keeps its last saved state.
-            ready = answered.all() or (late and (not final or answered[table["finished"]].all()))
-            if ready and not answered.all():
-                run.warn_laggards(~answered, now - requested_at)
-            if ready and final:
-                record = run.evaluate()  # the final center, after every worker's last exchange
-                try:
-                    path, failure = run.checkpoint(table, pending, read_center=False), None
-                except CheckpointError as exc:  # the job fails, after every rank has left
-                    path, failure = None, exc
-                abandoned = [run.rank_of(int(i)) for i in np.flatnonzero(~table["finished"])]
-                channel.release()
-                if path is not None:
-                    _log.info(f"easgd: checkpoint {path}")
-                break
-            if ready:
-                try:
-                    run.checkpoint(table, pending)
-                except CheckpointError as exc:  # training goes on; the next interval tries again
-                    _warn(
-                        f"easgd: warning: {exc}; training goes on, the next try is in {interval:g}s"
-                    )
-                pending = None
-        if pending is None:
-            if table["finished"].all() or (stopping and now >= stop_deadline):
-                if stopping and not table["finished"].all():
-                    run.warn_laggards(~table["finished"], now - stop_deadline + wait)
-                epoch, pending, final = epoch + 1, epoch + 1, True
-                channel.request(epoch)
-                # Workers that finished answer within a poll; the stop's wait is already spent.
-                requested_at = now - (wait if stopping and now >= stop_deadline else 0.0)
-            elif now >= next_checkpoint:
-                epoch, pending = epoch + 1, epoch + 1
-                channel.request(epoch)
-                requested_at = now
-                next_checkpoint = now + interval
-        if now >= next_eval:
-            run.evaluate()
-            next_eval = now + cfg.eval_interval
+        # One MPI caller at a time with the master's center thread (center_server.MpiTurn).
+        with run.turn:
+            now = time.monotonic()
+            table = channel.table()
+            run.note_answers(table)
+            if not stopping and (stop_flag() or table["wants_stop"].any()):
+                stopping = True
+                stop_deadline = now + wait
+                channel.stop()
+                _log.info("easgd: stop requested (signal): writing a final checkpoint")
+                if not final:  # the final checkpoint replaces a periodic one still waiting
+                    pending = None
+            if pending is not None:
+                answered = table["ack"] == pending
+                late = now - requested_at > wait
+                # The final checkpoint of a stop goes ahead once the wait is over with the workers
+                # that finished; a stalled one (not finished) keeps its last saved state.
+                ready = answered.all() or (
+                    late and (not final or answered[table["finished"]].all())
+                )
+                if ready and not answered.all():
+                    run.warn_laggards(~answered, now - requested_at)
+                if ready and final:
+                    record = run.evaluate()  # the final center, after every worker's last exchange
+                    try:
+                        path, failure = run.checkpoint(table, pending, read_center=False), None
+                    except CheckpointError as exc:  # the job fails, after every rank has left
+                        path, failure = None, exc
+                    abandoned = [run.rank_of(int(i)) for i in np.flatnonzero(~table["finished"])]
+                    channel.release()
+                    if path is not None:
+                        _log.info(f"easgd: checkpoint {path}")
+                    break
+                if ready:
+                    try:
+                        run.checkpoint(table, pending)
+                    except CheckpointError as exc:  # training goes on; the next interval tries
+                        _warn(
+                            f"easgd: warning: {exc}; training goes on, the next try is in "
+                            f"{interval:g}s"
+                        )
+                    pending = None
+            if pending is None:
+                if table["finished"].all() or (stopping and now >= stop_deadline):
+                    if stopping and not table["finished"].all():
+                        run.warn_laggards(~table["finished"], now - stop_deadline + wait)
+                    epoch, pending, final = epoch + 1, epoch + 1, True
+                    channel.request(epoch)
+                    # Workers that finished answer within a poll; the stop's wait is already spent.
+                    requested_at = now - (wait if stopping and now >= stop_deadline else 0.0)
+                elif now >= next_checkpoint:
+                    epoch, pending = epoch + 1, epoch + 1
+                    channel.request(epoch)
+                    requested_at = now
+                    next_checkpoint = now + interval
+            if now >= next_eval:
+                run.evaluate()
+                next_eval = now + cfg.eval_interval
         time.sleep(_POLL)
     reached = bool(np.all(table["steps"] >= cfg.steps))
     return MasterResult(

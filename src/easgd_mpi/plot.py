@@ -8,18 +8,20 @@ plotting works on a cluster node without a display.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import PlotError
+from .errors import PlotError, os_reason
 from .metrics import read_metrics
+from .rundir import METRICS_NAME as _METRICS
+from .rundir import config_path, metrics_path
 
 __all__ = ["PlotError", "Run", "load_run", "plot_runs"]
 
-_METRICS = "metrics.jsonl"
 #: (record key, axis label) of the quantities plotted, one row of panels each.
 _ROWS = (("center_error", "center test error"), ("center_loss", "center loss"))
 #: (record key, axis label) of the x axes, one column of panels each.
@@ -47,7 +49,7 @@ class Run:
 def load_run(path: str | os.PathLike) -> Run:
     """Read a run folder or a metrics.jsonl file (and the config.toml next to it, if any)."""
     path = Path(path)
-    metrics = path / _METRICS if path.is_dir() else path
+    metrics = metrics_path(path) if path.is_dir() else path
     if not metrics.is_file():
         where = f"{path} has no {_METRICS}" if path.is_dir() else f"{path} does not exist"
         raise PlotError(f"plot: {where} (give a run folder or its {_METRICS})")
@@ -62,10 +64,10 @@ def load_run(path: str | os.PathLike) -> Run:
             f"with time, steps, center_error, ...)"
         )
     config = {}
-    config_path = metrics.parent / "config.toml"
-    if config_path.is_file():
+    config_file = config_path(metrics.parent)
+    if config_file.is_file():
         try:
-            config = tomllib.loads(config_path.read_text(encoding="utf-8"))
+            config = tomllib.loads(config_file.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
             config = {}  # a label is all it is for; the folder name will do
     return Run(
@@ -113,7 +115,7 @@ def plot_runs(runs, output: str | os.PathLike, title: str | None = None) -> Path
             "plot: matplotlib is not installed (pip install 'easgd-mpi[plot]')"
         ) from None
 
-    output = Path(output)
+    output = _output_path(output)
     fig, axes = plt.subplots(len(_ROWS), len(_COLUMNS), figsize=(12, 8), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
     styles = ("-", "--", ":", "-.")
@@ -147,12 +149,31 @@ def plot_runs(runs, output: str | os.PathLike, title: str | None = None) -> Path
         fig.suptitle(title)
     fig.tight_layout()
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):  # a file in the way: saving says ENOTDIR
+            output.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(output, dpi=100)
     except OSError as exc:
-        raise PlotError(f"plot: cannot write {output}: {exc.strerror or exc}") from None
+        raise PlotError(f"plot: cannot write {output}: {os_reason(exc)}") from None
     finally:
         plt.close(fig)
+    return output
+
+
+def _output_path(output) -> Path:
+    """``output`` as the file matplotlib will write: its suffix picks the format, and a name
+    without one gets ``.png`` (matplotlib would append it, and the path reported would be
+    wrong). An unknown format is refused before anything is drawn."""
+    output = Path(output)
+    if not output.suffix:
+        return output.with_name(output.name + ".png")
+    from matplotlib.backend_bases import FigureCanvasBase  # noqa: PLC0415
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if output.suffix[1:].lower() not in formats:
+        raise PlotError(
+            f"plot: cannot write {output}: matplotlib does not write '{output.suffix}' files "
+            f"(use one of {', '.join('.' + f for f in sorted(formats))})"
+        )
     return output
 
 

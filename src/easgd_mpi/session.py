@@ -26,6 +26,7 @@ import numpy as np
 
 from .backend import NumpyBackend, select_backend
 from .center import CenterWindow, describe_slice, shard_slices
+from .center_server import SERVER_POLL, ActiveCenter
 from .checkpoint import CheckpointData, check_matches
 from .comm import (
     EXIT_STALLED,
@@ -55,10 +56,11 @@ from .config import (
 )
 from .data.sampling import worker_rng
 from .errors import CheckpointError, ConfigError, EasgdError
+from .gpu_binding import bind_before_mpi
 from .log import console_if_unconfigured
-from .metrics import MetricsLog, format_error
+from .metrics import format_error
 from .models import make_problem
-from .rundir import RunFolder, find_checkpoint
+from .rundir import COMPLETED, PREEMPTED, RunFolder, Start, find_checkpoint
 from .snapshots import open_state_channel
 from .status_board import StatusBoard
 from .workerstate import WorkerState, WorkerStates
@@ -121,6 +123,8 @@ class Session:
         self._previous_handlers: dict = {}
         self._open_windows = False
         self._barrier_done = False
+        #: A center that computes (center_server.ActiveCenter) when the rule's does, else None.
+        self.active = None
 
     # ---- set-up -----------------------------------------------------------------------------
     def __enter__(self) -> Session:
@@ -150,6 +154,8 @@ class Session:
         """Every rank: the world, the roles, the config (with a resumed checkpoint's), its
         agreed checks and the backend, the stop signals; nothing that needs the model."""
         console_if_unconfigured()
+        # A script's run: bound to its GPU as `easgd train` binds, while MPI has not started.
+        bind_before_mpi(self.cfg.servers)
         base = world_comm(self._comm)
         self._resolve_config(base)
         cfg = self.cfg
@@ -233,12 +239,14 @@ class Session:
             if isinstance(resume, CheckpointData):
                 found = resume
             elif resume is not None:
-                found = find_checkpoint(resume, self.cfg.run_dir)[1]
+                hit = find_checkpoint(resume, self.cfg.run_dir)
+                found = None if hit is None else hit[1]
             if found is not None or warm is None:
                 return found, None
             if isinstance(warm, CheckpointData):
                 return None, warm
-            return None, find_checkpoint(warm, "")[1]
+            hit = find_checkpoint(warm, "")
+            return None, None if hit is None else hit[1]
 
         self.checkpoint, self.warm = agree_or_fail(base, find)
         base_toml = broadcast(base, self.checkpoint.config_toml if self.checkpoint else None)
@@ -275,9 +283,15 @@ class Session:
         def open_folder():
             if not roles.is_master:
                 return None
-            self.folder = RunFolder.open(self.cfg, resuming=self.resuming)
-            self.folder.write_config(self.cfg.to_toml())
-            return str(self.folder.path)
+            start = Start.of(self._resume, self.checkpoint)
+            folder = RunFolder.open(self.cfg, start, self.checkpoint)
+            try:
+                folder.write_config(self.cfg.to_toml())
+            except BaseException:
+                folder.release()
+                raise
+            self.folder = folder
+            return str(folder.path)
 
         self.run_dir = broadcast(roles.world, agree_or_fail(roles.world, open_folder))
 
@@ -307,6 +321,14 @@ class Session:
             alloc_chunk=self.backend.host_empty,
             servers=roles.servers,
         )
+        if cfg.is_active:  # the servers apply the rule: inboxes, counters, center-side rows
+            self.active = ActiveCenter(
+                cfg,
+                self.center,
+                p,
+                int(getattr(prob, "n_trainable", prob.layout.size)),
+                initial_rows=data.center_state if data is not None else None,
+            )
         self.status = StatusBoard(
             roles.world, p, initial=None if data is None else dict(self.start_states.counters)
         )
@@ -318,17 +340,20 @@ class Session:
                 )
             )
         side = "master" if roles.is_master else "none" if roles.is_server else "worker"
+        # Where the center of a cut is known exactly: the synchronous rules' common replica,
+        # or the window of a single worker (nobody else moves it), with the center-side rows.
+        cut = cfg.algorithm in SYNC_ALGORITHMS or p == 1
         self.channel = open_state_channel(
             roles.world,
             side,
             prob.layout.size,
             p,
             row_names=cfg.state_rows if cfg.checkpoint.worker_states else (),
-            # Where the center of a cut is known exactly: the synchronous rules' common replica,
-            # or the window of a single worker (nobody else moves it).
-            cut_center=cfg.algorithm in SYNC_ALGORITHMS or p == 1,
+            cut_center=cut,
             initial=self.start_states,
             initial_center=initial,
+            center_rows=cfg.center_rows if cut else (),
+            initial_center_rows=self._initial_center_rows(initial) if roles.is_master else None,
         )
         self._open_windows = True
 
@@ -345,6 +370,8 @@ class Session:
         states = data.states if data.workers == p else data.states.resized(fresh)
         rows = dict(states.rows)
         rows.setdefault("x", np.broadcast_to(center, (p, n)))
+        if self.cfg.keeps_residual:  # compression newly on: nothing is pending yet
+            rows.setdefault("residual", np.zeros((p, n), np.float32))
         return WorkerStates(
             counters=states.counters,
             rng_words=states.rng_words,
@@ -358,14 +385,25 @@ class Session:
         cfg, p = self.cfg, self.roles.n_workers
         n = self.problem.layout.size
         rows = {"x": center}
-        second = cfg.state_rows[1] if len(cfg.state_rows) > 1 else None
-        if second is not None:
+        m = int(getattr(self.problem, "n_trainable", n))
+        for name in cfg.state_rows[1:]:
             row = np.zeros(n, np.float32)
-            m = int(getattr(self.problem, "n_trainable", n))
-            if second == "pending":  # nothing pending; the buffers' base is the center's
+            if name == "pending" and cfg.algorithm == "async-diloco":
+                row[:] = center  # the center its first round starts from
+            elif name == "pending":  # nothing pending; the buffers' base is the center's
                 row[m:] = center[m:]
-            rows[second] = row
+            rows[name] = row
         return WorkerStates.starting(p, [worker_rng(cfg.seed, i) for i in range(p)], rows)
+
+    def _initial_center_rows(self, center: np.ndarray) -> dict[str, np.ndarray]:
+        """The center-side rows this segment starts from (rank 0): the checkpoint's, else the
+        rule's fresh ones (zeros; a moving average starts at the center)."""
+        if self.checkpoint is not None:
+            return dict(self.checkpoint.center_state)
+        rows = {name: np.zeros_like(center) for name in self.cfg.center_rows}
+        if "average" in rows:
+            rows["average"][:] = center
+        return rows
 
     def _scatter_start_states(self) -> WorkerState | None:
         """On resume, rank 0 sends each worker (world rank servers + i) its saved state."""
@@ -373,10 +411,13 @@ class Session:
         if not broadcast(roles.world, self.resuming):
             return None
         if roles.is_master:
+            # A synchronous rule keeps its center-side rows on every worker (diloco's outer
+            # momentum): each worker gets them with its state. Servers keep the active ones.
+            replicated = {} if self.cfg.is_active else dict(self.checkpoint.center_state)
             for i in range(roles.n_workers):
-                send_object(
-                    roles.world, self.start_states.of(i), dest=roles.servers + i, tag=_STATE_TAG
-                )
+                state = self.start_states.of(i)
+                state.center = replicated
+                send_object(roles.world, state, dest=roles.servers + i, tag=_STATE_TAG)
             return None
         if roles.is_server:
             return None
@@ -428,13 +469,18 @@ class Session:
                 direct_mpi=self.direct_mpi,
                 resume=self.start_state,
                 stop_flag=self.stop_requested,
+                inbox=self.active.inbox if self.active is not None else None,
             )
 
     def serve_slice(self) -> None:
-        """A server other than the master: nothing to compute here; keep MPI progress going
-        for this slice until every rank has joined the end-of-run barrier (the loop is that
-        barrier)."""
-        self.served = keep_progress(self.roles.world)
+        """A server other than the master. A passive center: nothing to compute here, keep MPI
+        progress going for this slice until every rank has joined the end-of-run barrier (the
+        loop is that barrier). A center that computes: apply the pushes between the tests."""
+        server = self.active.server if self.active is not None else None
+        if server is None:
+            self.served = keep_progress(self.roles.world)
+        else:  # polled at the center's pace, not the barrier's
+            self.served = keep_progress(self.roles.world, poll=SERVER_POLL, work=server.poll)
         self._barrier_done = True
 
     def serve_center(self, channel=None) -> None:
@@ -442,8 +488,10 @@ class Session:
         worker-state channel's master side to use (default :attr:`channel`)."""
         from .master import run_master  # noqa: PLC0415
 
-        history = self.checkpoint.metrics if self.checkpoint else None
-        metrics = MetricsLog(self.folder.metrics_path, history=history)
+        server = self.active.server if self.active is not None else None
+        metrics = self.folder.open_metrics()
+        if server is not None:  # the master's slice, in a thread: evaluations take long
+            server.start_thread()
         try:
             self.master_result = run_master(
                 self.cfg,
@@ -453,12 +501,15 @@ class Session:
                 self.status,
                 self.channel if channel is None else channel,
                 metrics,
-                self.run_dir,
+                self.folder,
                 resume=self.checkpoint,
                 stop_flag=self.stop_requested,
+                active=self.active,
             )
         finally:
             metrics.close()
+            if server is not None:
+                server.stop_thread()
         if self.master_result["abandoned"]:
             self._end_stalled()
 
@@ -470,7 +521,7 @@ class Session:
         ranks = ", ".join(str(r) for r in final["abandoned"])
         if final.get("failure") is None:
             try:
-                self.folder.mark("PREEMPTED")
+                self.folder.mark(PREEMPTED)
             except EasgdError as exc:
                 _log.warning(f"easgd: warning: {exc}")
         self.folder.release()
@@ -507,7 +558,7 @@ class Session:
                 if failure is not None:
                     raise failure
                 stopped = bool(final.pop("stopped", self._stop))
-                self.folder.mark("PREEMPTED" if stopped else "COMPLETED")
+                self.folder.mark(PREEMPTED if stopped else COMPLETED)
                 return stopped
             finally:
                 self.folder.release()
@@ -535,10 +586,13 @@ class Session:
         self.roles.free()
 
     def _close_windows(self) -> None:
-        """Collective: the worker-state channel, the status board and the center freed."""
+        """Collective: the worker-state channel, the status board, a center that computes's
+        inboxes and the center freed."""
         if self._open_windows:
             self.channel.close()
             self.status.close()
+            if self.active is not None:
+                self.active.close()
             self.center.close()
             self._open_windows = False
 
@@ -593,14 +647,19 @@ def _check_memory(cfg, roles, prob, backend) -> None:
         # A server's window holds its slice only (cut as CenterWindow cuts it, near enough).
         lo, hi = shard_slices(prob.layout.size, roles.servers, cfg.resolve_chunk(False))[roles.rank]
         need = 4 * (hi - lo)
+        if cfg.is_active:  # inbox, its take buffers, the private slice, the rows twice
+            need += 4 * (hi - lo) * (4 + 2 * len(cfg.center_rows))
         if roles.is_master:
             # The state window holds two halves of every worker's rows (snapshots.py) and two
             # of the cut's center; a checkpoint copies one half of each.
             rows = len(cfg.state_rows) * p if cfg.checkpoint.worker_states else 0
-            need += n_bytes * (2 + 3 * rows + 2)  # snapshot, copy, states, cut center
+            cut = 2 * (1 + len(cfg.center_rows))
+            need += n_bytes * (2 + 3 * rows + cut)  # snapshot, copy, states, cut center
     else:
-        # x, g, v, y + scratch on the host; a GPU worker's host side is its pinned chunks.
-        need = 4 * 4 * cfg.resolve_chunk(True) if backend.is_gpu else n_bytes * 6
+        # x, g, v, y + scratch (+ the residual of compressed pushes) on the host; a GPU
+        # worker's host side is its pinned chunks.
+        rows = 6 + int(cfg.keeps_residual)
+        need = 4 * 4 * cfg.resolve_chunk(True) if backend.is_gpu else n_bytes * rows
     node_need, ranks = node_sum(roles.world, need)
 
     def check():
@@ -633,10 +692,10 @@ def _choose_backend(cfg, roles):
     if bound is not None:
         # Bound before MPI started (gpu_binding: the same numbering): CUDA_VISIBLE_DEVICES holds
         # this worker's GPU alone, device 0 in here. The start-up line names the node's GPU.
-        backend, why = select_backend(prefer_gpu=True, device_id=0)
+        backend, why = select_backend(prefer_gpu=True, device_id=0, mode=cfg.device)
         label = int(bound) if bound.isdigit() else bound
         return backend, why, label if getattr(backend, "is_gpu", False) else None
-    backend, why = select_backend(prefer_gpu=True, device_id=local_worker)
+    backend, why = select_backend(prefer_gpu=True, device_id=local_worker, mode=cfg.device)
     return backend, why, getattr(backend, "device_id", None)
 
 
@@ -666,12 +725,16 @@ def _announce(cfg, p, alpha, devices, run_dir, prob, session) -> None:
             label = f"GPU {dev}" if dev is not None else "GPU"
         kinds[label] = kinds.get(label, 0) + 1
     where = "; ".join(f"{n} on {k}" for k, n in kinds.items())
+    coded = ""
+    if cfg.compress != "none":  # docs/ARCHITECTURE.md §2.16: what the codes save, and where
+        feedback = "with" if cfg.error_feedback else "WITHOUT"
+        coded = f", pushes coded in {cfg.compress} {feedback} error feedback"
     # In a user's own loop the optimizer (and its learning rate) is the user's.
     lr = "your optimizer" if session.own_loop else f"lr = {cfg.lr:g}"
     _log.info(
         f"easgd: {cfg.algorithm}, {p} workers ({where}), tau = {cfg.tau}, "
         f"alpha = {alpha:.4g} (beta = {alpha * p:.3g}), {lr}, "
-        f"{prob.layout.size:,d} parameters, {cfg.steps:,d} steps per worker; "
+        f"{prob.layout.size:,d} parameters, {cfg.steps:,d} steps per worker{coded}; "
         f"run folder {run_dir}"
     )
 

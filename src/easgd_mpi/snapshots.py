@@ -1,7 +1,8 @@
 """Worker states for checkpoints, and the stop signal, through RMA windows on the master.
 
-The master never messages a worker and a worker never waits for the master. Three windows on
-rank 0, all in one long ``Lock_all`` epoch like the center:
+The master never messages a worker and a training worker never waits for the master (a finished
+one polls for the master's release, which its final checkpoint needs). Three windows on rank 0,
+all in one long ``Lock_all`` epoch (whatever the center's lock mode):
 
 - *control* (int64): the checkpoint epoch the master asks for, a stop flag (end training now),
   and a release flag (the final checkpoint has every state: finished workers may leave);
@@ -55,10 +56,13 @@ class _StateWindows:
     """The three windows on rank 0 and their layout; every rank builds them (collective).
 
     ``row_names``: the rows each worker saves (``Config.state_rows``; empty: counters and
-    generators only). ``cut_center``: whether the first worker also saves the center of its cut.
+    generators only). ``cut_center``: whether the first worker also saves the center of its cut,
+    and with it the rule's center-side rows ``center_rows`` (``Config.center_rows``).
     """
 
-    def __init__(self, comm, n: int, n_workers: int, row_names=(), cut_center: bool = False):
+    def __init__(
+        self, comm, n: int, n_workers: int, row_names=(), cut_center: bool = False, center_rows=()
+    ):
         from mpi4py import MPI  # noqa: PLC0415
 
         self._MPI = MPI
@@ -68,12 +72,14 @@ class _StateWindows:
         self.row_names = tuple(row_names)
         self.rows = len(self.row_names)
         self.cut_center = bool(cut_center) and self.rows > 0
+        #: The rows of a cut: the center, then the center-side rows.
+        self.cut_names = ("center", *center_rows) if self.cut_center else ()
         owner = comm.Get_rank() == MASTER
         self._control = MPI.Win.Allocate(_CONTROL * 8 if owner else 0, 8, comm=comm)
         self._meta = MPI.Win.Allocate(self.p * _META * 8 if owner else 0, 8, comm=comm)
-        # [p][2 halves][rows][n], then [2 halves][n] for the cut center
+        # [p][2 halves][rows][n], then [2 halves][cut rows][n] for the cut center
         self._center_base = self.p * 2 * self.rows * self.n
-        self._floats = self._center_base + (2 * self.n if self.cut_center else 0)
+        self._floats = self._center_base + 2 * len(self.cut_names) * self.n
         self._states = MPI.Win.Allocate(self._floats * 4 if owner else 0, 4, comm=comm)
 
     def _open(self) -> None:
@@ -85,6 +91,9 @@ class _StateWindows:
 
     def _row_offset(self, slot: int, half: int, row: int) -> int:
         return ((slot * 2 + half) * self.rows + row) * self.n
+
+    def _cut_offset(self, half: int, row: int) -> int:
+        return self._center_base + (half * len(self.cut_names) + row) * self.n
 
     def close(self) -> None:
         """Collective: end the epoch and free the windows."""
@@ -98,8 +107,10 @@ class _StateWindows:
 class WorkerSide(_StateWindows):
     """A worker's end of the channel: look at the master's control word, answer its epochs."""
 
-    def __init__(self, comm, n: int, n_workers: int, row_names=(), cut_center: bool = False):
-        super().__init__(comm, n, n_workers, row_names, cut_center)
+    def __init__(
+        self, comm, n: int, n_workers: int, row_names=(), cut_center: bool = False, center_rows=()
+    ):
+        super().__init__(comm, n, n_workers, row_names, cut_center, center_rows)
         self._ctl_buf = np.zeros(_CONTROL, np.int64)
         self._ctl_origin = np.zeros(_CONTROL, np.int64)  # NO_OP still wants an origin
         self._half_row = np.zeros(_HALF, np.int64)
@@ -173,10 +184,12 @@ class WorkerSide(_StateWindows):
                 cut = self._host
             else:
                 cut = self._host_copy(b, cut)
-            self._put(self._center_base + half * self.n, cut)
+            self._put(self._cut_offset(half, 0), cut)
+            for r, row in enumerate(algo.cut_state()[: len(self.cut_names) - 1]):
+                self._put(self._cut_offset(half, 1 + r), self._host_copy(b, row))
 
     def _host_copy(self, b, arr):
-        if not b.is_gpu:
+        if not b.is_gpu or isinstance(arr, np.ndarray):  # already in host memory
             return arr
         if self._host is None:  # pinned, allocated once
             self._host = b.host_empty(self.n)
@@ -198,7 +211,8 @@ class MasterSide(_StateWindows):
 
     ``initial``: the state every worker starts this segment from (:class:`WorkerStates` whose
     rows are [p, n] or broadcast [n]), stored in half 0 before any worker answers, so a worker
-    that never answers still has a state at hand; ``initial_center``: the cut center row.
+    that never answers still has a state at hand; ``initial_center``: the cut center row, and
+    ``initial_center_rows`` the center-side rows of the cut (name → [n]).
     """
 
     def __init__(
@@ -210,8 +224,11 @@ class MasterSide(_StateWindows):
         cut_center: bool = False,
         initial: WorkerStates | None = None,
         initial_center: np.ndarray | None = None,
+        center_rows=(),
+        initial_center_rows: dict | None = None,
     ):
-        super().__init__(comm, n, n_workers, row_names, cut_center)
+        super().__init__(comm, n, n_workers, row_names, cut_center, center_rows)
+        self._initial_center_rows = initial_center_rows or {}
         np.frombuffer(self._control.tomemory(), np.int64)[:] = 0
         self._meta_mem = np.frombuffer(self._meta.tomemory(), np.int64).reshape(self.p, _META)
         self._meta_mem[:] = 0
@@ -232,6 +249,10 @@ class MasterSide(_StateWindows):
                 self._row_view(i, 0, r)[:] = row[i]
         if self.cut_center and center is not None:
             self._center_view(0)[:] = center
+        for r, name in enumerate(self.cut_names[1:], start=1):
+            row = self._initial_center_rows.get(name)
+            if row is not None:
+                self._center_view(0, r)[:] = row
         meta = self._meta_mem
         meta[:, _LATEST] = 0
         half0 = meta[:, _COMMON : _COMMON + _HALF]
@@ -243,8 +264,8 @@ class MasterSide(_StateWindows):
         lo = self._row_offset(slot, half, row)
         return self._state_mem[lo : lo + self.n]
 
-    def _center_view(self, half: int) -> np.ndarray:
-        lo = self._center_base + half * self.n
+    def _center_view(self, half: int, row: int = 0) -> np.ndarray:
+        lo = self._cut_offset(half, row)
         return self._state_mem[lo : lo + self.n]
 
     def request(self, epoch: int) -> None:
@@ -311,9 +332,9 @@ class MasterSide(_StateWindows):
             half[(table["ack"] != epoch) & other] ^= 1
         return self.describe_halves(table["meta"], half)
 
-    def states(self, cut, age: np.ndarray | None = None) -> tuple[WorkerStates, np.ndarray | None]:
+    def states(self, cut, age: np.ndarray | None = None) -> tuple[WorkerStates, dict | None]:
         """The workers' states in the halves ``cut`` names (copies), and the first worker's
-        cut center (None where not saved)."""
+        cut: ``{"center": …, <center-side row>: …}`` (None where not saved)."""
         self._states.Sync()  # the workers' flushed writes, visible to this process's loads
         rows = {}
         for r, name in enumerate(self.row_names):
@@ -321,7 +342,12 @@ class MasterSide(_StateWindows):
             for i in range(self.p):
                 out[i] = self._row_view(i, int(cut["half"][i]), r)
             rows[name] = out
-        center = self._center_view(int(cut["half"][0])).copy() if self.cut_center else None
+        half = int(cut["half"][0])
+        center = (
+            {name: self._center_view(half, r).copy() for r, name in enumerate(self.cut_names)}
+            if self.cut_center
+            else None
+        )
         states = WorkerStates(
             counters={k: np.array(cut[k], np.int64) for k in COUNTERS},
             rng_words=np.array(cut["rng_words"], np.int64),
@@ -340,13 +366,25 @@ def open_state_channel(
     cut_center: bool = False,
     initial: WorkerStates | None = None,
     initial_center: np.ndarray | None = None,
+    center_rows=(),
+    initial_center_rows: dict | None = None,
 ):
     """Collective: every rank opens its side, ``"master"``, ``"worker"`` or ``"none"`` (a
     server other than the master: it takes part in building the windows, nothing else)."""
     if side == "master":
-        return MasterSide(comm, n, n_workers, row_names, cut_center, initial, initial_center)
+        return MasterSide(
+            comm,
+            n,
+            n_workers,
+            row_names,
+            cut_center,
+            initial,
+            initial_center,
+            center_rows,
+            initial_center_rows,
+        )
     if side == "worker":
-        return WorkerSide(comm, n, n_workers, row_names, cut_center)
-    windows = _StateWindows(comm, n, n_workers, row_names, cut_center)
+        return WorkerSide(comm, n, n_workers, row_names, cut_center, center_rows)
+    windows = _StateWindows(comm, n, n_workers, row_names, cut_center, center_rows)
     windows._open()
     return windows

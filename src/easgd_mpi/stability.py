@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 __all__ = [
     "check_elastic_stability",
     "check_local_stability",
+    "check_center_stability",
+    "outer_round_map",
+    "delayed_center_map",
+    "spectral_radius",
     "nesterov_limit",
     "step_matrices",
     "schur_stable",
@@ -117,6 +121,129 @@ def check_local_stability(cfg) -> None:
     """The local step alone (the region of a rule without an elastic force): plain SGD needs
     ηh ≤ 2, Nesterov momentum δ needs ηh < 2(1 + δ)/(1 + 2δ). Only the quadratic has an h."""
     _local_steps(cfg)
+
+
+def check_center_stability(cfg, workers: int) -> None:
+    """The center's own optimizer: diloco, async-diloco (outer Nesterov) and mdownpour
+    (Nesterov at the master, the paper's δ = ``momentum``), with ``workers`` workers.
+
+    Every model but the quadratic: the outer step on a direction that the τ local steps
+    resolve (c = 1: the round reaches the local optimum) is Nesterov with step ``outer_lr``,
+    stable iff outer_lr < 2(1 + μ)/(1 + 2μ). On the quadratic, every curvature: the exact
+    round map of the center and the workers' mean mode (and their deviation mode), and for
+    the asynchronous rules with p ≥ 2 the round-robin schedule of p equal workers, each
+    pushing a pseudo-gradient p − 1 pushes old (docs/STABILITY.md §7).
+    """
+    lr, mu, what = _outer_step(cfg)
+    quadratic = cfg.model.name == "quadratic"
+    outer = cfg.algorithm in ("diloco", "async-diloco")
+    if outer and not quadratic and not lr < nesterov_limit(mu):
+        raise ConfigError(
+            f"config: outer_lr = {lr:g} is outside the stability region of the outer Nesterov "
+            f"step outer_lr < 2*(1 + outer_momentum)/(1 + 2*outer_momentum) = "
+            f"{nesterov_limit(mu):.4g} for outer_momentum = {mu:g} (a direction that the tau "
+            f"local steps resolve, c = 1; docs/STABILITY.md)"
+        )
+    if not quadratic:  # (on the quadratic c is known: the exact round maps below decide)
+        if outer and cfg.keeps_velocity:
+            _check_flat_directions(cfg, lr, mu)
+        return
+    curvatures = np.unique(np.atleast_1d(np.asarray(cfg.quadratic.curvature, dtype=np.float64)))
+    a_all = cfg.lr * (curvatures + cfg.weight_decay)
+    delta = cfg.momentum if cfg.keeps_velocity else 0.0
+    # Round-robin staleness only where it is modelled: asynchronous, plain local SGD steps.
+    delayed = cfg.algorithm != "diloco" and workers >= 2 and delta == 0.0
+
+    def stable(a, lr_, mu_) -> bool:
+        if delayed:
+            c = 1.0 - (1.0 - a) ** cfg.tau
+            period = delayed_center_map(c, workers, lr_, mu_, cfg.algorithm == "async-diloco")
+            return spectral_radius(period) <= 1 + 1e-9
+        # (The workers' deviation mode, |E| ≤ 1, holds wherever the local step does: §7.)
+        return spectral_radius(outer_round_map(a, cfg.tau, delta, lr_, mu_)[0]) <= 1 + 1e-9
+
+    refusals = []
+    for a in a_all:
+        if stable(a, lr, mu):
+            continue
+        h = float(curvatures[np.argmin(np.abs(a_all - a))])
+        if cfg.algorithm in ("mdownpour", "mvadownpour") and not stable(a, 1.0, 0.0):
+            # DOWNPOUR's own center is unstable here: only a smaller lr helps.
+            hw = h + cfg.weight_decay
+            limit = _interval_end(lambda x, hw=hw: stable(x * hw, 1.0, mu), cfg.lr)
+            knob, name = f"lr = {cfg.lr:g}", "lr"
+        elif cfg.algorithm == "mdownpour":
+            limit = _interval_end(lambda m, a=a: stable(a, 1.0, m), mu)
+            knob, name = f"momentum = {mu:g}", "momentum"
+        else:
+            limit = _interval_end(lambda x, a=a: stable(a, x, mu), lr)
+            knob, name = f"outer_lr = {lr:g} ({what})", "outer_lr"
+        refusals.append((limit, a, h, knob, name))
+    if not refusals:
+        return
+    # The binding curvature: the smallest limit (the stable set is an interval in each knob).
+    limit, a, h, knob, name = min(refusals)
+    setting = (
+        f"{cfg.algorithm} with p = {workers} (round-robin, each push {workers - 1} pushes "
+        f"old), tau = {cfg.tau}"
+        if delayed
+        else f"{cfg.algorithm} (one round of the center and the workers' mean), tau = "
+        f"{cfg.tau}, momentum = {delta:g}"
+    )
+    raise ConfigError(
+        f"config: {knob} is outside the stability region of {setting} for lr*h = {a:.4g} "
+        f"(quadratic.curvature h = {h:g}): stable for {name} <= {limit:.4g} (docs/STABILITY.md)"
+    )
+
+
+#: ηh of the flat directions every network has (docs/STABILITY.md §7): checked for DiLoCo with
+#: a velocity that carries over rounds, where the two momenta compound on them.
+FLAT_ETA_H = np.geomspace(1e-4, 0.1, 61)
+
+
+def _check_flat_directions(cfg, lr: float, mu: float) -> None:
+    """diloco / async-diloco whose workers keep a Nesterov velocity across rounds: the inner
+    and the outer momentum compound, and on a band of small ηh, which every network's flat
+    directions fill, one round of the center and the workers' mean can grow."""
+    delta, tau = cfg.momentum, cfg.tau
+
+    def stable(a, x) -> bool:
+        return spectral_radius(outer_round_map(a, tau, delta, x, mu)[0]) <= 1 + 1e-9
+
+    bad = [a for a in FLAT_ETA_H if not stable(a, lr)]
+    if not bad:
+        return
+    limit, a = min((_interval_end(lambda x, a=a: stable(a, x), lr), a) for a in bad)
+    raise ConfigError(
+        f"config: outer_lr = {lr:g} is outside the stability region of {cfg.algorithm} with "
+        f"momentum = {delta:g} (the workers' velocity carries over rounds), tau = {tau}, "
+        f"outer_momentum = {mu:g} on the flat directions every network has (lr*h = {a:.2g}): "
+        f"stable for outer_lr <= {limit:.4g}, or lower momentum (docs/STABILITY.md)"
+    )
+
+
+def _outer_step(cfg) -> tuple[float, float, str]:
+    """(the center's step size, its momentum, how they were set) of a center rule."""
+    if cfg.algorithm == "mdownpour":
+        return 1.0, cfg.momentum, "the master's step is the pushed update itself"
+    if cfg.algorithm == "mvadownpour":  # DOWNPOUR's center; the average is a stable filter
+        return 1.0, 0.0, "DOWNPOUR's center"
+    lr, mu = cfg.resolve_center("outer_lr"), cfg.resolve_center("outer_momentum")
+    return lr, mu, f"outer_momentum = {mu:g}"
+
+
+def _interval_end(stable: Callable[[float], bool], cap: float) -> float:
+    """The largest x ≤ cap such that every x' in (0, x] is stable: a scan, then bisection."""
+    grid = np.linspace(cap / 200, cap, 200)
+    ok = [stable(float(x)) for x in grid]
+    if all(ok):
+        return cap
+    k = ok.index(False)
+    lo, hi = (float(grid[k - 1]), float(grid[k])) if k else (0.0, float(grid[0]))
+    while hi - lo > 1e-6 * max(1.0, cap):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if stable(mid) else (lo, mid)
+    return lo
 
 
 def _alpha_origin(cfg, workers: int) -> str:
@@ -265,3 +392,69 @@ def alpha_limit(
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if stable(np.array([mid]))[0] else (lo, mid)
     return lo
+
+
+def spectral_radius(P: np.ndarray) -> float:
+    """The largest |eigenvalue| of one square matrix (inf if it is not finite)."""
+    if not np.all(np.isfinite(P)):
+        return float("inf")
+    return float(np.max(np.abs(np.linalg.eigvals(P))))
+
+
+def outer_round_map(a: float, tau: int, delta: float, lr: float, mu: float):
+    """One round of diloco on one curvature (ηh = a), workers alike: the map of the mean mode
+    on (θ, m, v) and the factor of the workers' deviation mode (their v − v̄).
+
+    A round: x ← θ; τ local Nesterov steps (δ; plain SGD at δ = 0) on (x, v), v kept across
+    rounds; D = θ − x; m ← μm + D; θ ← θ − η_o(D + μm). With L^τ = [[A, B], [C, E]] on (x, v),
+    D = (1 − A)θ − Bv; a deviation starts each round at x − x̄ = 0, so only v − v̄ carries over,
+    multiplied by E.
+    """
+    _, L = step_matrices(a, 0.0, 0.0, delta)
+    Lt = np.linalg.matrix_power(L[0, :2, :2], int(tau))
+    A, B, C, E = Lt[0, 0], Lt[0, 1], Lt[1, 0], Lt[1, 1]
+    P = np.array(
+        [
+            [1.0 - lr * (1.0 + mu) * (1.0 - A), -lr * mu * mu, lr * (1.0 + mu) * B],
+            [1.0 - A, mu, -B],
+            [C, 0.0, E],
+        ]
+    )
+    return P, float(E)
+
+
+def delayed_center_map(c: float, p: int, lr: float, mu: float, delayed: bool) -> np.ndarray:
+    """p pushes of the round-robin schedule of p equal asynchronous workers on one curvature.
+
+    Each worker takes τ plain SGD steps from the center it pulled right after its previous
+    push, p − 1 pushes of the others ago, so its pseudo-gradient is c·θ_old with
+    c = 1 − (1 − ηh)^τ. ``delayed`` (async-diloco): weight 1/p, the center steps by the
+    pseudo-gradient at once and updates its momentum from the buffered ones every p pushes
+    (m ← μm + b, θ ← θ − η_o(g + μm) on that push); otherwise (mdownpour: η_o = 1, μ = δ) each
+    push is a whole Nesterov step m ← μm + g, θ ← θ − η_o(g + μm). State
+    (θ_j, θ_{j−1}, …, θ_{j−p+1}, m, b); returns the map of p pushes.
+    """
+    p = int(p)
+    d = p + 2
+    m_, b_ = p, p + 1
+    w = 1.0 / p if delayed else 1.0
+    period = np.eye(d)
+    for r in range(1, p + 1):
+        push = np.zeros((d, d))
+        for k in range(1, p):  # the history shifts by one push
+            push[k, k - 1] = 1.0
+        g = w * c  # the pushed pseudo-gradient per unit of the oldest center θ_{j−p+1}
+        momentum_now = r == p or not delayed
+        push[b_, b_] = 0.0 if momentum_now else 1.0
+        if not momentum_now:
+            push[b_, p - 1] = g
+            push[m_, m_] = 1.0
+            push[0, 0] = 1.0
+            push[0, p - 1] -= lr * g  # (the same entry as θ_j's at p = 1)
+        else:  # m' = μm + b + g;  θ' = θ − η_o(g + μm')
+            push[m_, m_], push[m_, b_], push[m_, p - 1] = mu, 1.0, g
+            push[0, 0] = 1.0
+            push[0, p - 1] -= lr * (g + mu * g)
+            push[0, m_], push[0, b_] = -lr * mu * mu, -lr * mu
+        period = push @ period
+    return period

@@ -1,13 +1,13 @@
 """The status board: each worker's counters in a small MPI one-sided window on rank 0.
 
 Every worker overwrites its own row (steps, exchanges, loss, distance to the center, resets,
-bytes moved, done) about every 50 ms and when it finishes; the master reads all rows for its
-progress lines and metrics without ever messaging a worker. The rows are float64 and live in
-memory that MPI allocates on rank 0 (``Win.Allocate``; the other ranks expose nothing). Every
-rank keeps one passive-target epoch (``Lock_all``) open from construction to
-:meth:`StatusBoard.close`. A worker writes its row with ``Accumulate(REPLACE)`` and the master
-reads with ``Get_accumulate(NO_OP)``: element-wise atomic against each other, so the master
-never sees a torn number (a row may mix two reports: each number is one report's).
+bytes moved, done, bytes of its pushes as coded) about every 50 ms and when it finishes; the
+master reads all rows for its progress lines and metrics without ever messaging a worker. The
+rows are float64 and live in memory that MPI allocates on rank 0 (``Win.Allocate``; the other
+ranks expose nothing). Every rank keeps one passive-target epoch (``Lock_all``) open from
+construction to :meth:`StatusBoard.close`. A worker writes its row with ``Accumulate(REPLACE)``
+and the master reads with ``Get_accumulate(NO_OP)``: element-wise atomic against each other, so
+the master never sees a torn number (a row may mix two reports: each number is one report's).
 """
 
 from __future__ import annotations
@@ -18,8 +18,23 @@ from .comm import MASTER
 
 __all__ = ["StatusBoard", "STATUS_FIELDS"]
 
-#: The numbers in each worker's row, in order.
-STATUS_FIELDS = ("steps", "exchanges", "loss", "distance", "resets", "bytes", "done", "spare")
+#: The numbers in each worker's row, in order. ``push_bytes``: its pushes in coded form
+#: (docs/ARCHITECTURE.md §2.16). The last four are a center that computes (§3.11): the pushes,
+#: their summed and largest staleness, and the seconds the worker waited for the servers.
+STATUS_FIELDS = (
+    "steps",
+    "exchanges",
+    "loss",
+    "distance",
+    "resets",
+    "bytes",
+    "done",
+    "push_bytes",
+    "pushes",
+    "staleness",
+    "staleness_max",
+    "wait",
+)
 _SLOTS = len(STATUS_FIELDS)
 
 

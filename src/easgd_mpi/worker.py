@@ -94,6 +94,7 @@ class WorkerClock:
         """Publish ``done``, then keep answering the master (its final checkpoint needs this
         worker's state) until it has asked for the final epoch and got it. Returns this
         worker's final counters."""
+        self.algo.finish()  # a center that computes has applied every push of this worker
         self.algo.backend.synchronize()
         self.publish(done=True)
         while True:
@@ -120,7 +121,13 @@ class WorkerClock:
             distance=algo.distance,
             resets=algo.resets,
             bytes=algo.bytes,
+            push_bytes=algo.push_bytes,
             done=1.0 if done else 0.0,
+            # A center that computes (zeros for the others): docs/ARCHITECTURE.md §3.11.
+            pushes=getattr(algo, "pushes", 0),
+            staleness=getattr(algo, "staleness_sum", 0),
+            staleness_max=getattr(algo, "staleness_max", 0),
+            wait=getattr(algo, "wait_s", 0.0),
         )
 
     def _answer(self, epoch: int, finished: bool = False, wants_stop: bool = False) -> None:
@@ -149,6 +156,7 @@ def run_worker(
     direct_mpi: bool = False,
     resume: WorkerState | None = None,
     stop_flag=None,
+    inbox=None,
 ) -> dict:
     """Train this worker's copy up to ``cfg.steps`` local steps (or until told to stop).
 
@@ -156,12 +164,20 @@ def run_worker(
     counters on ``status`` (the :class:`~easgd_mpi.status_board.StatusBoard`) and answers the
     master's requests for its state on ``channel`` (its :class:`~easgd_mpi.snapshots.WorkerSide`).
     ``resume``: the worker's saved state (a checkpoint's, workerstate.py) or None for a fresh
-    start. ``stop_flag()`` is true once this process got a stop signal. Returns this worker's
-    final counters.
+    start. ``stop_flag()`` is true once this process got a stop signal. ``inbox``: the servers'
+    inboxes of a center that computes (center_inbox.py). Returns this worker's final counters.
     """
     rng = worker_rng(cfg.seed, roles.worker_index) if resume is None else resume.generator()
     algo = make_algorithm(
-        cfg, problem, backend, center, alpha, rng, direct_mpi=direct_mpi, workers_comm=roles.workers
+        cfg,
+        problem,
+        backend,
+        center,
+        alpha,
+        rng,
+        direct_mpi=direct_mpi,
+        workers_comm=roles.workers,
+        inbox=inbox,
     )
     algo.pull_center()
     first = 0

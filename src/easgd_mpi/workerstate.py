@@ -1,7 +1,8 @@
 """The state of the workers at one cut: one type for the snapshot channel, checkpoints and resume.
 
 A worker's state is what it needs to continue exactly where it was: its named rows (``x``,
-then ``v`` for a momentum method or ``pending`` for DOWNPOUR: ``Config.state_rows``), its
+then ``v`` for a momentum method or ``pending`` for DOWNPOUR, then ``residual`` with compressed
+pushes: ``Config.state_rows``), its
 counters (steps, exchanges, resets) and its random-number generator as six words (a PCG64
 state: 128-bit state and increment as two words each, the cached-bit flag and the cached
 word). A worker of a user's own training loop (``easgd_mpi.torch``) also has a
@@ -34,7 +35,7 @@ __all__ = [
 #: Per-worker integer counters, in this order everywhere (channel, file, summaries).
 COUNTERS = ("steps", "exchanges", "resets")
 #: Every row kind a worker may save, in the order a rule saves them (x first).
-ROW_NAMES = ("x", "v", "pending")
+ROW_NAMES = ("x", "v", "pending", "residual")
 #: int64 words of one generator state.
 RNG_WORDS = 6
 _MASK = (1 << 64) - 1
@@ -146,6 +147,9 @@ class WorkerState:
     rng_words: np.ndarray
     #: Row name → float32 [n] host array (only the rows that were saved).
     rows: dict[str, np.ndarray] = field(default_factory=dict)
+    #: The center-side rows a synchronous rule keeps on every worker (diloco's outer
+    #: momentum), from the checkpoint's center state: name → float32 [n].
+    center: dict[str, np.ndarray] = field(default_factory=dict)
     #: A user loop's own state (None: none saved, or not a user loop).
     user: UserState | None = None
 

@@ -98,7 +98,9 @@ def test_cifar_convnet_run_reports_steps_to_target(tmp_path, clean_env):
         hits = run["to_target"]
         assert [h["target"] for h in hits] == [1.0, 0.0]
         for h in hits:
-            assert set(h) == {"target", "reached", "steps", "time", "exchanges"}
+            assert set(h) == {
+                "target", "reached", "steps", "time", "exchanges", "bytes", "push_bytes"
+            }  # fmt: skip
             if h["reached"]:
                 assert 0 <= h["steps"] <= budget and h["time"] >= 0
             else:
@@ -116,3 +118,30 @@ def test_cifar_convnet_run_reports_steps_to_target(tmp_path, clean_env):
     figures = report["figures"]
     assert any(f.endswith("-to-target.png") for f in figures)
     assert all(Path(f).read_bytes()[:4] == b"\x89PNG" for f in figures)
+
+
+def test_compress_variants_report_coded_push_bytes(tmp_path, clean_env):
+    """--compress runs each configuration per coding of the pushes and compares each coded
+    variant with none: push bytes per target, as coded, and the final error's difference."""
+    out = tmp_path / "conv-compress.json"
+    options = "--workers 2 --algorithms easgd --taus 4 --seeds 1 --steps 200 --targets 1.0"
+    options += " --compress none,int8,int8-nofeedback"
+    cmd = [sys.executable, str(BENCH), *options.split(), "--out", str(out)]
+    proc = launching.run(cmd, clean_env, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert report["compress"] == ["none", "int8", "int8-nofeedback"]
+    runs = {r["compress"]: r for r in report["runs"]}
+    assert set(runs) == {"none", "int8", "int8-nofeedback"}
+    assert runs["int8-nofeedback"]["settings"]["error_feedback"] == "false"
+    exchanges = 2 * 200 // 4
+    n = runs["none"]["bytes"] // (8 * exchanges)
+    assert runs["none"]["push_bytes"] == 4 * n * exchanges
+    for coded in ("int8", "int8-nofeedback"):
+        assert runs[coded]["bytes"] == runs["none"]["bytes"]  # the window moves float32
+        assert runs[coded]["push_bytes"] == exchanges * (n + 4 * -(-n // 256))
+    assert {r["compress"] for r in report["summary"]} == set(runs)
+    table = report["compression_table"]
+    assert "int8-nofeedback" in table and "push × / read+push ×" in table
+    assert "push MB (coded)" in report["table"]
+    assert any(f.endswith("-push-bytes.png") for f in report["figures"])

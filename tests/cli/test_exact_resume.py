@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from easgd_mpi.checkpoint import list_checkpoints, load_checkpoint
+from easgd_mpi.checkpoint import load_checkpoint
+from easgd_mpi.rundir import list_checkpoints
+from easgd_mpi.workerstate import ROW_NAMES
 from launching import run, start, train_command
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -32,6 +34,9 @@ CASES = [
     ("easgd", 2, ("tau=1",)),
     ("eamsgd", 2, ("tau=1",)),
     ("downpour", 2, ("tau=4",)),
+    # Compressed pushes: each worker's residual is part of its state (a row of the checkpoint).
+    ("eamsgd", 2, ("tau=1", "compress=int8")),
+    ("downpour", 2, ("tau=4", "compress=fp8")),
 ]
 
 
@@ -47,7 +52,7 @@ def _final(run_dir: Path):
 
 def _assert_identical(a, b) -> None:
     assert np.array_equal(a.center.view(np.uint32), b.center.view(np.uint32)), "center differs"
-    for name in ("x", "v", "pending"):
+    for name in ROW_NAMES:
         left, right = a.states.row(name), b.states.row(name)
         assert (left is None) == (right is None), name
         if left is not None:
@@ -55,6 +60,26 @@ def _assert_identical(a, b) -> None:
     for key in ("steps", "exchanges", "resets"):
         assert np.array_equal(a.states.counters[key], b.states.counters[key]), key
     assert np.array_equal(a.states.rng_words, b.states.rng_words)
+
+
+# Under pytest-xdist all of these run in one worker, so that each reference run is launched once.
+pytestmark = pytest.mark.xdist_group("exact_resume")
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """``reference_run(mpiexec, env, algorithm, n, extra)``: the final checkpoint of that case's
+    uninterrupted run, launched once per module (both tests compare with the same runs)."""
+    finals = {}
+
+    def final(mpiexec, env, algorithm, n, extra):
+        key = (algorithm, n, extra)
+        if key not in finals:
+            folder = tmp_path_factory.mktemp("reference")
+            finals[key] = _reference(mpiexec, env, folder, algorithm, n, extra)
+        return finals[key]
+
+    return final
 
 
 def _reference(mpiexec, clean_env, tmp_path, algorithm, n, extra):
@@ -77,9 +102,9 @@ def _reference(mpiexec, clean_env, tmp_path, algorithm, n, extra):
 
 @pytest.mark.parametrize(("algorithm", "n", "extra"), CASES)
 def test_resuming_a_periodic_checkpoint_ends_bit_identical(
-    algorithm, n, extra, mpiexec, clean_env, tmp_path
+    algorithm, n, extra, mpiexec, clean_env, tmp_path, reference_run
 ):
-    reference = _reference(mpiexec, clean_env, tmp_path, algorithm, n, extra)
+    reference = reference_run(mpiexec, clean_env, algorithm, n, extra)
     assert reference.states.counters["steps"].tolist() == [STEPS] * (n - 1)
 
     slowed = tmp_path / "slowed"
@@ -106,6 +131,8 @@ def test_resuming_a_periodic_checkpoint_ends_bit_identical(
     assert cut.states.age is not None and np.all(cut.states.age >= 0)
     if algorithm == "downpour":
         assert cut.states.row("pending") is not None
+    if any(s.startswith("compress=") for s in extra):  # something not yet carried is restored
+        assert np.abs(cut.states.row("residual")).max() > 0
 
     resumed = tmp_path / "resumed"
     resumed.mkdir()
@@ -116,11 +143,11 @@ def test_resuming_a_periodic_checkpoint_ends_bit_identical(
     _assert_identical(_final(resumed), reference)
 
 
-@pytest.mark.parametrize(("algorithm", "n", "extra"), [CASES[0], CASES[4]])
+@pytest.mark.parametrize(("algorithm", "n", "extra"), [CASES[0], CASES[4], CASES[6]])
 def test_stopping_with_sigterm_and_resuming_ends_bit_identical(
-    algorithm, n, extra, mpiexec, clean_env, tmp_path
+    algorithm, n, extra, mpiexec, clean_env, tmp_path, reference_run
 ):
-    reference = _reference(mpiexec, clean_env, tmp_path, algorithm, n, extra)
+    reference = reference_run(mpiexec, clean_env, algorithm, n, extra)
     run_dir = tmp_path / "stopped"
     sets = (f"algorithm={algorithm}", f"steps={STEPS}", *extra, "eval_interval=0.05")
     proc = start(

@@ -135,7 +135,9 @@ def test_check_reports_every_rank(mpiexec, easgd_cmd, clean_env, tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("MPI: ") and "world size 3" in lines[0]
-    assert [ln.split(" (")[0] for ln in lines[1:]] == ["rank 0", "rank 1", "rank 2"]
+    # the two workers report the same thing: one line names both (test_check_report.py)
+    assert [ln.split(" (")[0] for ln in lines[1:]] == ["rank 0", "ranks 1-2"]
+    assert lines[2].startswith("ranks 1-2 (workers 0-1) on ")
     assert "(master)" in lines[1] and "holds no GPU" in lines[1]
     for line in lines[1:]:
         assert "CUDA-aware MPI off" in line and "kernels from" in line
@@ -156,7 +158,7 @@ def test_check_names_each_servers_slice(mpiexec, easgd_cmd, clean_env, tmp_path)
     assert lines[1].startswith("rank 0 (master, server 0: center [0, 2,432), 9.5 KiB) on ")
     assert lines[2].startswith("rank 1 (server 1: center [2,432, 4,812), 9.3 KiB) on ")
     assert "holds no GPU" in lines[2]
-    assert [ln.split(") on ")[0] for ln in lines[3:]] == ["rank 2 (worker 0", "rank 3 (worker 1"]
+    assert [ln.split(") on ")[0] for ln in lines[3:]] == ["ranks 2-3 (workers 0-1"]
     js, _ = launch(mpiexec, 4, [*args, "--json"], clean_env, tmp_path)
     infos = json.loads(js.stdout)
     assert [i.get("slice") for i in infos] == [[0, 2432], [2432, 4812], None, None]

@@ -12,8 +12,9 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the torch extra is installed by `make test`")
 
-from easgd_mpi.checkpoint import list_checkpoints, load_checkpoint  # noqa: E402
+from easgd_mpi.checkpoint import load_checkpoint  # noqa: E402
 from easgd_mpi.metrics import read_metrics  # noqa: E402
+from easgd_mpi.rundir import list_checkpoints  # noqa: E402
 from launching import run, with_path  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("torch", reason="the torch extra is installed by `make test`")
 
-from easgd_mpi.checkpoint import list_checkpoints  # noqa: E402
+from easgd_mpi.rundir import list_checkpoints  # noqa: E402
 from launching import assert_one_line_per_rank, run  # noqa: E402
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -59,6 +59,25 @@ def test_a_mistake_in_the_middle_of_training_ends_the_job(
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("easgd: error: ")]
     assert len(errors) == 1 and fragment in errors[0], proc.stderr
     assert "[rank 1]" in errors[0] and "Traceback" not in proc.stderr
+
+
+# ---- rules of the package's own loop only --------------------------------------------------------
+
+#: A center that computes (its workers push into the servers' inboxes), DiLoCo's outer step on
+#: the workers' replicas, the package's own kernels: none runs around a user's optimizer.
+OTHER_RULES = ["async-diloco", "mdownpour", "diloco", "eamsgd"]
+
+
+@pytest.mark.parametrize("algorithm", OTHER_RULES)
+def test_a_rule_that_does_not_run_in_your_own_loop_is_one_line_on_every_rank(
+    algorithm, mpiexec, clean_env, tmp_path
+):
+    args = (f"algorithm={algorithm}", "steps=24")
+    proc = run(train(mpiexec, 2, tmp_path, *args), clean_env, timeout=120)
+    assert_one_line_per_rank(
+        proc, 2, f"config: algorithm = '{algorithm}' does not run in your own loop: use easgd"
+    )
+    assert not list_checkpoints(tmp_path)
 
 
 # ---- resumes that do not fit ------------------------------------------------------------------

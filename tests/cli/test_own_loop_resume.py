@@ -21,7 +21,8 @@ import pytest
 
 pytest.importorskip("torch", reason="the torch extra is installed by `make test`")
 
-from easgd_mpi.checkpoint import list_checkpoints, load_checkpoint  # noqa: E402
+from easgd_mpi.checkpoint import load_checkpoint  # noqa: E402
+from easgd_mpi.rundir import list_checkpoints  # noqa: E402
 from easgd_mpi.torch.state import decode_state  # noqa: E402
 from launching import run, start  # noqa: E402
 

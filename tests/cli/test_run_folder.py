@@ -6,20 +6,23 @@ file-size limit (RLIMIT_FSIZE).
 """
 
 import errno
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from easgd_mpi.checkpoint import checkpoint_sequence, list_checkpoints, load_checkpoint
+from easgd_mpi.checkpoint import load_checkpoint
 from easgd_mpi.metrics import read_metrics
+from easgd_mpi.rundir import checkpoint_sequence, list_checkpoints
 from easgd_mpi.runlock import LOCK_NAME, holder_of
-from launching import run, train_command
+from launching import assert_one_line_per_rank, run, train_command
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -133,10 +136,16 @@ def test_a_second_run_on_a_busy_folder_is_refused_and_the_first_is_unharmed(
         first.kill()
     assert first.stderr() == ""
     records = read_metrics(run_dir / "metrics.jsonl")
-    assert records[0]["steps"] == 0 and [r["time"] for r in records] == sorted(
-        r["time"] for r in records
-    )
+    assert [r["time"] for r in records] == sorted(r["time"] for r in records)
     paths = list_checkpoints(run_dir)
+    # The file still starts with the first run's first record (the one its first checkpoint
+    # holds): the refused run neither restarted nor truncated it. (Its step count need not be
+    # 0: on a busy machine the workers report steps before the master's first evaluation.)
+    first_record = load_checkpoint(paths[0]).metrics[0]
+    assert (records[0]["time"], records[0]["steps"]) == (
+        first_record["time"],
+        first_record["steps"],
+    )
     assert [checkpoint_sequence(p) for p in paths] == list(range(1, len(paths) + 1))
     final = load_checkpoint(paths[-1])
     assert all(load_checkpoint(p).config_toml == final.config_toml for p in paths)
@@ -176,6 +185,65 @@ def test_the_lock_of_a_killed_run_never_blocks_resume_auto(mpiexec, clean_env, t
         f"{holder['host']}, pid {holder['pid']}, since {holder['since']}): lock taken over"
     ]
     assert (run_dir / "COMPLETED").exists() and not (run_dir / LOCK_NAME).exists()
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_finished_run_is_never_overwritten_only_resumed(mpiexec, clean_env, tmp_path):
+    run_dir = tmp_path / "run"
+    finished = run(train_command(mpiexec, 3, run_dir, "steps=100"), clean_env)
+    assert finished.returncode == 0, finished.stderr
+    before = _files(run_dir)
+    assert {"config.toml", "metrics.jsonl", "COMPLETED", "checkpoint-000001.h5"} <= set(before)
+    refusal = (
+        f"run folder {run_dir} holds another run's files (1 checkpoint file(s), COMPLETED, "
+        f"metrics.jsonl): resume that run (--resume auto) or choose another folder (run_dir)"
+    )
+
+    again = run(train_command(mpiexec, 3, run_dir, "steps=100"), clean_env)  # a fresh run
+    assert_one_line_per_rank(again, 3, refusal)
+    assert _files(run_dir) == before  # nothing deleted, nothing rewritten, no lock left
+
+    # Its config reloaded, as the README suggests, names the same folder: refused as well.
+    config = [mpiexec, "-n", "3", sys.executable, "-m", "easgd_mpi", "train"]
+    reloaded = run([*config, "--config", str(run_dir / "config.toml")], clean_env)
+    assert_one_line_per_rank(reloaded, 3, refusal)
+    assert _files(run_dir) == before
+
+    resumed = run(train_command(mpiexec, 3, run_dir, "steps=150", resume="auto"), clean_env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from checkpoint #1" in resumed.stdout
+    assert [p.name for p in list_checkpoints(run_dir)] == [
+        "checkpoint-000001.h5",
+        "checkpoint-000002.h5",
+    ]
+    assert (run_dir / "checkpoint-000001.h5").read_bytes() == before["checkpoint-000001.h5"]
+    final = load_checkpoint(run_dir / "checkpoint-000002.h5")
+    assert final.sequence == 2 and final.total_steps == 300
+    earlier = [json.loads(line) for line in before["metrics.jsonl"].decode().splitlines()]
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert records[: len(earlier)] == earlier and len(records) > len(earlier)
+
+
+def test_resume_auto_in_an_empty_folder_starts_a_first_segment(mpiexec, clean_env, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "job.out").write_text("the job script's output\n")  # as the Slurm templates do
+    proc = run(train_command(mpiexec, 3, run_dir, "steps=50", resume="auto"), clean_env)
+    assert proc.returncode == 0, proc.stderr
+    assert f"easgd: no checkpoint in {run_dir}: starting a new run" in proc.stdout.splitlines()
+    assert "resuming" not in proc.stdout and proc.stderr == ""
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "COMPLETED",
+        "checkpoint-000001.h5",
+        "config.toml",
+        "job.out",
+        "metrics.jsonl",
+    ]
+    assert (run_dir / "job.out").read_text() == "the job script's output\n"
+    assert load_checkpoint(run_dir / "checkpoint-000001.h5").total_steps == 100
 
 
 def _fill(folder: Path) -> None:
@@ -255,21 +323,28 @@ def test_a_failed_periodic_checkpoint_warns_and_training_goes_on(
 
 
 def test_a_failed_final_checkpoint_fails_the_job_with_one_line_and_no_marker(
-    mpiexec, clean_env, small_fs
+    mpiexec, clean_env, tmp_path, small_fs
 ):
+    first = run(train_command(mpiexec, 3, tmp_path / "first", "steps=100"), clean_env)
+    assert first.returncode == 0, first.stderr
     run_dir = small_fs("40k") / "run"  # room for the config and metrics, not a checkpoint
     run_dir.mkdir()
     for stale in ("COMPLETED", "PREEMPTED"):  # left by an earlier segment
         (run_dir / stale).write_text("2026-01-01T00:00:00+0000\n")
-    proc = run(train_command(mpiexec, 3, run_dir, "steps=200", "checkpoint.interval=0"), clean_env)
+    # The next segment, continued in a folder that holds those markers.
+    resume = str(list_checkpoints(tmp_path / "first")[-1])
+    proc = run(
+        train_command(mpiexec, 3, run_dir, "steps=200", "checkpoint.interval=0", resume=resume),
+        clean_env,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = _lines(proc.stderr)
     assert len(lines) == 3, proc.stderr
-    for line in lines:
+    for line in lines:  # numbered after the resumed checkpoint #1
         assert (
             line.startswith("easgd: error: [rank ")
             and (
-                f"checkpoint {run_dir}/checkpoint-000001.h5 could not be written: No space left on "
+                f"checkpoint {run_dir}/checkpoint-000002.h5 could not be written: No space left on "
                 f"device"
             )
             in line

@@ -3,8 +3,9 @@ center, so a run written with S servers resumes with any other S (same number of
 
 import numpy as np
 
-from easgd_mpi.checkpoint import list_checkpoints, load_checkpoint
+from easgd_mpi.checkpoint import load_checkpoint
 from easgd_mpi.metrics import read_metrics
+from easgd_mpi.rundir import list_checkpoints
 from launching import run, train_command
 
 COMMON = ["lr=0.1", "eval_interval=0.3", "checkpoint.interval=0", "chunk=1024"]

@@ -13,16 +13,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from easgd_mpi.checkpoint import list_checkpoints, load_checkpoint
+from easgd_mpi.checkpoint import load_checkpoint
 from easgd_mpi.comm import EXIT_STALLED
+from easgd_mpi.rundir import list_checkpoints
 from launching import run, start, train_command
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 WAIT = 1.5  # checkpoint.state_wait of these runs (s)
 
+# Bounds of seconds on a stop, with a rank frozen on a schedule: run alone (`make test-unit`
+# runs the `serial` tests after the parallel pass), not beside other tests' launches.
+pytestmark = pytest.mark.serial
 
-def _rank_pid(rank: int, timeout: float = 30) -> int:
-    """The pid of the easgd process of MPI rank ``rank`` (the launcher's environment says)."""
+
+def _rank_pid(rank: int, run_dir: Path, timeout: float = 30) -> int:
+    """The pid of the easgd process of MPI rank ``rank`` of the job that writes ``run_dir``
+    (the launcher's environment says the rank; the run folder on the command line says the
+    job: never another job's rank, as when tests run in parallel)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for proc in glob.glob("/proc/[0-9]*"):
@@ -31,7 +38,8 @@ def _rank_pid(rank: int, timeout: float = 30) -> int:
                 cmdline = Path(proc, "cmdline").read_bytes()
             except OSError:
                 continue
-            if f"PMI_RANK={rank}".encode() in env and b"easgd_mpi" in cmdline:
+            mine = f"run_dir={run_dir}\0".encode() in cmdline
+            if f"PMI_RANK={rank}".encode() in env and b"easgd_mpi" in cmdline and mine:
                 if b"mpiexec" not in cmdline.split(b"\0")[0]:
                     return int(Path(proc).name)
         time.sleep(0.1)
@@ -91,7 +99,7 @@ def test_checkpoints_go_on_while_a_worker_is_stopped(mpiexec, clean_env, tmp_pat
     job = _start(mpiexec, clean_env, run_dir)
     try:
         _wait_for(lambda: len(list_checkpoints(run_dir)) >= 1, "a first checkpoint")
-        frozen(_rank_pid(2))  # worker slot 1
+        frozen(_rank_pid(2, run_dir))  # worker slot 1
         stopped_at = time.monotonic()
         # New checkpoints keep coming, with the stopped worker's saved state growing old.
         _wait_for(
@@ -129,7 +137,7 @@ def test_sigterm_with_a_stopped_worker_ends_within_the_bound(
     run_dir = tmp_path / "run"
     job = _start(mpiexec, clean_env, run_dir, f"algorithm={algorithm}")
     _wait_for(lambda: len(list_checkpoints(run_dir)) >= 1, "a first checkpoint")
-    frozen(_rank_pid(3))  # worker slot 2
+    frozen(_rank_pid(3, run_dir))  # worker slot 2
     time.sleep(0.5)
     sent = time.monotonic()
     job.send_signal(signal.SIGTERM)

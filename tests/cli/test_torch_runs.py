@@ -10,15 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="the torch extra is installed by `make test`")
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the file writers
 
-from easgd_mpi.checkpoint import list_checkpoints, load_checkpoint  # noqa: E402
+from easgd_mpi.checkpoint import load_checkpoint  # noqa: E402
 from easgd_mpi.config import Config  # noqa: E402
 from easgd_mpi.models import make_problem  # noqa: E402
+from easgd_mpi.rundir import list_checkpoints  # noqa: E402
 from image_files import write_cifar_folder, write_cifar_tar, write_mnist  # noqa: E402
 from launching import assert_one_line_per_rank, run, train_command, with_path  # noqa: E402
+
+# Every test here needs PyTorch (the `torch` fixture of tests/conftest.py: skipped without it),
+# imported when these tests run, never when the suite is collected.
+pytestmark = pytest.mark.usefixtures("torch")
 
 # Small and fast on 2 cores: batch 8, the paper's 28×28 crops, a few dozen steps.
 CIFAR_FAST = ["batch_size=8", "lr=0.02", "eval_interval=1", "checkpoint.interval=0"]
@@ -70,7 +73,7 @@ def test_four_workers_train_the_cifar_convnet_from_the_archive(
     assert "3.weight" in out.stdout and "[128, 64, 5, 5]" in out.stdout
 
 
-def test_resume_and_export_of_a_batchnorm_model(mpiexec, clean_env, tmp_path, cifar_files):
+def test_resume_and_export_of_a_batchnorm_model(mpiexec, clean_env, tmp_path, cifar_files, torch):
     """A user's own module (model.factory) with BatchNorm: it trains, resumes where it stopped,
     and `easgd export` gives a state_dict that loads into a fresh module and evaluates exactly
     as the master evaluated the checkpoint's center."""

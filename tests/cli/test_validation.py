@@ -7,13 +7,14 @@ such error is one line per rank, exit code 2, no traceback, no run folder.
 
 import subprocess
 
+import numpy as np
 import pytest
 
 from easgd_mpi.comm import check_layout
 from easgd_mpi.config import ALGORITHMS, ELASTIC_ALGORITHMS, Config
 from easgd_mpi.data import load_dataset
 from easgd_mpi.errors import ConfigError, DataError
-from launching import assert_one_line_per_rank, run
+from launching import assert_one_line_per_rank, run, train_command, with_path
 
 
 def config(**values) -> Config:
@@ -222,3 +223,61 @@ def test_a_bad_cuda_mpi_setting_is_one_line_per_rank(
     )
     assert_one_line_per_rank(proc, 3, "EASGD_CUDA_MPI='yes' is not a setting: use 1")
     assert not (tmp_path / "runs").exists()
+
+
+# ---- data that cannot mean what the user wants: the real cause, one line per rank ------------
+
+
+def _labels_far_beyond(n):
+    y = np.arange(n) % 3
+    y[5] = 65_000_000_000  # a raw identifier where a class index belongs
+    return y
+
+
+DATA_ERRORS = [
+    # (label, samples, labels, fragment)
+    (
+        "a label far beyond the class count",
+        600,
+        _labels_far_beyond,
+        "'y' holds label 65000000000, i.e. 65,000,000,001 classes for 600 samples",
+    ),
+    ("too small for both splits", 2, lambda n: np.arange(n) % 2, "has 2 samples: too few"),
+    (
+        "training split under a batch",
+        5,
+        lambda n: np.arange(n) % 2,
+        "the training split has 4 samples, fewer than batch_size = 128",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "label, samples, labels, fragment", DATA_ERRORS, ids=[d[0] for d in DATA_ERRORS]
+)
+def test_bad_data_names_the_real_cause_on_every_rank(
+    label, samples, labels, fragment, mpiexec, clean_env, tmp_path
+):
+    path = tmp_path / "mine.npz"
+    np.savez(path, x=np.random.default_rng(0).random((samples, 10)), y=labels(samples))
+    cmd = train_command(mpiexec, 3, tmp_path / "run", "data.name=file", f"data.path={path}")
+    proc = run(cmd, clean_env, cwd=tmp_path)
+    assert_one_line_per_rank(proc, 3, f"data file {path}")
+    assert fragment in proc.stderr and "parameters" not in proc.stderr
+    assert not (tmp_path / "run").exists()  # refused before the run folder
+
+
+def test_a_torch_model_with_too_few_outputs_is_refused_at_start_up(mpiexec, clean_env, tmp_path):
+    """5 outputs on the 10 digit classes: the start-up check used to try 2 samples and pass,
+    and training died in a worker with an IndexError traceback."""
+    pytest.importorskip("torch", reason="the torch extra is installed by `make test`")
+    (tmp_path / "five_outputs.py").write_text(
+        "import torch\n\n\ndef build(cfg):\n    return torch.nn.Linear(64, 5)\n"
+    )
+    sets = ["model.name=torch", "model.factory=five_outputs:build", "steps=50"]
+    cmd = train_command(mpiexec, 3, tmp_path / "run", *sets)
+    proc = run(cmd, with_path(clean_env, tmp_path), timeout=180, cwd=tmp_path)
+    assert_one_line_per_rank(
+        proc, 3, "the model gives 5 outputs per sample but the training data has label 9"
+    )
+    assert not (tmp_path / "run").exists()

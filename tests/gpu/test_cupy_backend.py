@@ -191,9 +191,10 @@ def test_describe_reports_the_device(backend):
 
 
 def test_overlapped_chunk_staging_matches_the_host_exchange(backend, cp):
-    """The stream pipeline (copy in, kernel, copy out on three streams, finished one chunk
-    later, as the exchange runs it) gives the NumPy exchange's e and x, chunk by chunk, with
-    two chunks in flight at once."""
+    """The stream pipeline (copy in, kernel and Σ e², copy out on three streams, finished one
+    chunk later, as the exchange runs it) gives the NumPy exchange's e, x and Σ e², chunk by
+    chunk, with two chunks in flight at once; a chunk's input is reported consumed once its
+    copy in is done, and the slots (buffers and events) are reused."""
     from easgd_mpi.algorithms import _ChunkStaging  # noqa: PLC0415
 
     rng = np.random.default_rng(7)
@@ -209,22 +210,65 @@ def test_overlapped_chunk_staging_matches_the_host_exchange(backend, cp):
     c_bufs = [backend.host_empty(chunk) for _ in range(2)]
     e_bufs = [backend.host_empty(chunk) for _ in range(2)]
     e_out = np.empty(n, np.float32)
+    sums = []
     previous = None
     for k, lo in enumerate(range(0, n, chunk)):
         hi = min(lo + chunk, n)
         c, e = c_bufs[k % 2][: hi - lo], e_bufs[k % 2][: hi - lo]
         c[...] = c_host[lo:hi]
-        finish = staging.start(
-            c, e, lambda cd, ed, lo=lo, hi=hi: backend.exchange(x[lo:hi], cd, ed, alpha)
+        started = staging.start(
+            c,
+            e,
+            lambda cd, ed, lo=lo, hi=hi: backend.exchange(x[lo:hi], cd, ed, alpha),
+            sums.append,
         )
         if previous is not None:  # the chunk before, finished after this one started
-            plo, phi, pe, pfinish = previous
-            assert np.isfinite(pfinish())
+            plo, phi, pe, pstarted = previous
+            pstarted()
+            assert pstarted.input_consumed()
             e_out[plo:phi] = pe
-        previous = (lo, hi, e, finish)
-    plo, phi, pe, pfinish = previous
-    pfinish()
+        previous = (lo, hi, e, started)
+    plo, phi, pe, pstarted = previous
+    pstarted()
     e_out[plo:phi] = pe
     backend.synchronize()
     np.testing.assert_allclose(e_out, e_ref, rtol=1e-6, atol=ATOL)
     np.testing.assert_allclose(cp.asnumpy(x), x_ref, rtol=1e-6, atol=ATOL)
+    want = [
+        float(np.sum(e_ref[lo : lo + chunk].astype(np.float64) ** 2)) for lo in range(0, n, chunk)
+    ]
+    np.testing.assert_allclose(sums, want, rtol=1e-5)
+    assert len(staging._free) == 2  # two slots made, both handed back
+
+
+@pytest.mark.parametrize("residual", [True, False], ids=["feedback", "no-feedback"])
+@pytest.mark.parametrize("n", [1, 257, 4 * 1024 + 1, 1_000_003])
+@pytest.mark.parametrize("codec", ["int8", "fp8"])
+def test_codec_kernels_match_numpy(backend, cp, codec, n, residual):
+    """Compressed pushes (docs/ARCHITECTURE.md §2.16): codes, scales, e and r as NumPy's, then
+    the decoder gives back e. Scales and codes are bit-identical (subnormal blocks aside)."""
+    rng = np.random.default_rng(zlib.crc32(f"{codec}/{n}/{residual}".encode()))
+    e = (_values(rng, n) * np.exp(2 * rng.standard_normal(n))).astype(np.float32)
+    r = (_values(rng, n) * np.float32(1e-2)) if residual else None
+    nb = -(-n // 256)
+    want = [e.copy(), None if r is None else r.copy()]
+    want += [np.zeros(n, np.uint8), np.zeros(nb, np.float32)]
+    NumpyBackend().compress(*want, codec, 256)
+    got = [
+        cp.asarray(e),
+        None if r is None else cp.asarray(r),
+        cp.zeros(n, cp.uint8),
+        cp.zeros(nb, cp.float32),
+    ]
+    backend.compress(*got, codec, 256)
+    for name, w, g in zip(("e", "r", "codes", "scales"), want, got, strict=True):
+        if w is None:
+            continue
+        g = cp.asnumpy(g)
+        if w.dtype == np.uint8:
+            assert (w != g).mean() < 1e-4, name  # a subnormal scale or value may flush
+        else:
+            np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL, err_msg=name)
+    out = cp.full(n, cp.nan, cp.float32)
+    backend.decompress(got[2], got[3], out, codec, 256)
+    np.testing.assert_array_equal(cp.asnumpy(out), cp.asnumpy(got[0]))

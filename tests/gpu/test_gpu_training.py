@@ -13,8 +13,9 @@ import os
 import numpy as np
 import pytest
 
-from easgd_mpi.checkpoint import list_checkpoints, load_checkpoint
+from easgd_mpi.checkpoint import load_checkpoint
 from easgd_mpi.metrics import read_metrics
+from easgd_mpi.rundir import list_checkpoints
 from launching import run, train_command
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("usable_gpu")]

@@ -26,8 +26,9 @@ def launch(mpiexec, run_dir, *args):
 
 
 def test_your_own_loop_trains_on_gpu_workers(mpiexec, clean_env, tmp_path):
-    from easgd_mpi.checkpoint import list_checkpoints, load_checkpoint
+    from easgd_mpi.checkpoint import load_checkpoint
     from easgd_mpi.metrics import read_metrics
+    from easgd_mpi.rundir import list_checkpoints
 
     rule = ("algorithm=sync-easgd", "steps=120", "tau=2")
     done = run(launch(mpiexec, tmp_path / "gpu", *rule), clean_env, timeout=300)

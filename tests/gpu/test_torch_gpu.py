@@ -16,15 +16,12 @@ import pytest
 
 from launching import run, train_command
 
-try:
-    import torch
-except ImportError:  # the torch_on_gpu fixture skips every test and says so
-    torch = None
-
+# PyTorch comes from the torch_on_gpu fixture (tests/gpu/conftest.py), which skips every test
+# and says why when it is missing: imported when these tests run, never at collection.
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("torch_on_gpu")]
 
 
-def _problem(xp, batchnorm=False):
+def _problem(torch, xp, batchnorm=False):
     from easgd_mpi.config import Config
     from easgd_mpi.data import load_dataset
     from easgd_mpi.models import TorchProblem
@@ -39,7 +36,7 @@ def _problem(xp, batchnorm=False):
     return TorchProblem(module, pair, (data.x_test, data.y_test), batch_size=32, xp=xp)
 
 
-def test_module_views_the_cupy_buffers_and_matches_the_cpu():
+def test_module_views_the_cupy_buffers_and_matches_the_cpu(torch_on_gpu):
     import cupy
 
     from easgd_mpi.algorithms import make_algorithm
@@ -54,7 +51,7 @@ def test_module_views_the_cupy_buffers_and_matches_the_cpu():
         cfg.set(key, value)
     runs = []
     for backend in (NumpyBackend(), CupyBackend(device_id=0)):
-        prob = _problem(backend.xp, batchnorm=True)
+        prob = _problem(torch_on_gpu, backend.xp, batchnorm=True)
         x0 = prob.layout.zeros()
         prob.init_params(x0, 0)
         center = LocalCenter(x0, chunk=1000)
@@ -73,6 +70,54 @@ def test_module_views_the_cupy_buffers_and_matches_the_cpu():
     # FMA contraction and cuDNN reductions differ in the last bits: close, not identical.
     np.testing.assert_allclose(cupy.asnumpy(gpu.x), cpu.x, atol=2e-3)
     np.testing.assert_allclose(gpu_center.value, cpu_center.value, atol=2e-3)
+
+
+def test_torch_and_cupy_share_one_real_stream_and_steps_never_synchronise(torch_on_gpu):
+    """PyTorch's current stream is the worker's compute stream (a real stream, not CuPy's
+    default), and a worker's steps, CIFAR-style crops included, run under PyTorch's sync debug
+    mode "error": any synchronising PyTorch call in a step raises."""
+    torch = torch_on_gpu
+    import cupy
+
+    from easgd_mpi.algorithms import make_algorithm
+    from easgd_mpi.backend.cupy_backend import CupyBackend
+    from easgd_mpi.config import Config
+    from easgd_mpi.data.sampling import worker_rng
+    from easgd_mpi.models import TorchProblem
+    from easgd_mpi.models.cifar_convnet import build_cifar_convnet
+    from easgd_mpi.models.torch_data import ImageBatches
+    from image_files import synthetic_images
+    from local_center import LocalCenter
+
+    backend = CupyBackend(device_id=0)
+    x, y = synthetic_images(256)
+    mean, std = np.full(3, 128, np.float32), np.full(3, 64, np.float32)
+
+    def images(train):
+        return lambda dev: ImageBatches(torch, x, y, dev, mean, std, 24, train, 32)
+
+    torch.manual_seed(0)
+    module = build_cifar_convnet(torch, 3, 24)
+    prob = TorchProblem(module, images(True), images(False), xp=cupy)
+    stream = torch.cuda.current_stream()
+    assert stream.cuda_stream == cupy.cuda.get_current_stream().ptr == backend.stream.ptr
+    assert stream.cuda_stream not in (0, 1, 2)  # a real stream, not a default stream's handle
+    x0 = prob.layout.zeros()
+    prob.init_params(x0, 0)
+    cfg = Config()
+    cfg.set("tau", 4)
+    algo = make_algorithm(cfg, prob, backend, LocalCenter(x0, chunk=1 << 16), 0.5, worker_rng(0, 0))
+    algo.pull_center()
+    algo.step(1)  # warm-up: cuDNN's algorithm choice and the allocator may synchronise once
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for t in range(2, 12):
+            if t % 4:  # local steps (an exchange waits for its chunks, by design)
+                algo.step(t)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    backend.synchronize()
+    assert np.all(np.isfinite(cupy.asnumpy(algo.x)))
 
 
 def test_cifar_convnet_trains_on_gpu_workers(mpiexec, tmp_path):

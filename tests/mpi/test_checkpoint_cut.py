@@ -5,7 +5,7 @@ single asynchronous worker) the first worker saves it with its state. Were the m
 the window when it writes the checkpoint instead, the workers would have moved it on by then:
 here the master is held up between collecting the states and writing the file (a sleep wrapped
 around ``MasterSide.states``, the math untouched), so such a center is many steps later, every
-time, and not the float64 recurrence of DESIGN.md §2 at the checkpoint's step count.
+time, and not the float64 recurrence of docs/ARCHITECTURE.md §2 at the checkpoint's step count.
 
 Async EASGD at p = 1 runs on each pair of ranks (a leftover rank sits out); sync EASGD on the
 whole world, p = world size − 1, every worker with its own optimum.
@@ -18,7 +18,8 @@ import pytest
 from mpi4py import MPI
 
 import easgd_mpi as ea
-from easgd_mpi.checkpoint import list_checkpoints, load_checkpoint
+from easgd_mpi.checkpoint import load_checkpoint
+from easgd_mpi.rundir import list_checkpoints
 from easgd_mpi.snapshots import MasterSide
 from recurrences import SETTINGS, TOL, H, WorkerQuadratic, as_toml, async_rule, sync_easgd
 

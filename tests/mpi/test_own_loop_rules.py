@@ -5,7 +5,7 @@ With ``torch.optim.SGD(lr)`` and no schedule, the user loop's async EASGD at p =
 ranks, like tests/mpi/test_recurrences.py) and sync EASGD at p = world size − 1 must take their
 gradients where the float64 recurrences of tests/recurrences.py say, and end with their center;
 and against the package's own loop on the same problem (float32 both) they agree to 1e-6.
-Model averaging (``local-sgd``) must follow PyTorch's ``PeriodicModelAverager`` on the same
+Model averaging (``localsgd``) must follow PyTorch's ``PeriodicModelAverager`` on the same
 batches (the workers also form a gloo process group for the reference).
 """
 
@@ -186,7 +186,7 @@ def test_model_averaging_follows_pytorchs_periodic_model_averager(tmp_path, tau)
     p, worker = comm.Get_size() - 1, comm.Get_rank() - 1
     out = comm.bcast(str(tmp_path), root=0)
     steps = 10
-    run = et.init(settings(out, algorithm="local-sgd", tau=tau, steps=steps), comm=comm)
+    run = et.init(settings(out, algorithm="localsgd", tau=tau, steps=steps), comm=comm)
     if run.serves:
         run.serve()
         run.finish()

@@ -2,12 +2,15 @@
 
 Sync EASGD and all-reduce SGD: every worker has its *own* optimum (the problem reads its rank), so
 the workers differ and the averaging shows: a worker's gradient points and the final center must
-follow the float64 recurrence of DESIGN.md §2 with the mean over the workers in it, at
+follow the float64 recurrence of docs/ARCHITECTURE.md §2 with the mean over the workers in it, at
 p = world size − 1 (`make test`: p = 1, 2, 4; the averaging is seen at p ≥ 2).
 
 Async EASGD, EAMSGD and DOWNPOUR are deterministic at p = 1: each pair of ranks (a communicator
 split off the world; a leftover rank sits out) runs one master and one worker through the real
 CenterWindow, and the worker's gradient points and the final center must follow the recurrence.
+So are the rules whose center computes (issue 19): the master applies the rule through the real
+inbox windows, in its server thread; local SGD and DiLoCo run with p workers like the
+synchronous rules above.
 """
 
 import numpy as np
@@ -24,6 +27,8 @@ from recurrences import (
     allreduce_sgd,
     as_toml,
     async_rule,
+    local_sgd,
+    master_rule,
     optimum,
     sync_easgd,
 )
@@ -137,5 +142,69 @@ def test_async_rule_at_one_worker(tmp_path, algorithm, tau, momentum, alpha):
         exchanges = -(-steps // tau)  # at t = 0, τ, 2τ, ... (DOWNPOUR: after each τ-th step
         assert summary["exchanges"] == exchanges  # and after the last one: as many)
         assert np.abs(center - START).max() > 0.1  # the center moved: the exchange was seen
+    finally:
+        comm.Free()
+
+
+# ---- issue 19 ----------------------------------------------------------------------------------
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("tau", [1, 3])
+@pytest.mark.parametrize(
+    "algorithm, knobs",
+    [
+        ("localsgd", {"momentum": 0.5}),
+        ("diloco", {"outer_lr": 0.7, "outer_momentum": 0.9}),
+        ("diloco", {"momentum": 0.5, "outer_lr": 1.1, "outer_momentum": 0.5}),
+    ],
+)
+def test_local_sgd_and_diloco_with_different_workers(tmp_path, algorithm, knobs, tau):
+    comm, p, worker = world_and_worker()
+    steps = 14
+    out = comm.bcast(str(tmp_path), root=0)
+    cfg = make_config(out, algorithm=f'"{algorithm}"', tau=tau, steps=steps, **knobs)
+    summary, problem = train_recording(cfg, comm, worker)
+    outer = {} if algorithm == "localsgd" else {"outer_lr": knobs["outer_lr"]}
+    points, center, _ = local_sgd(
+        p,
+        steps,
+        tau,
+        knobs.get("momentum", 0.0),
+        outer_momentum=knobs.get("outer_momentum", 0.0),
+        **outer,
+    )
+    check(comm, summary, problem, points[:, max(worker, 0)], center)
+    assert summary["exchanges"] == -(-steps // tau) * p
+
+
+MASTER_CASES = [
+    ("mdownpour", 1, {"momentum": 0.5}),
+    ("mdownpour", 3, {"momentum": 0.9}),
+    ("adownpour", 2, {"outer_lr": 0.1, "outer_eps": 1e-3}),
+    ("mvadownpour", 1, {"moving_rate": 0.3}),
+    ("async-diloco", 1, {"outer_lr": 0.7, "outer_momentum": 0.9}),
+    ("async-diloco", 4, {"outer_lr": 0.7, "outer_momentum": 0.9, "momentum": 0.5}),
+]
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("algorithm, tau, knobs", MASTER_CASES)
+def test_a_center_that_computes_at_one_worker(tmp_path, algorithm, tau, knobs):
+    comm = pair()
+    if comm is None:
+        return
+    try:
+        steps = 14
+        out = comm.bcast(str(tmp_path), root=0)
+        cfg = make_config(out, algorithm=f'"{algorithm}"', tau=tau, steps=steps, **knobs)
+        worker = comm.Get_rank() - 1
+        summary, problem = train_recording(cfg, comm, worker)
+        points, evaluated, _ = master_rule(algorithm, steps, tau, **knobs)
+        check(comm, summary, problem, points, evaluated)  # the master evaluates z for mva
+        assert summary["exchanges"] == -(-steps // tau)
+        assert summary["staleness_max"] == 0 and summary["center_lag"] == 0
+        assert summary["center_pushes"] == summary["exchanges"]
+        assert np.abs(evaluated - START).max() > 0.1  # the center moved: the pushes were seen
     finally:
         comm.Free()

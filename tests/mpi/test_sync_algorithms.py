@@ -2,7 +2,8 @@
 
 p = world size − 1 workers (`make test`: p = 1, 2, 4). On the noiseless quadratic the
 synchronous rules are deterministic, so every point where a worker took a gradient and the
-final center must follow the float64 recurrence of DESIGN.md §2, computed here independently.
+final center must follow the float64 recurrence of docs/ARCHITECTURE.md §2, computed here
+independently.
 """
 
 import numpy as np
@@ -44,7 +45,8 @@ def train_recording(cfg):
 
 
 def expected_sync_easgd(p, steps, tau, lr, alpha, momentum=0.0):
-    """DESIGN.md §2 for p workers in float64: gradient points (steps × p × dim) and the center."""
+    """docs/ARCHITECTURE.md §2.5 for p workers in float64: gradient points (steps × p × dim) and
+    the center."""
     h, m = np.array(H), np.array(M)
     beta = p * alpha
     x = np.full((p, len(H)), START)

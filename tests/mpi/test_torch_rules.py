@@ -14,9 +14,10 @@ torch = pytest.importorskip("torch", reason="the torch extra is installed by `ma
 
 import easgd_mpi.session as training  # noqa: E402
 from easgd_mpi.backend import NumpyBackend  # noqa: E402
-from easgd_mpi.checkpoint import list_checkpoints, load_checkpoint  # noqa: E402
+from easgd_mpi.checkpoint import load_checkpoint  # noqa: E402
 from easgd_mpi.data import load_dataset  # noqa: E402
 from easgd_mpi.models import MLPProblem, TorchProblem  # noqa: E402
+from easgd_mpi.rundir import list_checkpoints  # noqa: E402
 
 HIDDEN = 12
 

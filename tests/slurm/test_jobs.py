@@ -333,7 +333,8 @@ def test_preemptible_requeues_and_resumes(cluster, tmp_path):
         assert ranks == {0: ("n1", ""), 1: ("n1", "0"), 2: ("n1", "1")}, why
 
     # [issue 4] the second start resumed from the checkpoint written on the signal: its first
-    # evaluation already counts the first start's steps, and the metrics never go back.
+    # evaluation already counts the first start's steps, and the metrics never go back. (The
+    # progress line shows steps per worker, as the records' steps_per_worker.)
     def progress(text):
         return [
             int(n.replace(",", ""))
@@ -341,12 +342,12 @@ def test_preemptible_requeues_and_resumes(cluster, tmp_path):
         ]
 
     stopped_at = max(progress(first), default=0)
-    assert 0 < stopped_at < steps * workers, why
+    assert 0 < stopped_at < steps, why
     resumed = progress(second)
     assert resumed and resumed[0] >= stopped_at, (
         f"[issue 4] resumed run starts at steps {resumed[:1]} < {stopped_at} at the stop\n{why}"
     )
-    counts = [r["steps"] for r in read_metrics(run_dir)]
+    counts = [r["steps_per_worker"] for r in read_metrics(run_dir)]
     assert any(0 < s <= stopped_at for s in counts), why
     back = [(a, b) for a, b in zip(counts, counts[1:], strict=False) if b < a]
     assert not back, f"[issue 4] metrics steps go back {back} (steps: {counts[:12]}...)\n{why}"

@@ -1,4 +1,4 @@
-"""How the center is cut into the servers' slices (``servers = S``, DESIGN.md §4d)."""
+"""How the center is cut into the servers' slices (``servers = S``, docs/ARCHITECTURE.md §3.3)."""
 
 import pytest
 

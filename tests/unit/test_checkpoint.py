@@ -1,4 +1,5 @@
-"""The HDF5 checkpoint format: round trip, validation, damage, folder handling, inspect."""
+"""The HDF5 checkpoint format: round trip, validation, damage, inspect (a folder of them:
+test_rundir.py)."""
 
 import json
 import shutil
@@ -12,12 +13,8 @@ import pytest
 from easgd_mpi.checkpoint import (
     CheckpointData,
     check_matches,
-    checkpoint_path,
     format_summary,
-    list_checkpoints,
     load_checkpoint,
-    newest_valid_checkpoint,
-    prune_checkpoints,
     save_checkpoint,
     summarize,
 )
@@ -136,27 +133,6 @@ def test_layout_mismatch_names_the_tensor(tmp_path):
         check_matches(data, Layout([("w", (5, 4)), ("b", (3,))]), "c.h5")
     with pytest.raises(CheckpointError, match="has no tensor 'w2'"):
         check_matches(data, Layout([("w", (5, 3)), ("b", (3,)), ("w2", (2,))]), "c.h5")
-
-
-def test_folder_newest_valid_and_prune(tmp_path):
-    for seq in (1, 2, 3):
-        d = make_data(seed=seq)
-        d.sequence = seq
-        save_checkpoint(checkpoint_path(tmp_path, seq), d)
-    assert [p.name for p in list_checkpoints(tmp_path)] == [
-        "checkpoint-000001.h5",
-        "checkpoint-000002.h5",
-        "checkpoint-000003.h5",
-    ]
-    flip_byte_in_center(checkpoint_path(tmp_path, 3))
-    skipped = []
-    path, data = newest_valid_checkpoint(tmp_path, skipped.append)
-    assert path.name == "checkpoint-000002.h5" and data.sequence == 2
-    assert len(skipped) == 1 and "checkpoint-000003.h5" in skipped[0]
-    # The damaged newest does not count toward keep: the newest good one stays.
-    assert [p.name for p in prune_checkpoints(tmp_path, keep=1)] == ["checkpoint-000001.h5"]
-    path, _ = newest_valid_checkpoint(tmp_path, skipped.append)
-    assert path.name == "checkpoint-000002.h5"
 
 
 def test_summary_text_and_json(tmp_path):

@@ -23,9 +23,9 @@ def load(workers=None, **overrides):
 
 
 def test_every_algorithm_has_exactly_one_rule():
-    assert set(BUILTIN_ALGORITHMS) == set(_RULES)
-    assert set(LOOP_ALGORITHMS) == set(_LOOP_RULES)  # a user's own loop (easgd_mpi.torch)
-    assert set(BUILTIN_ALGORITHMS) | set(LOOP_ALGORITHMS) == set(ALGORITHMS)
+    assert set(BUILTIN_ALGORITHMS) == set(ALGORITHMS) == set(_RULES)
+    # A user's own loop (easgd_mpi.torch) runs some of them, under the same names.
+    assert set(LOOP_ALGORITHMS) == set(_LOOP_RULES) < set(ALGORITHMS)
     assert set(ASYNC_ALGORITHMS) | set(SYNC_ALGORITHMS) == set(ALGORITHMS)
     assert not set(ASYNC_ALGORITHMS) & set(SYNC_ALGORITHMS)
     for rules in (_RULES, _LOOP_RULES):
@@ -45,8 +45,7 @@ def test_defaults_are_valid_for_every_algorithm(algorithm):
 def test_momentum_is_optional_for_the_synchronous_rules(algorithm):
     assert load(workers=4, algorithm=algorithm, momentum="0.9").keeps_velocity
     assert not load(workers=4, algorithm=algorithm).keeps_velocity
-    # local-sgd (a user's own loop) leaves momentum to the user's optimizer.
-    assert set(SYNC_ALGORITHMS) - {"local-sgd"} == set(OPTIONAL_MOMENTUM_ALGORITHMS)
+    assert set(SYNC_ALGORITHMS) == set(OPTIONAL_MOMENTUM_ALGORITHMS)
     assert load(algorithm="eamsgd").keeps_velocity  # even with momentum = 0
     assert not set(MOMENTUM_ALGORITHMS) & set(OPTIONAL_MOMENTUM_ALGORITHMS)
 

@@ -1,22 +1,22 @@
 """Damaged checkpoints never cost a good one: not counted toward `keep`, never pruned in its
 place, and a folder of only damaged ones is refused instead of silently starting over."""
 
+import logging
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from easgd_mpi.checkpoint import (
-    CheckpointData,
+from easgd_mpi.checkpoint import CheckpointData, save_checkpoint
+from easgd_mpi.errors import CheckpointError
+from easgd_mpi.flat import Layout
+from easgd_mpi.rundir import (
     checkpoint_path,
     list_checkpoints,
     newest_valid_checkpoint,
     prune_checkpoints,
-    save_checkpoint,
 )
-from easgd_mpi.errors import CheckpointError
-from easgd_mpi.flat import Layout
 from easgd_mpi.workerstate import COUNTERS, WorkerStates
 
 
@@ -39,17 +39,19 @@ def damage(path):
     path.write_bytes(raw[: len(raw) // 2])
 
 
-def test_damaged_newest_does_not_count_toward_keep(tmp_path):
+def test_damaged_newest_does_not_count_toward_keep(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="easgd_mpi")
     paths = [write(tmp_path, k) for k in range(1, 6)]
     damage(paths[-1])
-    said = []
-    removed = prune_checkpoints(tmp_path, keep=2, report=said.append)
+    removed = prune_checkpoints(tmp_path, keep=2)
     assert removed == paths[:2]  # the two newest *good* ones (3, 4) stay
     assert list_checkpoints(tmp_path) == paths[2:]  # the damaged 5 stays for inspection
+    said = caplog.messages
     assert len(said) == 1 and "checkpoint-000005.h5 is damaged" in said[0]
-    prune_checkpoints(tmp_path, keep=2, report=said.append)
-    assert len(said) == 1  # reported once
-    path, data = newest_valid_checkpoint(tmp_path, report=said.append)
+    assert caplog.records[0].levelno == logging.WARNING
+    prune_checkpoints(tmp_path, keep=2)
+    assert len(caplog.messages) == 1  # reported once
+    path, data = newest_valid_checkpoint(tmp_path)
     assert path == paths[3] and data.center[0] == 4
 
 
@@ -59,7 +61,7 @@ def test_all_damaged_is_refused_by_name_and_empty_is_a_fresh_start(tmp_path):
     for p in paths:
         damage(p)
     with pytest.raises(CheckpointError, match="checkpoint-000001.h5, checkpoint-000002.h5"):
-        newest_valid_checkpoint(tmp_path, report=lambda line: None)
+        newest_valid_checkpoint(tmp_path)
     assert list_checkpoints(tmp_path) == paths  # nothing deleted
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -228,6 +229,51 @@ def test_count_node_gpus_without_a_driver_is_a_number():
     assert isinstance(n, int) and n >= 0
 
 
+FAKE_DRIVER = r"""
+#include <stdlib.h>
+int cuInit(unsigned int flags) { return getenv("FAKE_CUINIT_FAILS") ? 100 : 0; }
+int cuDeviceGetCount(int *count) { *count = atoi(getenv("FAKE_USABLE_GPUS")); return 0; }
+"""
+
+
+@pytest.fixture
+def fake_driver(tmp_path, monkeypatch):
+    """A libcuda.so.1 whose cuDeviceGetCount says $FAKE_USABLE_GPUS, found first by the child
+    process that counts (as the real driver would be), and the control device it looks for."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    assert cc, "a C compiler is needed for the fake CUDA driver (installed with g++)"
+    src = tmp_path / "fake_cuda.c"
+    src.write_text(FAKE_DRIVER)
+    subprocess.run(
+        [cc, "-shared", "-fPIC", "-o", str(tmp_path / "libcuda.so.1"), str(src)], check=True
+    )
+    monkeypatch.setenv("LD_LIBRARY_PATH", str(tmp_path))
+    control = tmp_path / "nvidiactl"
+    control.write_text("")
+    return control
+
+
+def test_count_node_gpus_counts_what_the_driver_can_use(fake_driver, monkeypatch):
+    # /proc/driver/nvidia/gpus may list 8 GPUs of which the job's cgroup lets it open 2: the
+    # driver, asked in a child process, counts the 2.
+    monkeypatch.setenv("FAKE_USABLE_GPUS", "2")
+    assert gb._count_node_gpus(control=fake_driver) == 2
+    monkeypatch.setenv("FAKE_CUINIT_FAILS", "1")
+    assert gb._count_node_gpus(control=fake_driver) == 0
+    assert gb._count_node_gpus(control=fake_driver.parent / "absent") == 0  # no driver here
+
+
+def test_bind_before_mpi_binds_only_while_it_still_works():
+    env = hydra(2, 2, CUDA_VISIBLE_DEVICES="0,1")
+    assert gb.bind_before_mpi(1, modules={"mpi4py.MPI": object()}, environ=env) == ""
+    assert env["CUDA_VISIBLE_DEVICES"] == "0,1"  # MPI started: too late, left alone
+    torch_in_use = SimpleNamespace(cuda=SimpleNamespace(is_initialized=lambda: True))
+    assert gb.bind_before_mpi(1, modules={"torch": torch_in_use}, environ=env) == ""
+    assert env["CUDA_VISIBLE_DEVICES"] == "0,1"  # CUDA initialised: it would not apply
+    record = gb.bind_before_mpi(1, modules={}, environ=env)
+    assert env["CUDA_VISIBLE_DEVICES"] == "1" and record == env[RECORD_VAR]
+
+
 # ---- the training side ---------------------------------------------------------------------
 def test_choose_backend_uses_device_0_when_bound(monkeypatch):
     from easgd_mpi import session as training
@@ -238,7 +284,7 @@ def test_choose_backend_uses_device_0_when_bound(monkeypatch):
         is_gpu = True
         device_id = 0
 
-    def fake_select(prefer_gpu=True, device_id=None):
+    def fake_select(prefer_gpu=True, device_id=None, mode="auto"):
         calls.append(device_id)
         return FakeGPU(), ""
 
@@ -282,34 +328,30 @@ print(seen)
 
 
 def test_check_text_ends_each_rank_line_with_its_binding():
-    from easgd_mpi.cli import _with_bindings
+    from easgd_mpi.diagnostics import format_report
 
+    gpu = {"reason": "CuPy is not installed", "devices": [], "kernel_source_dir": "k"}
+    base = {"world_size": 2, "host": "h", "mpi_library": "x", "mpi_standard": "4", "mpi4py": "4"}
+    base |= {"cuda_aware_mpi": False, "mpi_cuda_support": False, "gpu": gpu, "backend": "numpy"}
     infos = [
-        {"rank": 0, "cuda_visible_devices": "", "gpu_binding": "world rank 0, ...: master"},
-        {"rank": 1, "cuda_visible_devices": None, "gpu_binding": ""},
+        {**base, "rank": 0, "role": "master", "local_rank": 0}
+        | {"cuda_visible_devices": "", "gpu_binding": "world rank 0, ...: master"},
+        {**base, "rank": 1, "role": "worker 0", "local_rank": 1}
+        | {"cuda_visible_devices": None, "gpu_binding": ""},
     ]
-    text = _with_bindings("MPI: x\nrank 0 (master) a\nrank 1 (worker 0) b", infos)
-    assert text.splitlines() == [
-        "MPI: x",
-        "rank 0 (master) a; CUDA_VISIBLE_DEVICES=; GPU binding: world rank 0, ...: master",
-        "rank 1 (worker 0) b; CUDA_VISIBLE_DEVICES=(unset); GPU binding: none",
-    ]
+    lines = format_report(infos).splitlines()
+    assert lines[1].startswith("rank 0 (master) ")
+    assert lines[1].endswith("; CUDA_VISIBLE_DEVICES=; GPU binding: world rank 0, ...: master")
+    assert lines[2].startswith("rank 1 (worker 0) ")
+    assert lines[2].endswith("; CUDA_VISIBLE_DEVICES=(unset); GPU binding: none")
 
 
-def test_real_mpiexec_environment(tmp_path):
-    """The venv's MPICH Hydra: what it really exports gives master none, workers one each."""
+def _launch_recording(tmp_path, n, code, *args) -> dict:
+    """``code`` on ``n`` ranks of the venv's MPICH Hydra, with two GPUs visible and no
+    launcher variables inherited; returns what each rank wrote to rank-<r>.json."""
     mpiexec = Path(sys.executable).parent / "mpiexec"
     if not mpiexec.exists():
         pytest.skip("no mpiexec next to this Python")
-    code = (
-        "import json, os\n"
-        "from easgd_mpi.gpu_binding import bind_gpu\n"
-        "bind_gpu()\n"
-        "from mpi4py import MPI\n"
-        "rank = MPI.COMM_WORLD.Get_rank()\n"
-        "seen = [os.environ.get('CUDA_VISIBLE_DEVICES'), os.environ.get('EASGD_GPU_BINDING')]\n"
-        "open(f'rank-{rank}.json', 'w').write(json.dumps(seen))\n"
-    )
     env = {
         k: v
         for k, v in os.environ.items()
@@ -320,20 +362,57 @@ def test_real_mpiexec_environment(tmp_path):
         PYTHONPATH=os.pathsep.join([str(ROOT / "src"), *sys.path]),
     )
     res = subprocess.run(
-        [str(mpiexec), "-n", "4", sys.executable, "-c", code],
+        [str(mpiexec), "-n", str(n), sys.executable, "-c", code, *args],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
         env=env,
         cwd=tmp_path,
     )
     assert res.returncode == 0, res.stderr
-    seen = {r: json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(4)}
+    return {r: json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(n)}
+
+
+_RECORD = (
+    "rank = MPI.COMM_WORLD.Get_rank()\n"
+    "seen = [os.environ.get('CUDA_VISIBLE_DEVICES'), os.environ.get('EASGD_GPU_BINDING')]\n"
+    "open(f'rank-{rank}.json', 'w').write(json.dumps(seen + extra))\n"
+)
+
+
+def test_real_mpiexec_environment(tmp_path):
+    """The venv's MPICH Hydra: what it really exports gives master none, workers one each."""
+    code = (
+        "import json, os\n"
+        "from easgd_mpi.gpu_binding import bind_gpu\n"
+        "bind_gpu()\n"
+        "from mpi4py import MPI\n"
+        "extra = []\n" + _RECORD
+    )
+    seen = _launch_recording(tmp_path, 4, code)
     assert seen[0][0] == "" and "master -> no GPU (hides 0,1)" in seen[0][1]
     assert [seen[r][0] for r in (1, 2, 3)] == ["0", "1", "0"]
     assert seen[3][1] == (
         "world rank 3, local rank 3 (MPICH Hydra): worker 2 on this node -> GPU 0 of 0,1"
     )
+
+
+def test_a_scripts_train_binds_like_the_cli(tmp_path):
+    """A user's script under the venv's mpiexec, calling easgd_mpi.train() (no CLI): each rank
+    is bound before MPI starts, the master to none, the workers to one GPU each."""
+    code = (
+        "import json, os, sys\n"
+        "import easgd_mpi as ea\n"
+        "cfg = ea.Config.from_toml(None, environ={}, overrides={'steps': '5', "
+        "'eval_interval': '60', 'checkpoint.interval': '0', 'output': sys.argv[1]})\n"
+        "extra = [ea.train(cfg)['steps']]\n"
+        "from mpi4py import MPI\n" + _RECORD
+    )
+    seen = _launch_recording(tmp_path, 3, code, str(tmp_path / "runs"))
+    assert seen[0][0] == "" and "master -> no GPU (hides 0,1)" in seen[0][1]
+    assert [seen[r][0] for r in (1, 2)] == ["0", "1"]
+    assert seen[2][1].endswith("worker 1 on this node -> GPU 1 of 0,1")
+    assert seen[0][2] == 10  # it trained (on NumPy here: no CuPy)
 
 
 # ---- the job templates do the same in bash -------------------------------------------------

@@ -1,5 +1,6 @@
-"""Where a GPU is visible but unusable for the kernels, workers fall back to NumPy and say why;
-the one place that decides how each transfer reaches MPI."""
+"""Where a GPU is visible but unusable for the kernels, a worker stops with one line unless the
+config asked for the CPU fallback (then it says why it trains on NumPy); the one place that
+decides how each transfer reaches MPI."""
 
 import pytest
 
@@ -10,15 +11,41 @@ from easgd_mpi.comm import CUDA_MPI_VAR, CudaMpi, cuda_mpi_mode, gpu_transfer_pl
 from easgd_mpi.errors import BackendError, LaunchError
 
 
-def test_broken_nvrtc_falls_back_to_numpy_with_the_reason(monkeypatch):
+def _broken_gpu(monkeypatch, visible=True):
     def broken(device_id=None):
         raise BackendError("the CUDA kernels cannot be built for GPU 0: nvrtc64 not found")
 
-    monkeypatch.setattr(cupy_backend, "gpu_available", lambda: (True, ""))
+    why = "" if visible else "CuPy 14.2 sees no usable CUDA device (0 devices)"
+    monkeypatch.setattr(cupy_backend, "gpu_available", lambda: (visible, why))
     monkeypatch.setattr(cupy_backend, "CupyBackend", broken)
-    backend, why = backend_pkg.select_backend(prefer_gpu=True, device_id=0)
+
+
+def test_a_gpu_that_cannot_run_the_kernels_stops_the_worker_in_one_line(monkeypatch):
+    _broken_gpu(monkeypatch)
+    for mode in ("auto", "gpu"):
+        with pytest.raises(BackendError) as info:
+            backend_pkg.select_backend(prefer_gpu=True, device_id=0, mode=mode)
+        text = str(info.value)
+        assert "\n" not in text and "nvrtc64 not found" in text
+        assert f"device = '{mode}'" in text and "device = 'cpu-fallback'" in text
+
+
+def test_the_cpu_fallback_is_taken_only_when_asked_for(monkeypatch):
+    _broken_gpu(monkeypatch)
+    backend, why = backend_pkg.select_backend(prefer_gpu=True, device_id=0, mode="cpu-fallback")
     assert isinstance(backend, NumpyBackend)
     assert "cannot be built" in why and "nvrtc64 not found" in why
+    backend, why = backend_pkg.select_backend(prefer_gpu=True, device_id=0, mode="off")
+    assert isinstance(backend, NumpyBackend) and why == "GPU use switched off"
+
+
+def test_no_gpu_at_all_is_the_cpu_unless_a_gpu_was_required(monkeypatch):
+    _broken_gpu(monkeypatch, visible=False)
+    for mode in ("auto", "cpu-fallback"):
+        backend, why = backend_pkg.select_backend(prefer_gpu=True, device_id=0, mode=mode)
+        assert isinstance(backend, NumpyBackend) and "no usable CUDA device" in why
+    with pytest.raises(BackendError, match="device = 'gpu' but this worker has no usable GPU"):
+        backend_pkg.select_backend(prefer_gpu=True, device_id=0, mode="gpu")
 
 
 def test_one_sided_transfers_never_take_device_buffers():

@@ -41,6 +41,9 @@ SCALARS = [
     {"s": -3.0, "lr": 0.5, "wd": 0.0, "alpha": 0.9, "beta": 0.5, "delta": 0.9},
 ]
 
+# Under pytest-xdist all of these run in one worker: the two libraries are compiled once.
+pytestmark = pytest.mark.xdist_group("kernels_host")
+
 
 def _build(tmp_path_factory, source: str, *flags: str) -> ctypes.CDLL:
     cxx = os.environ.get("CXX") or "g++"

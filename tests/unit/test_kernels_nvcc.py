@@ -46,8 +46,9 @@ def test_ptx_uses_vector_access_and_no_fma(tmp_path):
     out = tmp_path / "easgd.ptx"
     _nvcc("-arch=sm_90", "--ptx", "-o", str(out))
     ptx = out.read_text()
-    for spec in cupy_backend.KERNELS.values():
-        assert f".entry {spec.symbol}(" in ptx, f"kernel {spec.symbol} missing from the PTX"
+    symbols = [s.symbol for s in cupy_backend.KERNELS.values()]
+    for symbol in [*symbols, *cupy_backend.CODEC_KERNELS.values()]:
+        assert f".entry {symbol}(" in ptx, f"kernel {symbol} missing from the PTX"
     assert "ld.global.v4.f32" in ptx and "st.global.v4.f32" in ptx
     # nvcc contracts a*b+c by default; the header's __f*_rn intrinsics must prevent it,
     # or the GPU would round differently from NumPy.

@@ -1,4 +1,5 @@
-"""The NumPy reference against the equations of DESIGN.md §2, computed independently in float64."""
+"""The NumPy reference against the equations of docs/ARCHITECTURE.md §2, computed independently
+in float64."""
 
 import numpy as np
 import pytest

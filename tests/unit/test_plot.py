@@ -1,15 +1,24 @@
-"""``easgd plot``: fabricated run folders in, a PNG out; bad paths are one-line errors."""
+"""``easgd plot``: fabricated run folders in, a PNG out; bad paths are one-line errors.
 
+An image that cannot be written is one line naming it and the OS reason, exit 2 (the tests run
+as root, which no permission bit stops: the paths below fail for root too).
+"""
+
+import functools
 import json
+import resource
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-pytest.importorskip("matplotlib")
+from easgd_mpi.cli import main
+from easgd_mpi.plot import PlotError, load_run, plot_runs
 
-from easgd_mpi.cli import main  # noqa: E402
-from easgd_mpi.plot import PlotError, load_run, plot_runs  # noqa: E402
+# matplotlib comes from the `matplotlib` fixture (tests/conftest.py: skipped without it),
+# imported when these tests run, never when the suite is collected.
+pytestmark = pytest.mark.usefixtures("matplotlib")
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -96,3 +105,53 @@ def test_bad_path_on_the_command_line_is_one_line_and_exit_2(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "does not exist" in lines[0], proc.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize(
+    "where, reason",
+    [
+        ("under-a-file", "Not a directory"),  # its folder is a regular file
+        ("a-folder", "Is a directory"),  # the image's name is a folder
+        ("proc", "No such file or directory"),  # /proc takes no new files, even from root
+        ("unknown-format", "matplotlib does not write '.xyz' files (use one of "),
+    ],
+)
+def test_every_unwritable_image_is_one_line_naming_it(tmp_path, capsys, where, reason):
+    run = fake_run(tmp_path / "a", "easgd", 4)
+    (tmp_path / "plain-file").write_text("x")
+    output = {
+        "under-a-file": tmp_path / "plain-file" / "fig.png",
+        "a-folder": tmp_path / "folder.png",
+        "proc": Path("/proc") / "easgd-test" / "fig.png",
+        "unknown-format": tmp_path / "fig.xyz",
+    }[where]
+    if where == "a-folder":
+        output.mkdir()
+    assert main(["plot", str(run), "-o", str(output)]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith(f"easgd: error: plot: cannot write {output}: {reason}")
+    assert err.count("\n") == 1 and not out
+    assert where == "a-folder" or not output.exists()
+
+
+def test_a_write_that_fails_part_way_is_one_line(tmp_path):
+    """The command itself, under a 1,000-byte file-size limit: saving fails with EFBIG."""
+    run = fake_run(tmp_path / "a", "easgd", 4)
+    output = tmp_path / "fig.png"
+    limit = functools.partial(resource.setrlimit, resource.RLIMIT_FSIZE, (1000, 1000))
+    proc = subprocess.run(
+        [sys.executable, "-m", "easgd_mpi", "plot", str(run), "-o", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=limit,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == f"easgd: error: plot: cannot write {output}: File too large\n"
+
+
+def test_a_name_without_a_suffix_is_a_png_and_says_so(tmp_path, capsys):
+    run = fake_run(tmp_path / "a", "easgd", 4)
+    assert main(["plot", str(run), "-o", str(tmp_path / "fig")]) == 0
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'fig.png'}\n"
+    assert (tmp_path / "fig.png").read_bytes()[:8] == PNG_MAGIC

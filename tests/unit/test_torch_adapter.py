@@ -7,17 +7,17 @@ deterministic; the rules, the fused NumPy kernels and the adapter are the real o
 import numpy as np
 import pytest
 
+from easgd_mpi.algorithms import make_algorithm
+from easgd_mpi.backend import NumpyBackend
+from easgd_mpi.config import Config
+from easgd_mpi.data import load_dataset
+from easgd_mpi.data.sampling import worker_rng
+from easgd_mpi.errors import ConfigError
+from easgd_mpi.models import MLPProblem, TorchProblem
 from local_center import LocalCenter
 
-torch = pytest.importorskip("torch", reason="the torch extra is installed by `make test`")
-
-from easgd_mpi.algorithms import make_algorithm  # noqa: E402
-from easgd_mpi.backend import NumpyBackend  # noqa: E402
-from easgd_mpi.config import Config  # noqa: E402
-from easgd_mpi.data import load_dataset  # noqa: E402
-from easgd_mpi.data.sampling import worker_rng  # noqa: E402
-from easgd_mpi.errors import ConfigError  # noqa: E402
-from easgd_mpi.models import MLPProblem, TorchProblem  # noqa: E402
+# PyTorch comes from the `torch` fixture (tests/conftest.py): imported when these tests run,
+# never when the suite is collected.
 
 
 def config(**values):
@@ -37,7 +37,7 @@ def on_digits(model, data, batch_size=16):
     )
 
 
-def torch_mlp(widths):
+def torch_mlp(torch, widths):
     layers = []
     for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
         layers.append(torch.nn.Linear(a, b))
@@ -61,12 +61,12 @@ def to_mlp_layout(torch_prob, mlp_prob, x_torch):
     "algorithm, extra",
     [("easgd", {}), ("eamsgd", {"momentum": 0.9}), ("downpour", {})],
 )
-def test_torch_mlp_follows_the_numpy_mlp(algorithm, extra):
+def test_torch_mlp_follows_the_numpy_mlp(algorithm, extra, torch):
     """Same initial parameters, same batches: the same trajectory within 1e-5 for 50 steps."""
     cfg = config(algorithm=algorithm, lr=0.05, tau=3, weight_decay=1e-3, batch_size=32, **extra)
     data = digits()
     mlp = MLPProblem(data, hidden=[16], batch_size=32)
-    tmodel = torch_mlp([64, 16, 10])
+    tmodel = torch_mlp(torch, [64, 16, 10])
     tprob = TorchProblem(
         tmodel, (data.x_train, data.y_train), (data.x_test, data.y_test), batch_size=32
     )
@@ -97,7 +97,7 @@ def test_torch_mlp_follows_the_numpy_mlp(algorithm, extra):
     assert a_t.exchanges == a_np.exchanges > 0
 
 
-def test_parameters_and_gradients_stay_views_of_the_flat_buffers():
+def test_parameters_and_gradients_stay_views_of_the_flat_buffers(torch):
     cfg = config(algorithm="eamsgd", momentum=0.9, lr=0.05, tau=2, batch_size=16)
     data = digits()
     model = torch.nn.Sequential(
@@ -131,7 +131,7 @@ def test_parameters_and_gradients_stay_views_of_the_flat_buffers():
 
 
 @pytest.mark.parametrize("algorithm, extra", [("easgd", {}), ("eamsgd", {"momentum": 0.9})])
-def test_batchnorm_statistics_are_averaged_and_never_stepped(algorithm, extra):
+def test_batchnorm_statistics_are_averaged_and_never_stepped(algorithm, extra, torch):
     cfg = config(algorithm=algorithm, lr=0.1, tau=4, weight_decay=0.1, batch_size=16, **extra)
     data = digits()
     bn = torch.nn.BatchNorm1d(8, momentum=0.0)  # forward passes leave the statistics alone
@@ -163,7 +163,7 @@ def test_batchnorm_statistics_are_averaged_and_never_stepped(algorithm, extra):
     np.testing.assert_allclose(center.value[m:], c0 + e, rtol=1e-6)
 
 
-def test_batchnorm_updates_land_in_the_workers_state_for_eamsgd():
+def test_batchnorm_updates_land_in_the_workers_state_for_eamsgd(torch):
     cfg = config(algorithm="eamsgd", momentum=0.9, lr=0.05, tau=100, batch_size=16)
     data = digits()
     model = torch.nn.Sequential(torch.nn.Linear(64, 10), torch.nn.BatchNorm1d(10))
@@ -180,7 +180,7 @@ def test_batchnorm_updates_land_in_the_workers_state_for_eamsgd():
     assert not np.array_equal(algo.x[m:], before)  # running statistics moved, in x
 
 
-def test_evaluation_uses_eval_mode_on_the_given_vector():
+def test_evaluation_uses_eval_mode_on_the_given_vector(torch):
     data = digits()
     model = torch.nn.Sequential(torch.nn.Linear(64, 10), torch.nn.Dropout(0.9))
     prob = on_digits(model, data)
@@ -194,7 +194,7 @@ def test_evaluation_uses_eval_mode_on_the_given_vector():
     assert 0.0 <= first["error"] <= 1.0
 
 
-def test_bad_models_are_one_line_errors():
+def test_bad_models_are_one_line_errors(torch):
     data = digits()
     pair = (data.x_train, data.y_train)
     with pytest.raises(ConfigError, match="not a torch.nn.Module"):
@@ -209,3 +209,97 @@ def test_bad_models_are_one_line_errors():
     frozen.requires_grad_(False)
     with pytest.raises(ConfigError, match="no trainable parameters"):
         TorchProblem(frozen, pair, pair)
+
+
+def test_outputs_are_checked_against_every_label_not_the_probes_two(torch):
+    """Five outputs, ten classes: the start-up forward pass on two samples would pass (their
+    labels are below 5); the largest label of the whole data set refuses the model."""
+    data = digits()
+    probe = np.random.default_rng(0).integers(0, len(data.y_train), 16)[:2]  # as _probe draws
+    y = np.where(np.isin(np.arange(len(data.y_train)), probe), 0, data.y_train)
+    pair = (data.x_train, y)
+    with pytest.raises(ConfigError) as info:
+        TorchProblem(torch.nn.Linear(64, 5), pair, pair, batch_size=16)
+    assert str(info.value) == (
+        "the model gives 5 outputs per sample but the training data has label 9: a classifier "
+        "needs one output per class (10 or more here); check its number of outputs against the "
+        "data"
+    )
+    low = np.where(y > 4, 0, y)  # training labels 0..4 fit; a held-out 7 does not
+    held_out = (data.x_test[:3], np.array([0, 7, 1]))
+    with pytest.raises(ConfigError, match="the held-out data has label 7"):
+        TorchProblem(torch.nn.Linear(64, 5), (data.x_train, low), held_out, batch_size=16)
+    TorchProblem(torch.nn.Linear(64, 5), (data.x_train, low), (data.x_test[:3], low[:3]))
+
+
+def test_a_datasets_targets_are_its_labels(torch):
+    """A Dataset is not read item by item for this: torchvision's ``targets`` is used."""
+
+    class Items(torch.utils.data.Dataset):
+        def __init__(self, x, y):
+            self.x, self.y_items = torch.as_tensor(x), torch.as_tensor(y)
+            self.targets = list(y)
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return self.x[i], self.y_items[i]
+
+    data = digits()
+    ones = np.ones(len(data.y_train), np.int64)
+    ones[-1] = 6  # never among the probe's two samples
+    with pytest.raises(ConfigError, match="the training data has label 6"):
+        TorchProblem(torch.nn.Linear(64, 3), Items(data.x_train, ones), (data.x_test, data.y_test))
+
+
+def test_dropout_resumes_bit_identical_from_the_workers_stream(torch):
+    """Dropout's masks are drawn from PyTorch's generator, reseeded each step from the worker's
+    stream (which a checkpoint stores as six words): a worker stopped after 20 steps and
+    continued by a fresh process (new module, PyTorch's generator elsewhere) ends bit-identical
+    to one that never stopped. One worker, so nothing else varies."""
+    from easgd_mpi.workerstate import WorkerState, encode_rng, generator_from_words
+
+    cfg = config(algorithm="easgd", lr=0.05, tau=1, batch_size=16)
+    data = digits()
+
+    def build():
+        torch.manual_seed(1)  # the module's initial values
+        model = torch.nn.Sequential(
+            torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Dropout(0.5), torch.nn.Linear(32, 10)
+        )
+        return on_digits(model, data)
+
+    def worker(center_value, x=None, rng_words=None):
+        prob = build()
+        rng = worker_rng(0, 0)
+        if rng_words is not None:  # a new process: PyTorch's generator is not stored
+            rng = generator_from_words(rng_words)
+            torch.manual_seed(12345)
+        center = LocalCenter(center_value, chunk=97)
+        algo = make_algorithm(cfg, prob, NumpyBackend(), center, 0.5, rng)
+        algo.pull_center()
+        if x is not None:
+            algo.restore(WorkerState(20, 20, 0, rng_words, rows={"x": x}))
+        return algo, center
+
+    start = build()
+    x0 = start.layout.zeros()
+    start.init_params(x0, 0)
+    assert np.abs(x0).max() > 0.1
+
+    whole, whole_center = worker(x0)
+    for t in range(40):
+        whole.step(t)
+
+    first, first_center = worker(x0)
+    for t in range(20):
+        first.step(t)
+    saved = (first.x.copy(), first_center.value.copy(), encode_rng(first.rng))
+    resumed, resumed_center = worker(saved[1], x=saved[0], rng_words=saved[2])
+    for t in range(20, 40):
+        resumed.step(t)
+
+    assert np.array_equal(resumed.x.view(np.uint32), whole.x.view(np.uint32))
+    assert np.array_equal(resumed_center.value.view(np.uint32), whole_center.value.view(np.uint32))
+    assert not np.array_equal(whole.x, saved[0])  # it trained on after the cut

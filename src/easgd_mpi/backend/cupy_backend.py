@@ -10,12 +10,13 @@ the reference bit for bit, except that CuPy always compiles with ``-ftz=true`` (
 any options we pass): subnormal inputs and results (|v| < 1.2e-38) become 0. The tests allow a
 relative error of 1e-6 plus an absolute error of the smallest normal float32.
 
-Host staging (DESIGN.md §4): the MPI window lives in host memory, so a worker moves the center and
-the elastic difference through pinned buffers from :meth:`CupyBackend.host_empty`.
+Host staging (docs/ARCHITECTURE.md §3.7): the MPI window lives in host memory, so a worker moves
+the center and the elastic difference through pinned buffers from :meth:`CupyBackend.host_empty`.
 :meth:`~CupyBackend.to_host` and :meth:`~CupyBackend.from_host` are synchronous like NumPy's (the
 host buffer may be used or reused when they return). ``to_host_async``/``from_host_async`` only
-enqueue the copy on the current stream, for overlapping chunks; call :meth:`synchronize` before
-MPI touches the host buffer.
+enqueue the copy on the current stream (call :meth:`synchronize` before MPI touches the host
+buffer); the exchange's overlap of neighbouring chunks is :class:`StreamStaging`'s, with its
+own copy streams and events.
 
 This module imports without CuPy (``gpu_available`` then says why there is no GPU), so
 ``easgd check`` can report on any machine.
@@ -44,12 +45,16 @@ else:
 
 __all__ = [
     "CupyBackend",
+    "CODEC_KERNELS",
     "KERNELS",
     "KernelSpec",
+    "StagingSlot",
+    "StreamStaging",
     "describe",
     "gpu_available",
     "kernel_source",
     "kernel_source_dir",
+    "use_compute_stream",
 ]
 
 _KERNEL_FILES = ("easgd.cu", "easgd.cuh")
@@ -59,41 +64,91 @@ _BLOCKS_PER_SM = 32  # enough resident warps to saturate HBM; the grid-stride lo
 
 
 # ---- the kernels: one table shared by the backend, the tests and the benchmark ----------------
+class StagingSlot:
+    """What one chunk in flight holds on the device, made once and reused by later chunks:
+    the center's chunk ``c`` and the difference ``e`` (``chunk`` floats each), Σ e² on the
+    device (float64) and its pinned host copy, and the three events that order the chunk's
+    copy in, kernel and copy out."""
+
+    def __init__(self, n: int):
+        import cupyx  # noqa: PLC0415 - part of CuPy; only needed here
+
+        self.c = cupy.zeros(int(n), dtype=cupy.float32)
+        self.e = cupy.zeros(int(n), dtype=cupy.float32)
+        self.sq = cupy.zeros((), dtype=cupy.float64)
+        self.sq_host = cupyx.empty_pinned((1,), dtype=np.float64)
+        self.copied_in = cupy.cuda.Event(disable_timing=True)
+        self.computed = cupy.cuda.Event(disable_timing=True)
+        self.copied_out = cupy.cuda.Event(disable_timing=True)
+
+
 class StreamStaging:
     """One chunk of an exchange through pinned host buffers, overlapped with the others.
 
-    ``start`` enqueues host → device on a copy-in stream, the kernel on the worker's current
-    (compute) stream after that copy's event, device → host on a copy-out stream after the
-    kernel's event, and returns the copy-out's event. So chunk k's copy in, chunk k−1's kernel
-    and chunk k−2's copy out can run at once on a GPU with separate copy engines, while MPI on
-    the host reads k+1 and accumulates k−1; ``wait(ticket)`` blocks only until that one chunk's
-    difference is on the host. Kernels stay in order on the compute stream, after everything
-    the worker enqueued there before (its gradient, the look-ahead point).
+    ``start`` enqueues host → device on a copy-in stream, then on the worker's compute stream
+    (its current stream, which PyTorch shares: :func:`compute_stream`) the kernel and Σ e² after
+    that copy's event, then device → host of e and of Σ e² on a copy-out stream after the
+    kernel's event. The copy in waits for nothing on the compute stream: a reused slot was last
+    read by a kernel that has finished (the chunk that used it was waited for before its slot
+    was handed back), and a new slot's zeroing is waited for once, when it is made. So chunk
+    k's copy in runs during kernel k−1 (and chunk 0's during the backward pass), kernel k−1 and
+    chunk k−2's copy out run at once on a GPU with separate copy engines, and MPI on the host
+    reads k+1 and accumulates k−1 meanwhile. ``input_consumed`` says without waiting whether
+    the chunk's host buffer c may be refilled (its copy in is done: the exchange then issues
+    the next read into it before it waits for this chunk's difference); ``wait`` blocks until
+    the chunk's e and Σ e² are on the host and returns Σ e² (one synchronisation per chunk).
+    Kernels stay in order on the compute stream, after everything the worker enqueued there
+    before (its gradient, the look-ahead point). Streams and events are made once and reused.
     """
 
-    def __init__(self):
+    def __init__(self, backend):
+        self._backend = backend
         self._copy_in = cupy.cuda.Stream(non_blocking=True)
         self._copy_out = cupy.cuda.Stream(non_blocking=True)
+        self._made = cupy.cuda.Event(disable_timing=True)
 
-    def start(self, c_host, c_dev, kernel, e_dev, e_host):
+    def slot(self, n: int) -> StagingSlot:
+        """Device buffers and events for one more chunk in flight (made on first need)."""
+        slot = StagingSlot(n)
+        # Its buffers were zeroed on the compute stream: the copy-in stream waits for that once.
+        self._made.record(cupy.cuda.get_current_stream())
+        self._copy_in.wait_event(self._made)
+        return slot
+
+    def start(self, slot: StagingSlot, c_host, kernel, e_host) -> None:
+        k = c_host.shape[0]
+        c_dev, e_dev = slot.c[:k], slot.e[:k]
         compute = cupy.cuda.get_current_stream()
-        ready = compute.record()  # the worker's earlier work on these device buffers
-        self._copy_in.wait_event(ready)
-        if c_dev.size:
+        if k:
             c_dev.data.copy_from_host_async(
                 ctypes.c_void_p(c_host.ctypes.data), c_dev.nbytes, self._copy_in
             )
-        compute.wait_event(self._copy_in.record())
+        slot.copied_in.record(self._copy_in)
+        compute.wait_event(slot.copied_in)
         kernel(c_dev, e_dev)  # enqueued on the compute stream
-        self._copy_out.wait_event(compute.record())
-        if e_dev.size:
+        self._backend.sum_squares_into(e_dev, slot.sq)
+        slot.computed.record(compute)
+        self._copy_out.wait_event(slot.computed)
+        if k:
             e_dev.data.copy_to_host_async(
                 ctypes.c_void_p(e_host.ctypes.data), e_dev.nbytes, self._copy_out
             )
-        return self._copy_out.record()
+        slot.sq.data.copy_to_host_async(
+            ctypes.c_void_p(slot.sq_host.ctypes.data), 8, self._copy_out
+        )
+        slot.copied_out.record(self._copy_out)
 
-    def wait(self, ticket) -> None:
-        ticket.synchronize()
+    @staticmethod
+    def input_consumed(slot: StagingSlot) -> bool:
+        """Whether the chunk's copy in is done (an event query: never waits)."""
+        return bool(slot.copied_in.done)
+
+    @staticmethod
+    def wait(slot: StagingSlot) -> float:
+        """Block until the chunk's e and Σ e² are on the host; Σ e² (float64; inf or nan when
+        e holds a non-finite value)."""
+        slot.copied_out.synchronize()
+        return float(slot.sq_host[0])
 
 
 @dataclass(frozen=True)
@@ -144,6 +199,17 @@ KERNELS: dict[str, KernelSpec] = {
         _spec("downpour_step", "x acc g lr wd", "x acc g", "x acc"),
         _spec("sync_easgd_update", "x c xmean alpha beta", "x c xmean", "x c"),
     )
+}
+
+
+#: The kernels of compressed pushes (docs/ARCHITECTURE.md §2.16), per codec: ``compress``
+#: (e, r, codes, scales, block, n) codes one block per thread; ``decompress`` (codes, scales,
+#: out, block, n) decodes element by element. Their arrays are not all float32 of length n, so
+#: they are not in :data:`KERNELS`.
+CODEC_KERNELS: dict[str, str] = {
+    f"{op}_{codec}": f"easgd_{op}_{codec}"
+    for op in ("compress", "decompress")
+    for codec in ("int8", "fp8")
 }
 
 
@@ -212,10 +278,11 @@ def _kernels_for_device(device_id: int) -> dict[str, object]:
             try:
                 module = cupy.RawModule(code=kernel_source())
                 fns = {name: module.get_function(s.symbol) for name, s in KERNELS.items()}
+                fns.update({k: module.get_function(sym) for k, sym in CODEC_KERNELS.items()})
             except Exception as exc:  # CompileException, missing NVRTC, driver too old, ...
                 raise BackendError(
                     f"the CUDA kernels from {kernel_source_dir()} cannot be built for GPU "
-                    f"{device_id}: {exc.__class__.__name__}: {exc}"
+                    f"{device_id}: {exc.__class__.__name__}: {_first_line(exc)}"
                 ) from exc
             _MODULES[device_id] = fns
     return fns
@@ -243,6 +310,33 @@ def _nvrtc_compile_without_device(arch: str = "sm_80") -> None:
             raise BackendError(f"NVRTC: {exc}\n{nvrtc.getProgramLog(prog)}") from exc
     finally:
         nvrtc.destroyProgram(prog)
+
+
+# ---- the compute stream, one per device ---------------------------------------------------------
+_STREAMS: dict[int, object] = {}
+_STREAMS_LOCK = threading.Lock()
+
+
+def use_compute_stream(device_id: int):
+    """The stream on which this process runs its work on GPU ``device_id``: made current for
+    CuPy in the calling thread, and returned (PyTorch is pointed at it by the torch adapter).
+
+    Created once per device and process, and a real stream: CuPy's default stream is not one
+    (under ``CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1`` its handle means a different stream in
+    every thread, and PyTorch's autograd runs the backward pass in a thread of its own). With
+    the module's backward pass and the fused kernels on this one stream they are ordered by
+    the order they are issued in, without events. It synchronises with the legacy default
+    stream (``non_blocking=False``), so work that a library leaves there is ordered too.
+    """
+    with _STREAMS_LOCK:
+        stream = _STREAMS.get(device_id)
+        if stream is None:
+            with cupy.cuda.Device(device_id):
+                stream = cupy.cuda.Stream(non_blocking=False)
+            _STREAMS[device_id] = stream
+    with cupy.cuda.Device(device_id):
+        stream.use()
+    return stream
 
 
 # ---- availability and diagnostics -------------------------------------------------------------
@@ -324,6 +418,11 @@ def describe() -> dict:
     return info
 
 
+def _first_line(exc) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].strip() if text else "no message"
+
+
 def _cuda_version_str(v: int) -> str:
     return f"{v // 1000}.{(v % 1000) // 10}"
 
@@ -356,8 +455,35 @@ class CupyBackend:
         self.device_id = cupy.cuda.runtime.getDevice()
         props = cupy.cuda.runtime.getDeviceProperties(self.device_id)
         self._max_blocks = max(1, int(props["multiProcessorCount"]) * _BLOCKS_PER_SM)
-        _kernels_for_device(self.device_id)  # compile now: errors at start-up, not mid-run
+        self.stream = use_compute_stream(self.device_id)
         self._sumsq = None
+        _kernels_for_device(self.device_id)  # compile now: errors at start-up, not mid-run
+        self._self_test()
+
+    def _self_test(self) -> None:
+        """One launch of a fused kernel, checked against NumPy: a kernel that compiles but
+        cannot be loaded or run on this device (a driver older than NVRTC's PTX, no image for
+        the architecture) fails here, at start-up, not at the first exchange."""
+        rng = np.random.default_rng(0)
+        x, g = rng.standard_normal((2, 1024)).astype(np.float32)
+        want = x.copy()
+        from .numpy_backend import NumpyBackend  # noqa: PLC0415
+
+        NumpyBackend().sgd_step(want, g, 0.5, 0.25)
+        try:
+            x_dev = cupy.asarray(x)
+            self.sgd_step(x_dev, cupy.asarray(g), 0.5, 0.25)
+            got = cupy.asnumpy(x_dev)  # waits for the launch
+        except Exception as exc:  # noqa: BLE001 - any CUDA failure is this reason
+            raise BackendError(
+                f"the CUDA kernels do not run on GPU {self.device_id}: "
+                f"{exc.__class__.__name__}: {_first_line(exc)}"
+            ) from exc
+        if not np.allclose(got, want, rtol=1e-6, atol=1e-30):
+            raise BackendError(
+                f"the CUDA kernels give wrong results on GPU {self.device_id} (sgd_step "
+                f"differs from NumPy by up to {float(np.max(np.abs(got - want))):.3g})"
+            )
 
     def __repr__(self) -> str:
         return f"CupyBackend(device_id={self.device_id})"
@@ -422,10 +548,17 @@ class CupyBackend:
 
     def staging_pipeline(self) -> StreamStaging:
         """Chunk staging with the copies on their own streams (see :class:`StreamStaging`)."""
-        return StreamStaging()
+        return StreamStaging(self)
 
     def sum_squares(self, a) -> float:
         """Σ a², accumulated in float64 (more accurate than the reference's float32 dot)."""
+        return float(self._sum_squares_kernel()(a))
+
+    def sum_squares_into(self, a, out) -> None:
+        """out ← Σ a² (float64, a 0-d device array), enqueued: nothing waits for it."""
+        self._sum_squares_kernel()(a, out=out)
+
+    def _sum_squares_kernel(self):
         if self._sumsq is None:
             self._sumsq = cupy.ReductionKernel(
                 "float32 v",
@@ -436,7 +569,7 @@ class CupyBackend:
                 "0.0",
                 "easgd_sum_squares",
             )
-        return float(self._sumsq(a))
+        return self._sumsq
 
     def all_finite(self, a) -> bool:
         return bool(cupy.isfinite(a).all())
@@ -477,6 +610,33 @@ class CupyBackend:
     def sync_easgd_update(self, x, c, xmean, alpha, beta) -> None:
         """x ← x − α(x − c);  c ← (1 − β)c + β·x̄"""
         self._launch("sync_easgd_update", x, c, xmean, alpha, beta)
+
+    # ---- compressed pushes (formulas: NumpyBackend.compress, kernels/easgd.cuh) ---------------
+    def compress(self, e, r, codes, scales, codec: str, block: int) -> None:
+        """Blockwise quantization with error feedback, in place (see NumpyBackend.compress)."""
+        n = e.size
+        self._check_device_array("compress", "e", e)
+        if r is not None:
+            self._check_device_array("compress", "r", r)
+        blocks = -(-n // int(block))
+        if not n:
+            return
+        if codes.size < n or scales.size < blocks:
+            raise BackendError(f"compress: codes need {n} bytes and scales {blocks} floats")
+        grid = min(self._max_blocks, math.ceil(blocks / _THREADS))
+        kernel = _kernels_for_device(cupy.cuda.runtime.getDevice())[f"compress_{codec}"]
+        r_arg = r if r is not None else np.uint64(0)  # a null pointer: no residual kept
+        kernel((grid,), (_THREADS,), (e, r_arg, codes, scales, np.int64(block), np.int64(n)))
+
+    def decompress(self, codes, scales, out, codec: str, block: int) -> None:
+        """out ← value(codes) · scale of each element's block (see NumpyBackend.decompress)."""
+        n = out.size
+        self._check_device_array("decompress", "out", out)
+        if not n:
+            return
+        grid = min(self._max_blocks, math.ceil(n / _THREADS))
+        kernel = _kernels_for_device(cupy.cuda.runtime.getDevice())[f"decompress_{codec}"]
+        kernel((grid,), (_THREADS,), (codes, scales, out, np.int64(block), np.int64(n)))
 
     # ---- plumbing -----------------------------------------------------------------------------
     def _launch(self, name: str, *args) -> None:

@@ -31,8 +31,22 @@ class Dataset:
         return self.x_train.shape[1]
 
 
-def load_dataset(data_cfg) -> Dataset:
-    """The data set named by ``data_cfg.name`` (a :class:`~easgd_mpi.config.DataConfig`)."""
+def load_dataset(data_cfg, batch_size: int | None = None) -> Dataset:
+    """The data set named by ``data_cfg.name`` (a :class:`~easgd_mpi.config.DataConfig`).
+
+    Both splits must hold a sample; with ``batch_size`` the training split must hold a whole
+    minibatch (the samplers would otherwise draw fewer samples without saying so), the rule the
+    config applies to the synthetic set before anything is read."""
+    data = _load(data_cfg)
+    if batch_size is not None and len(data.y_train) < batch_size:
+        raise DataError(
+            f"{_source(data_cfg)}: the training split has {len(data.y_train):,d} samples, fewer "
+            f"than batch_size = {batch_size}; lower batch_size or use a larger data set"
+        )
+    return data
+
+
+def _load(data_cfg) -> Dataset:
     if data_cfg.name == "digits":
         x, y = _digits()
     elif data_cfg.name == "synthetic":
@@ -51,6 +65,7 @@ def load_dataset(data_cfg) -> Dataset:
     elif data_cfg.name == "file":
         from .files import load_arrays  # noqa: PLC0415
 
+        # The labels are checked against the samples there, before a class count is taken.
         x, y, held_out = load_arrays(data_cfg.path, data_cfg.x_key, data_cfg.y_key)
         if held_out is not None:
             x_test, y_test = held_out
@@ -60,8 +75,8 @@ def load_dataset(data_cfg) -> Dataset:
         raise DataError(f"data.name = '{data_cfg.name}' is not a built-in data set")
     n_classes = int(y.max()) + 1
     if n_classes < 2:
-        raise DataError(f"data set '{data_cfg.name}' has a single class: nothing to classify")
-    return _split(data_cfg.name, x, y, n_classes, data_cfg.test_fraction, data_cfg.seed)
+        raise DataError(f"{_source(data_cfg)} has a single class: nothing to classify")
+    return _split(data_cfg, x, y, n_classes)
 
 
 def load_images(data_cfg):
@@ -113,13 +128,30 @@ def _synthetic(cfg) -> tuple[np.ndarray, np.ndarray]:
     return x.astype(np.float32), y.astype(np.int64)
 
 
-def _split(name, x, y, n_classes, test_fraction, seed) -> Dataset:
+def _source(data_cfg) -> str:
+    """How errors name a data set: by its file when it has one."""
+    if data_cfg.name == "file":
+        return f"data file {data_cfg.path}"
+    return f"data set '{data_cfg.name}'"
+
+
+def _split(data_cfg, x, y, n_classes) -> Dataset:
+    """The held-out split is round(n × test_fraction) samples (config.py's synthetic check
+    uses the same rounding); both splits must hold at least one."""
+    source, test_fraction = _source(data_cfg), data_cfg.test_fraction
     n = x.shape[0]
     n_test = int(round(n * test_fraction))
-    if n_test < 1 or n - n_test < 1:
+    held = f"round({n}*{test_fraction:g}) = {n_test}"
+    if n_test < 1:
         raise DataError(
-            f"data set '{name}' has {n} samples: too few for data.test_fraction = {test_fraction}"
+            f"{source} has {n} samples: too few for data.test_fraction = {test_fraction} "
+            f"({held} held out: the master would have nothing to evaluate)"
         )
-    order = np.random.default_rng(seed).permutation(n)
+    if n - n_test < 1:
+        raise DataError(
+            f"{source} has {n} samples: too few for data.test_fraction = {test_fraction} "
+            f"({held} held out, leaving none to train on)"
+        )
+    order = np.random.default_rng(data_cfg.seed).permutation(n)
     test, train = order[:n_test], order[n_test:]
-    return Dataset(name, x[train], y[train], x[test], y[test], n_classes)
+    return Dataset(data_cfg.name, x[train], y[train], x[test], y[test], n_classes)

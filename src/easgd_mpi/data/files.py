@@ -45,7 +45,24 @@ def load_arrays(path, x_key: str = "x", y_key: str = "y"):
                 f"data file {path}: '{tx}' has {held_out[0].shape[1]} features per sample, "
                 f"'{x_key}' has {x.shape[1]}"
             )
+    _check_class_count(path, {y_key: y, ty: held_out[1]} if held_out else {y_key: y})
     return x, y, held_out
+
+
+def _check_class_count(path, labels: dict[str, np.ndarray]) -> None:
+    """Labels are class indices, so the largest one fixes the class count, and the model's
+    outputs are sized from it: check it before anything is. More classes than the file has
+    samples cannot each have one, so such a label is no class index (a raw identifier, a
+    value that should have been renumbered), and it would size a model of absurd width."""
+    samples = sum(len(y) for y in labels.values())
+    key, top = max(((k, int(y.max())) for k, y in labels.items()), key=lambda kv: kv[1])
+    if top + 1 > samples:
+        distinct = len(np.unique(np.concatenate(list(labels.values()))))
+        raise DataError(
+            f"data file {path}: '{key}' holds label {top}, i.e. {top + 1:,d} classes for "
+            f"{samples:,d} samples ({distinct:,d} distinct labels); labels must be class "
+            f"indices 0, 1, 2, ...: renumber them, e.g. np.unique(y, return_inverse=True)[1]"
+        )
 
 
 def _read(path: Path, wanted: list[str]) -> dict:

@@ -1,6 +1,6 @@
 """Problems with flat parameters: the only code that knows a model.
 
-A *problem* (DESIGN.md §4b) offers:
+A *problem* (docs/ARCHITECTURE.md §1.4) offers:
 
 - ``layout``: the :class:`~easgd_mpi.flat.Layout` of its parameters;
 - ``init_params(x_host, seed)``: fill a host float32 vector with initial parameters;
@@ -70,7 +70,7 @@ def make_problem(cfg, xp=np) -> Problem:
         return make_torch_problem(cfg, xp=xp)
     from ..data import load_dataset  # noqa: PLC0415  (only classification problems need data)
 
-    data = load_dataset(cfg.data)
+    data = load_dataset(cfg.data, batch_size=cfg.batch_size)
     hidden = [] if name == "softmax" else list(cfg.model.hidden)
     return MLPProblem(
         data,

@@ -1,4 +1,4 @@
-"""A ``torch.nn.Module`` as a problem on the flat buffers (DESIGN.md §4c).
+"""A ``torch.nn.Module`` as a problem on the flat buffers (docs/ARCHITECTURE.md §1.5).
 
 The module's trainable parameters, then its frozen parameters and floating-point buffers
 (BatchNorm running statistics), are laid out in one flat float32 vector (torch_binding.py, the
@@ -23,8 +23,8 @@ from collections.abc import Callable
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from .torch_binding import ModuleBinding, follow_cupy_stream, use_rank_threads
-from .torch_data import make_batches
+from .torch_binding import ModuleBinding, share_stream, use_rank_threads
+from .torch_data import device_upload, largest_label, make_batches
 
 __all__ = ["TorchProblem", "import_torch", "MEMORY_COPIES"]
 
@@ -73,14 +73,17 @@ class TorchProblem:
             raise ConfigError(f"the model is a {type(module).__name__}, not a torch.nn.Module")
         self.xp = xp
         self.device = _device_for(torch, xp)
-        follow_cupy_stream(torch, xp)
+        share_stream(torch, xp, self.device)
         use_rank_threads(torch)
         self.module = module.to(self.device)
         self.loss_fn = loss or torch.nn.functional.cross_entropy
         self.eval_batch = int(eval_batch)
         self._binding = ModuleBinding(torch, self.module)
         self.layout, self.n_trainable = self._binding.layout, self._binding.n_trainable
-        self._train = make_batches(torch, train_data, self.device, batch=batch_size)
+        self._upload = device_upload(torch, xp)
+        self._train = make_batches(
+            torch, train_data, self.device, batch=batch_size, upload=self._upload
+        )
         # Evaluation happens on the master, on its host; workers never touch the held-out set.
         self._test_source = test_data
         self._test = None
@@ -173,7 +176,12 @@ class TorchProblem:
         if self._test is None:
             # Built lazily: only the master evaluates.
             self._test = make_batches(
-                torch, self._test_source, self.device, batch=self.eval_batch, what="held-out data"
+                torch,
+                self._test_source,
+                self.device,
+                batch=self.eval_batch,
+                what="held-out data",
+                upload=self._upload,
             )
         views = self._binding.views(x_host)
         for name, tensor in self._binding.named_state().items():
@@ -201,14 +209,18 @@ class TorchProblem:
     def _probe(self) -> None:
         """One forward pass and loss on two training samples, in eval mode and without
         gradients (nothing changes): a model that does not fit its data fails here, at
-        start-up on every rank, as one line, instead of deep inside a worker's first step."""
+        start-up on every rank, as one line, instead of deep inside a worker's first step.
+
+        Two samples show only their own labels: a classifier's outputs are then checked
+        against the largest label of the whole training and held-out data."""
         torch = self.torch
         drawn = self._train.draw(np.random.default_rng(0))
         try:
             self.module.eval()
             with torch.no_grad():
                 inputs, targets = self._train.batch(drawn)
-                self.loss_fn(self.module(inputs[:2]), targets[:2])
+                outputs = self.module(inputs[:2])
+                self.loss_fn(outputs, targets[:2])
         except Exception as exc:  # noqa: BLE001  (whatever the user's model raises)
             text = str(exc).strip().splitlines()
             raise ConfigError(
@@ -218,6 +230,19 @@ class TorchProblem:
             ) from None
         finally:
             self.module.train()
+        # (N, classes) scores against class indices: what evaluate() counts as classification.
+        if outputs.ndim == 2 and targets.ndim == 1 and not targets.is_floating_point():
+            self._check_outputs_cover(int(outputs.shape[1]))
+
+    def _check_outputs_cover(self, outputs: int) -> None:
+        for split, source in (("training", self._train), ("held-out", self._test_source)):
+            top = largest_label(source)
+            if top is not None and top >= outputs:
+                raise ConfigError(
+                    f"the model gives {outputs} outputs per sample but the {split} data has "
+                    f"label {top}: a classifier needs one output per class ({top + 1} or "
+                    f"more here); check its number of outputs against the data"
+                )
 
     # ---- what checkpoints and exports need -------------------------------------------------
     def local_state(self) -> dict[str, np.ndarray]:

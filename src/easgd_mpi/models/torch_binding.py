@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..flat import Layout
 
-__all__ = ["ModuleBinding", "layout_of", "follow_cupy_stream", "use_rank_threads"]
+__all__ = ["ModuleBinding", "layout_of", "share_stream", "use_rank_threads"]
 
 
 class ModuleBinding:
@@ -133,15 +133,23 @@ def layout_of(torch, module):
     return layout, n_trainable, local
 
 
-def follow_cupy_stream(torch, xp) -> None:
-    """Run PyTorch's kernels on CuPy's current stream, so the module's work and the fused
-    kernels are ordered without events (with CuPy on the legacy default stream, PyTorch's
-    default stream is that same stream and nothing needs to change)."""
-    if xp is np:
+def share_stream(torch, xp, device) -> None:
+    """Run PyTorch's work on the worker's compute stream of ``device``, where the fused kernels
+    run: the module's backward pass writes the gradient that the next kernel reads, ordered by
+    issue order on one stream, without events.
+
+    The stream is a real one, made once per device (``use_compute_stream``), whatever CuPy's
+    default-stream mode: following CuPy's current stream by its handle would, under
+    ``CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1``, name a different stream in each thread, and
+    autograd runs the backward pass in a thread of its own. PyTorch's view of it is made with
+    its device, so it is right on a worker whose GPU is not device 0.
+    """
+    if device.type != "cuda":
         return
-    ptr = int(xp.cuda.get_current_stream().ptr)
-    if ptr != 0:
-        torch.cuda.set_stream(torch.cuda.ExternalStream(ptr))
+    from ..backend.cupy_backend import use_compute_stream  # noqa: PLC0415
+
+    stream = use_compute_stream(device.index)
+    torch.cuda.set_stream(torch.cuda.ExternalStream(int(stream.ptr), device=device))
 
 
 def use_rank_threads(torch) -> None:

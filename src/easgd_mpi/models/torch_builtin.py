@@ -112,7 +112,7 @@ def _image_sources(torch, cfg, crop):
 def _feature_sources(cfg):
     from ..data import load_dataset  # noqa: PLC0415
 
-    data = load_dataset(cfg.data)
+    data = load_dataset(cfg.data, batch_size=cfg.batch_size)
     return (data.x_train, data.y_train), (data.x_test, data.y_test)
 
 

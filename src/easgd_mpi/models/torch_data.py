@@ -9,6 +9,12 @@ worker's own random stream, ``batch(drawn)`` turns it into ``(inputs, targets)``
 - :class:`TensorBatches`: any tensors or arrays ``(x, y)`` moved once to the device;
 - :class:`DatasetBatches`: a ``torch.utils.data.Dataset``, indexed item by item and collated.
 
+Every step's host data (the drawn indices, the crop offsets, a Dataset's collated batch) reaches
+the device through one ``upload`` function (:func:`device_upload`) that never makes the host
+wait for the GPU: on a GPU worker CuPy copies it into pinned memory and from there
+asynchronously, on the stream PyTorch shares with the fused kernels. A blocking ``.to(device)``
+from pageable memory would wait for everything already queued on the GPU, every step.
+
 Nothing here imports MPI; ``torch`` is imported by the caller (the adapter) and passed in.
 """
 
@@ -18,15 +24,57 @@ import numpy as np
 
 from ..errors import DataError
 
-__all__ = ["ImageBatches", "TensorBatches", "DatasetBatches", "make_batches"]
+__all__ = [
+    "ImageBatches",
+    "TensorBatches",
+    "DatasetBatches",
+    "make_batches",
+    "largest_label",
+    "device_upload",
+]
 
 
-class ImageBatches:
+def device_upload(torch, xp):
+    """``f(host ndarray) -> tensor`` of the same values where ``xp`` computes, never blocking.
+
+    On the host (``xp`` is NumPy) the tensor views the array. Otherwise ``xp.asarray`` moves it
+    (CuPy stages a host array through its pinned-memory pool and copies it asynchronously on
+    the current stream, the one PyTorch shares) and DLPack hands it to PyTorch without a copy.
+    The array must not change afterwards (every caller draws a fresh one).
+    """
+    if getattr(xp, "__name__", "") == "numpy":
+        return lambda a: torch.from_numpy(np.ascontiguousarray(a))
+    return lambda a: torch.from_dlpack(xp.asarray(np.ascontiguousarray(a)))
+
+
+def _default_upload(torch, device):
+    """The upload of a source used outside an adapter: pinned and asynchronous on a GPU."""
+    if torch.device(device).type == "cpu":
+        return lambda a: torch.from_numpy(np.ascontiguousarray(a))
+    return lambda a: (
+        torch.from_numpy(np.ascontiguousarray(a)).pin_memory().to(device, non_blocking=True)
+    )
+
+
+class _Uploads:
+    """A source's way to the device: ``upload`` (set by :func:`make_batches` to the worker's
+    :func:`device_upload`), else a pinned, asynchronous copy of PyTorch's own."""
+
+    upload = None
+
+    def _to_device(self, host: np.ndarray):
+        if self.upload is None:
+            self.upload = _default_upload(self.torch, self._device)
+        return self.upload(host)
+
+
+class ImageBatches(_Uploads):
     """uint8 images on the device; per batch: random (training) or centre crop, then
     per-channel normalisation with the training set's mean and standard deviation."""
 
     def __init__(self, torch, images, labels, device, mean, std, crop=0, train=True, batch=128):
         self.torch = torch
+        self._device = device
         self.n = int(images.shape[0])
         self.train = train
         self.batch_size = int(batch)
@@ -49,21 +97,25 @@ class ImageBatches:
         c = int(self.x.shape[1])
         return (c, self.crop or self.height, self.crop or self.width)
 
-    def draw(self, rng: np.random.Generator):
+    def draw(self, rng: np.random.Generator) -> np.ndarray:
+        """The indices, and for random crops their rows and columns below them: one int64
+        array, so that a step moves one small array to the device."""
         idx = rng.integers(0, self.n, min(self.batch_size, self.n))
         if not (self.train and self.crop):
-            return idx, None, None
+            return idx
         rows = rng.integers(0, self.height - self.crop + 1, idx.shape[0])
         cols = rng.integers(0, self.width - self.crop + 1, idx.shape[0])
-        return idx, rows, cols
+        return np.stack([idx, rows, cols])
 
     def batch(self, drawn):
-        idx, rows, cols = drawn
-        return self.take(self.torch.as_tensor(idx).to(self.x.device), rows, cols)
+        drawn = self._to_device(drawn)
+        if drawn.ndim == 1:
+            return self.take(drawn)
+        return self.take(drawn[0], drawn[1], drawn[2])
 
     def take(self, idx, rows=None, cols=None):
-        """Images ``idx`` (a device tensor), cropped at (rows, cols) or centred, normalised."""
-        torch = self.torch
+        """Images ``idx`` (a device tensor), cropped at (rows, cols) (device tensors) or
+        centred, normalised."""
         images = self.x[idx]
         if self.crop:
             k = self.crop
@@ -72,8 +124,8 @@ class ImageBatches:
                 images = images[:, :, top : top + k, left : left + k]
             else:  # one random window per image, gathered in a single indexing operation
                 device = images.device
-                r = torch.as_tensor(rows).to(device)[:, None] + self._range(k, device)
-                c = torch.as_tensor(cols).to(device)[:, None] + self._range(k, device)
+                r = rows[:, None] + self._range(k, device)
+                c = cols[:, None] + self._range(k, device)
                 m = images.shape[0]
                 images = images[
                     self._range(m, device)[:, None, None, None],
@@ -97,11 +149,12 @@ class ImageBatches:
             yield self.take(idx)
 
 
-class TensorBatches:
+class TensorBatches(_Uploads):
     """Inputs and targets held as tensors on the device (moved there once)."""
 
     def __init__(self, torch, x, y, device, batch=128, what="training data"):
         self.torch = torch
+        self._device = device
         self.x = _as_tensor(torch, x, f"{what} inputs").to(device)
         self.y = _as_tensor(torch, y, f"{what} targets").to(device)
         if self.x.shape[0] != self.y.shape[0] or self.x.shape[0] == 0:
@@ -118,7 +171,7 @@ class TensorBatches:
         return rng.integers(0, self.n, min(self.batch_size, self.n))
 
     def batch(self, idx):
-        idx = self.torch.as_tensor(idx).to(self.x.device)
+        idx = self._to_device(idx)
         return self.x[idx], self.y[idx]
 
     def batches(self, size: int):
@@ -126,7 +179,7 @@ class TensorBatches:
             yield self.x[lo : lo + size], self.y[lo : lo + size]
 
 
-class DatasetBatches:
+class DatasetBatches(_Uploads):
     """A ``torch.utils.data.Dataset``: items fetched one by one, collated, moved to the device."""
 
     def __init__(self, torch, dataset, device, batch=128, what="training data"):
@@ -134,7 +187,7 @@ class DatasetBatches:
 
         self.torch = torch
         self.dataset = dataset
-        self.device = device
+        self.device = self._device = device
         self.collate = default_collate
         try:
             self.n = len(dataset)
@@ -158,24 +211,62 @@ class DatasetBatches:
         inputs, targets = self.collate(items)[:2]
         if inputs.dtype == self.torch.float64:
             inputs = inputs.float()
-        return inputs.to(self.device), targets.to(self.device)
+        return self._move(inputs), self._move(targets)
+
+    def _move(self, t):
+        """A collated host tensor to the device through the upload (a tensor already on a
+        device, or of a dtype NumPy lacks, is moved by PyTorch, asynchronously)."""
+        if t.device.type == "cpu" and not t.requires_grad:
+            try:
+                return self._to_device(t.numpy())
+            except (TypeError, RuntimeError):  # e.g. bfloat16: no NumPy dtype
+                pass
+        return t.to(self.device, non_blocking=True)
 
 
-def make_batches(torch, data, device, batch=128, what="training data"):
+def make_batches(torch, data, device, batch=128, what="training data", upload=None):
     """The right minibatch source for ``data``: an ``(x, y)`` pair, a Dataset, a source, or a
-    function ``f(device)`` that builds a source there."""
+    function ``f(device)`` that builds a source there. ``upload`` (:func:`device_upload`):
+    how the built-in sources move each step's host data to the device."""
     if hasattr(data, "draw") and hasattr(data, "batch"):
-        return data
-    if isinstance(data, torch.utils.data.Dataset):
-        return DatasetBatches(torch, data, device, batch=batch, what=what)
-    if callable(data):
-        return data(device)
+        source = data
+    elif isinstance(data, torch.utils.data.Dataset):
+        source = DatasetBatches(torch, data, device, batch=batch, what=what)
+    elif callable(data):
+        source = data(device)
+    elif isinstance(data, (tuple, list)) and len(data) == 2:
+        source = TensorBatches(torch, data[0], data[1], device, batch=batch, what=what)
+    else:
+        raise DataError(
+            f"{what} must be a pair (inputs, targets) of tensors or arrays, or a "
+            f"torch.utils.data.Dataset; got {type(data).__name__}"
+        )
+    if upload is not None and isinstance(source, _Uploads) and source.upload is None:
+        source.upload = upload
+    return source
+
+
+def largest_label(data) -> int | None:
+    """The largest class index among the targets of ``data``: a batch source, an ``(x, y)``
+    pair or a Dataset with a ``targets`` attribute (torchvision's). None when the targets are
+    not integer class indices, or cannot be had without fetching every item of a Dataset."""
+    if isinstance(data, DatasetBatches):
+        data = data.dataset
     if isinstance(data, (tuple, list)) and len(data) == 2:
-        return TensorBatches(torch, data[0], data[1], device, batch=batch, what=what)
-    raise DataError(
-        f"{what} must be a pair (inputs, targets) of tensors or arrays, or a "
-        f"torch.utils.data.Dataset; got {type(data).__name__}"
-    )
+        targets = data[1]
+    else:
+        targets = getattr(data, "y", getattr(data, "targets", None))
+    if targets is None:
+        return None
+    if hasattr(targets, "detach"):  # a tensor, perhaps on a GPU: its labels come to the host
+        targets = targets.detach().cpu().numpy()
+    try:
+        labels = np.asarray(targets)
+    except (TypeError, ValueError):
+        return None
+    if labels.ndim != 1 or labels.size == 0 or labels.dtype.kind not in "iu":
+        return None
+    return int(labels.max())
 
 
 def _as_tensor(torch, a, what):

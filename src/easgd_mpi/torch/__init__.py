@@ -23,7 +23,7 @@ Every rank runs the script (``mpiexec -n 5 python my_train.py``, or ``srun``)::
     center = run.finish()                    # the master: the center as a state_dict
 
 The rules (``algorithm``): ``easgd`` (async EASGD; EAMSGD is it around SGD with Nesterov
-momentum), ``sync-easgd``, ``local-sgd`` (periodic model averaging). A complete example:
+momentum), ``sync-easgd``, ``localsgd`` (periodic model averaging). A complete example:
 examples/own_loop.py.
 """
 

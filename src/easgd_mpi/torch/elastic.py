@@ -27,7 +27,7 @@ import torch
 from ..algorithms import make_algorithm
 from ..data.sampling import worker_rng
 from ..errors import CheckpointError, UsageError
-from ..models.torch_binding import follow_cupy_stream
+from ..models.torch_binding import share_stream
 from ..side_channel import METRICS, STATE
 from ..worker import STATUS_PERIOD, WorkerClock
 from .state import decode_state, encode_state
@@ -73,7 +73,7 @@ class ElasticAveraging:
         self._binding = session.problem.binding
         start = session.start_state
         rng = worker_rng(cfg.seed, roles.worker_index) if start is None else start.generator()
-        follow_cupy_stream(torch, session.backend.xp)
+        share_stream(torch, session.backend.xp, run.device)
         self._rule = rule = make_algorithm(
             cfg,
             session.problem,

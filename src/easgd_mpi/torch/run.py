@@ -44,6 +44,7 @@ from ..export import export_checkpoint
 from ..flat import Layout
 from ..log import console_if_unconfigured
 from ..models.torch_binding import ModuleBinding, use_rank_threads
+from ..rundir import CENTER_NAME, center_path
 from ..session import Session
 from ..side_channel import open_side
 from .sampler import ElasticSampler
@@ -54,7 +55,7 @@ __all__ = ["init", "Run", "RESUME_VAR", "CENTER_FILE"]
 #: Where ``init`` finds ``resume`` when the script does not say (the Slurm templates set it).
 RESUME_VAR = "EASGD_RESUME"
 #: The center as a ``state_dict``, written in the run folder at the end of the run.
-CENTER_FILE = "center.pt"
+CENTER_FILE = CENTER_NAME
 #: Message tag of the first worker's initial values, sent to the master at binding.
 _INITIAL_TAG = 41
 
@@ -246,7 +247,7 @@ class Run:
         self.summary = self._session.close()
         if not self._session.roles.is_master or not self.summary.get("checkpoint"):
             return None
-        return torch.load(self.run_dir / CENTER_FILE, weights_only=True)
+        return torch.load(center_path(self.run_dir), weights_only=True)
 
     # ---- binding ----------------------------------------------------------------------------
     def _bind(self, module=None, evaluate=None, error: str | None = None, on_bound=None):
@@ -345,7 +346,9 @@ class Run:
         if final.get("failure") is not None or not final.get("checkpoint"):
             return
         try:
-            export_checkpoint(final["checkpoint"], Path(session.run_dir) / CENTER_FILE)
+            session.folder.write_center(
+                lambda target: export_checkpoint(final["checkpoint"], target)
+            )
         except (ExportError, ConfigError) as exc:
             final["failure"] = exc
 
