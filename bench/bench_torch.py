@@ -1,6 +1,11 @@
 #!/usr/bin/env python3
-"""Per-step cost of the PyTorch adapter (docs/ARCHITECTURE.md §1.5) against a plain PyTorch
-loop, in one run.
+"""Per-step cost of the PyTorch faces against a plain PyTorch loop, in one run.
+
+Two faces (``--face``): ``adapter`` (the default, below), the package's own loop through the
+PyTorch adapter (docs/ARCHITECTURE.md §1.5); ``loop``, your own loop with
+``easgd_mpi.torch.ElasticAveraging`` (docs/ARCHITECTURE.md §8), in bench/torch_loop.py: a plain
+loop against the same loop with an exchange every τ steps, under ``mpiexec -n 2`` (started
+here when run as a plain script).
 
 The paper's CIFAR convnet (3×28×28 inputs, 10 classes) trains on the same pre-made batches of
 synthetic tensors in three variants:
@@ -27,23 +32,22 @@ variant's step into its parts (where the time goes). Writes JSON
     python bench/bench_torch.py                         # CPU, batch 128, 1 thread
     python bench/bench_torch.py --quick --out /tmp/t.json   # smoke run (seconds)
     python bench/bench_torch.py --device cuda           # GPU: CuPy backend, CUDA torch
+    python bench/bench_torch.py --face loop             # your own loop (2 ranks)
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
-import platform
-import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchlib import cpu_name
+from benchlib import cpu_name, launcher, machine_facts, timing_rows, timing_table
 
 REPO = Path(__file__).resolve().parents[1]
 try:
@@ -60,6 +64,7 @@ NO_EXCHANGE_TAU = 1 << 40
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--face", choices=["adapter", "loop"], default="adapter")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--batch", type=int, default=128, help="minibatch size (default 128)")
     ap.add_argument("--steps", type=int, default=4, help="timed steps per block (default 4)")
@@ -86,7 +91,8 @@ def parse_args(argv=None):
         # Every timed block must hold the same number of exchanges (steps / τ).
         args.steps += args.tau - args.steps % args.tau
         print(f"--steps rounded up to {args.steps}, a multiple of τ = {args.tau}", file=sys.stderr)
-    args.out = args.out or REPO / "bench" / "results" / f"torch-{args.device}.json"
+    face = "" if args.face == "adapter" else f"{args.face}-"
+    args.out = args.out or REPO / "bench" / "results" / f"torch-{face}{args.device}.json"
     return args
 
 
@@ -141,6 +147,8 @@ class Adapter:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.face == "loop":
+        return _loop_face(args, argv)
     # TorchProblem adopts OMP_NUM_THREADS as the rank's share of the cores: keep them equal.
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch  # noqa: PLC0415
@@ -274,6 +282,17 @@ def main(argv=None) -> int:
     return 0
 
 
+def _loop_face(args, argv) -> int:
+    """Your own loop's face: two ranks (rank 0 serves the center); as a plain script, start
+    them."""
+    if "PMI_RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+        cmd = [launcher(), "-n", "2", sys.executable, str(Path(__file__).resolve())]
+        return subprocess.run([*cmd, *(sys.argv[1:] if argv is None else argv)]).returncode
+    from torch_loop import run_loop_face  # noqa: PLC0415
+
+    return run_loop_face(args, IMAGE, CLASSES, cpu_name)
+
+
 def _device(torch, args, NumpyBackend):
     """(backend, device description, synchronize())."""
     if args.device == "cpu":
@@ -373,34 +392,14 @@ def _report(args, torch, device_info, n_params, times, parts, exchanges, MPI) ->
     # idle machine, and unlike wall time it does not count the time other processes take from
     # this one on a shared machine. On a GPU only wall time means anything.
     primary = "cpu" if args.device == "cpu" else "wall"
-    rows = []
-    for name in VARIANTS:
-        row = {"variant": name}
-        for metric in ("wall", "cpu") if args.device == "cpu" else ("wall",):
-            t, base = times[metric][name], times[metric]["plain"]
-            med, med_plain = statistics.median(t), statistics.median(base)
-            pre = "" if metric == "wall" else "cpu_"
-            row[f"{pre}median_ms_per_step"] = 1e3 * med
-            row[f"{pre}ms_per_step_by_repeat"] = [1e3 * v for v in t]
-            row[f"{pre}ratio_to_plain"] = med / med_plain
-            row[f"{pre}overhead_pct"] = 100.0 * (med / med_plain - 1.0)
-            # Each repeat's ratio against plain's block of the same repeat; their median.
-            row[f"{pre}paired_ratio_to_plain"] = statistics.median(
-                [v / p for v, p in zip(t, base, strict=True)]
-            )
-        row["exchanges"] = int(exchanges[name])  # in the whole run, warm-up included
-        row["parts_ms_per_step"] = parts[name]
-        rows.append(row)
+    rows = timing_rows(times, VARIANTS, ("wall", "cpu") if args.device == "cpu" else ("wall",))
+    for row in rows:
+        row["exchanges"] = int(exchanges[row["variant"]])  # the whole run, warm-up included
+        row["parts_ms_per_step"] = parts[row["variant"]]
     return {
         "benchmark": "bench_torch",
         "device": device_info,
-        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "host": platform.node(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch_version": torch.__version__,
-        "numpy_version": np.__version__,
-        "mpi": MPI.Get_library_version().splitlines()[0].strip(),
+        **machine_facts(torch, MPI),
         "model": "cifar-convnet",
         "input": list(IMAGE),
         "classes": CLASSES,
@@ -428,23 +427,9 @@ def format_table(report: dict) -> str:
         f"cifar-convnet ({report['parameters']:,d} parameters), batch {report['batch']}, "
         f"{report['steps']} steps x {report['repeats']} repeats, tau = {report['tau']} "
         f"({where}; torch {report['torch_version']})",
-        "ms per step: median over repeats; overhead = median / plain's median - 1; paired ="
-        " median of the per-repeat ratios to plain",
     ]
     metrics = ("cpu", "wall") if report["primary_metric"] == "cpu" else ("wall",)
-    head = f"{'variant':<10}" + "".join(
-        f"{m + ' ms':>10}{'overhead':>10}{'paired':>8}" for m in metrics
-    )
-    lines += [head, "-" * len(head)]
-    for r in report["variants"]:
-        line = f"{r['variant']:<10}"
-        for m in metrics:
-            pre = "" if m == "wall" else "cpu_"
-            line += (
-                f"{r[pre + 'median_ms_per_step']:>10.2f}{r[pre + 'overhead_pct']:>9.1f}%"
-                f"{r[pre + 'paired_ratio_to_plain']:>8.3f}"
-            )
-        lines.append(line)
+    lines += timing_table(report["variants"], metrics)
     lines.append("")
     lines.append(
         f"where the time goes ({report['parts_metric']} time, one instrumented block, ms per step):"

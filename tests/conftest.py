@@ -59,7 +59,7 @@ def pytest_runtest_logreport(report):
             MPI.COMM_WORLD.Abort(1)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")  # session-wide: module fixtures launch runs too
 def mpiexec() -> str:
     """The launcher that belongs to this interpreter's mpi4py (never a system one)."""
     path = BIN / "mpiexec"
@@ -77,7 +77,7 @@ def easgd_cmd() -> list[str]:
     return [sys.executable, "-m", "easgd_mpi"]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def clean_env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EASGD_")}
     env["PYTHONUNBUFFERED"] = "1"

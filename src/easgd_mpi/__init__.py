@@ -11,6 +11,10 @@ difference with it every τ steps. The public API::
 
     # your own PyTorch model (pip install 'easgd-mpi[torch]'):
     ea.train(cfg, problem=ea.TorchProblem.factory(build_model, train_data, test_data))
+
+    # your own PyTorch training loop: easgd_mpi.torch (examples/own_loop.py)
+    import easgd_mpi.torch as et
+    run = et.init("run.toml")
 """
 
 from .center import CenterWindow
@@ -24,6 +28,7 @@ from .errors import (
     ExportError,
     LaunchError,
     RunFolderError,
+    UsageError,
 )
 from .flat import Layout
 from .models import MLPProblem, QuadraticProblem, make_problem
@@ -59,5 +64,6 @@ __all__ = [
     "LaunchError",
     "ExportError",
     "RunFolderError",
+    "UsageError",
     "__version__",
 ]

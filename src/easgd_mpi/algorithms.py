@@ -1,4 +1,5 @@
-"""The update rules of docs/ARCHITECTURE.md §2, one small class each.
+"""The update rules of docs/ARCHITECTURE.md §2, one small class each (§8: around a user's
+optimizer).
 
 An algorithm owns a worker's state (x, gradient, momentum...) on its backend and performs one
 local step at a time. It knows the equations, not MPI: the center is reached only through
@@ -36,6 +37,9 @@ __all__ = [
     "LocalSGD",
     "DiLoCo",
     "AsyncDiLoCo",
+    "LoopEASGD",
+    "LoopSyncEASGD",
+    "LoopLocalSGD",
     "make_algorithm",
 ]
 
@@ -108,6 +112,9 @@ class WorkerAlgorithm(ABC):
     uses_momentum = False
     #: Whether the rule needs the workers' all-reduce (every worker steps in lockstep).
     collective = False
+    #: Whether the rule takes its own gradient steps (a flat gradient buffer g); the rules of a
+    #: user's own loop leave the step to the user's optimizer (docs/ARCHITECTURE.md §8).
+    uses_gradient = True
 
     def __init__(self, cfg, problem, backend, center, alpha: float, rng):
         self.cfg = cfg
@@ -118,7 +125,7 @@ class WorkerAlgorithm(ABC):
         self.rng = rng
         n = problem.layout.size
         self.x = backend.zeros(n)
-        self.g = backend.zeros(n)
+        self.g = backend.zeros(n) if self.uses_gradient else None
         self.v = backend.zeros(n) if self.uses_momentum else None
         self.exchanges = 0
         self.bytes = 0
@@ -392,16 +399,29 @@ class SyncEASGD(_Synchronous):
     def cut_center(self):
         return self.c
 
-    def step(self, t: int) -> float:
-        cfg, b = self.cfg, self.backend
-        if t % cfg.tau == 0 and not b.all_finite(self.x):
-            # A non-finite worker must not poison the mean every replica takes: before its
-            # gradient, it restarts from the center (a local decision; the all-reduce below
-            # stays in step).
+    def _reset_if_not_finite(self) -> None:
+        """A non-finite worker must not poison the mean every replica takes: it restarts from
+        the center (a local decision; the all-reduce that follows stays in step)."""
+        if not self.backend.all_finite(self.x):
             self.x[...] = self.c  # both on this worker's device
             if self.v is not None:
                 self.v[...] = 0
             self.resets += 1
+
+    def _center_half(self) -> None:
+        """After the workers' half of a round (e holds α(x − c)): the distance, the center
+        half of the fused sync update (α = 0 leaves its x, here the spent e, as is), the
+        window set to the new center."""
+        b = self.backend
+        self.distance = math.sqrt(b.sum_squares(self.e)) / self.alpha
+        b.sync_easgd_update(self.e, self.c, self.xmean, 0.0, self.beta)
+        self._mirror_center(self.c)
+        self.exchanges += 1
+
+    def step(self, t: int) -> float:
+        cfg, b = self.cfg, self.backend
+        if t % cfg.tau == 0:
+            self._reset_if_not_finite()  # before its gradient
         loss = self._gradient()  # at the old x (or x + δv)
         if t % cfg.tau != 0:
             self._local_step()
@@ -424,11 +444,7 @@ class SyncEASGD(_Synchronous):
             b.exchange_sgd_step(x[:m], c[:m], g[:m], e[:m], self.alpha, cfg.lr, cfg.weight_decay)
         if m < x.shape[0]:  # buffers: the elastic pull only
             b.exchange(x[m:], c[m:], e[m:], self.alpha)
-        self.distance = math.sqrt(b.sum_squares(e)) / self.alpha
-        # The center half of the fused sync update (α = 0 leaves its x, here the spent e, as is).
-        b.sync_easgd_update(e, c, self.xmean, 0.0, self.beta)
-        self._mirror_center(c)
-        self.exchanges += 1
+        self._center_half()
         return loss
 
 
@@ -856,6 +872,71 @@ class AsyncDiLoCo(_Pushing, WorkerAlgorithm):
         b.synchronize()
 
 
+# ---- the rules of a user's own loop (docs/ARCHITECTURE.md §8) ----------------------------------
+#
+# The user's optimizer takes every local step on the module's parameters, which are views of x
+# (models/torch_binding.py); a rule only exchanges. ``step(t)`` is the rule's part of local step
+# t; ``before_update`` says where it runs: inside the optimizer's step, before its update (the
+# gradient was taken at the old x, as in the package's own EASGD rules, so e and the gradient
+# come from the same point), or after the update (model averaging, as PyTorch's averager).
+
+
+class LoopEASGD(WorkerAlgorithm):
+    """Async EASGD around a user's optimizer: at local steps t with t mod τ = 0, before the
+    optimizer's update, the elastic exchange on the whole vector (parameters and buffers):
+    e ← α(x − x̃), x ← x − e, x̃ ← x̃ + e, pipelined in chunks through the window (§3.4)."""
+
+    name = "easgd"
+    uses_gradient = False
+    before_update = True
+
+    def step(self, t: int) -> None:
+        if t % self.cfg.tau != 0:
+            return
+        x, b, alpha = self.x, self.backend, self.alpha
+        self._exchange(lambda lo, hi, c, e: b.exchange(x[lo:hi], c, e, alpha))
+
+
+class LoopSyncEASGD(SyncEASGD):
+    """Sync EASGD around a user's optimizer: at local steps t with t mod τ = 0, before the
+    optimizer's update, x̄ ← mean of the old x^i, e ← α(x − c), x ← x − e, c ← (1 − β)c + βx̄,
+    the window set to c: the package's sync EASGD with the optimizer's step in place of the
+    fused SGD step (the user's SGD(lr) gives its recurrence)."""
+
+    uses_gradient = False
+    before_update = True
+
+    def step(self, t: int) -> None:
+        if t % self.cfg.tau != 0:
+            return
+        self._reset_if_not_finite()
+        self.bytes += self.allreduce.mean(self.x, self.xmean)
+        self.backend.exchange(self.x, self.c, self.e, self.alpha)
+        self._center_half()
+
+
+class LoopLocalSGD(_Synchronous):
+    """Periodic model averaging (local SGD) around a user's optimizer: after the optimizer's
+    update of every local step t with t mod τ = 0, every worker takes the workers' mean of
+    x, parameters and buffers (PyTorch's ``PeriodicModelAverager`` with period τ, which leaves
+    buffers alone); the first worker sets the window to it. The center is that last mean."""
+
+    name = "localsgd"
+    uses_gradient = False
+    before_update = False
+
+    def step(self, t: int) -> None:
+        if t % self.cfg.tau != 0:
+            return
+        if not self.backend.all_finite(self.x):
+            # A non-finite worker must not poison the mean: it brings the last mean instead.
+            self._read_center(self.x)
+            self.resets += 1
+        self.bytes += self.allreduce.mean(self.x, self.x)
+        self._mirror_center(self.x)
+        self.exchanges += 1
+
+
 _RULES = {
     cls.name: cls
     for cls in (
@@ -874,10 +955,23 @@ _RULES = {
 }
 
 
+_LOOP_RULES = {cls.name: cls for cls in (LoopEASGD, LoopSyncEASGD, LoopLocalSGD)}
+
+
 def make_algorithm(
-    cfg, problem, backend, center, alpha, rng, direct_mpi=False, workers_comm=None, inbox=None
+    cfg,
+    problem,
+    backend,
+    center,
+    alpha,
+    rng,
+    direct_mpi=False,
+    workers_comm=None,
+    inbox=None,
+    own_loop: bool = False,
 ):
-    """The worker-side rule named by ``cfg.algorithm``.
+    """The worker-side rule named by ``cfg.algorithm``: the package's own (it takes the
+    gradient steps), or with ``own_loop`` the one around a user's optimizer.
 
     ``workers_comm`` (the workers-only communicator, :attr:`Roles.workers`) is required by the
     synchronous rules, which average over the workers with one all-reduce; ``direct_mpi``
@@ -885,7 +979,7 @@ def make_algorithm(
     :class:`~easgd_mpi.center_inbox.CenterInbox`) is required by the rules whose center
     computes. The center's one-sided transfers always go through host memory.
     """
-    rule = _RULES[cfg.algorithm]
+    rule = (_LOOP_RULES if own_loop else _RULES)[cfg.algorithm]
     extra = {}
     if issubclass(rule, _Pushing):
         if inbox is None:

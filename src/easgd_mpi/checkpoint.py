@@ -29,7 +29,7 @@ import numpy as np
 
 from .errors import CheckpointError, os_reason
 from .flat import Layout
-from .workerstate import COUNTERS, ROW_NAMES, WorkerStates, encode_rng
+from .workerstate import COUNTERS, ROW_NAMES, UserState, WorkerStates, encode_rng
 
 __all__ = [
     "FORMAT_NAME",
@@ -44,8 +44,12 @@ __all__ = [
 
 FORMAT_NAME = "easgd-mpi checkpoint"
 FORMAT_VERSION = 2
-#: Versions this code reads (1: generator states as JSON text; 2: as int64 words).
-READABLE_VERSIONS = (1, 2)
+#: The version of a file that holds a user loop's worker states (``/workers/user``): older
+#: readers refuse it by its version instead of failing its checksum.
+USER_STATE_VERSION = 3
+#: Versions this code reads (1: generator states as JSON text; 2: as int64 words; 3: 2 with
+#: the user loop's states).
+READABLE_VERSIONS = (1, 2, 3)
 
 
 @dataclass
@@ -259,7 +263,7 @@ def _write(f, d: CheckpointData) -> None:
 
     text = h5py.string_dtype("utf-8")
     f.attrs["format"] = FORMAT_NAME
-    f.attrs["format_version"] = FORMAT_VERSION
+    f.attrs["format_version"] = FORMAT_VERSION if d.states.user is None else USER_STATE_VERSION
     f.attrs["created"] = d.created or time.strftime("%Y-%m-%dT%H:%M:%S%z")
     f.attrs["algorithm"] = d.algorithm
     f.attrs["workers"] = d.workers
@@ -298,6 +302,8 @@ def _write(f, d: CheckpointData) -> None:
     if states.age is not None:
         workers.create_dataset("state_age", data=np.asarray(states.age, np.float64))
     workers.create_dataset("rng", data=states.rng_words)
+    if states.user is not None:
+        _write_user_states(workers.create_group("user"), states.user, text)
 
     met = f.create_group("metrics")
     # HDF5 lists members alphabetically; the column order is kept so records read back equal.
@@ -305,6 +311,37 @@ def _write(f, d: CheckpointData) -> None:
     for key in _metric_keys(d.metrics):
         met.create_dataset(key, data=np.array([_num(r.get(key)) for r in d.metrics], np.float64))
     f.attrs["checksum_sha256"] = _checksum(d)
+
+
+def _write_user_states(group, user: list[UserState | None], text) -> None:
+    """``/workers/user/<i>``: worker i's structure (JSON text) and its arrays as datasets
+    ``0``, ``1``, ... (absent for a worker that has none)."""
+    for i, state in enumerate(user):
+        if state is None:
+            continue
+        mine = group.create_group(str(i))
+        mine.create_dataset("structure", data=state.structure, dtype=text)
+        for k, array in enumerate(state.arrays):
+            mine.create_dataset(str(k), data=array)
+
+
+def _read_user_states(group, p: int, path) -> list[UserState | None]:
+    user: list[UserState | None] = [None] * p
+    for name, mine in group.items():
+        if not name.isdigit() or int(name) >= p:
+            raise CheckpointError(f"checkpoint {path}: user state '{name}' names no worker of {p}")
+        structure = mine["structure"][()]
+        count = sum(1 for key in mine if key.isdigit())
+        try:
+            user[int(name)] = UserState(
+                structure=structure.decode() if isinstance(structure, bytes) else structure,
+                arrays=[mine[str(k)][()] for k in range(count)],
+            )
+        except ValueError as exc:
+            raise CheckpointError(
+                f"checkpoint {path}: user state of worker {name}: {exc}"
+            ) from None
+    return user
 
 
 def _metric_keys(records: list[dict]) -> list[str]:
@@ -348,6 +385,13 @@ def _checksum(d: CheckpointData, rng_text: str | None = None) -> str:
         h.update(b"age:" + np.ascontiguousarray(states.age, np.float64).tobytes())
     if d.trainable_size is not None:
         h.update(f"trainable:{int(d.trainable_size)}".encode())
+    for i, state in enumerate(states.user or ()):
+        if state is None:
+            continue
+        h.update(f"user:{i}:".encode() + state.structure.encode())
+        for array in state.arrays:
+            h.update(f"{array.dtype.str}:{list(array.shape)}".encode())
+            h.update(np.ascontiguousarray(array).tobytes())
     for name, value in sorted(d.center_state.items()):  # hashed only when present
         h.update(f"center_state:{name}:".encode())
         h.update(np.ascontiguousarray(value, np.float32).tobytes())
@@ -435,6 +479,9 @@ def _read(f, path: Path) -> CheckpointData:
         rng_words=rng_words,
         rows={name: workers[name][()] for name in ROW_NAMES if name in workers},
         age=workers["state_age"][()] if "state_age" in workers else None,
+        user=_read_user_states(workers["user"], len(rng_words), path)
+        if "user" in workers
+        else None,
     )
     config = f["config"][()]
     metrics_group = f["metrics"]
@@ -586,6 +633,10 @@ def summarize(data: CheckpointData, path=None) -> dict:
         if states.age is None
         else [round(float(a), 3) for a in states.age],
         "worker_center_distance": distances,
+        # A user loop's own states (optimizer, schedules, ...): bytes of each, None where none.
+        "user_states": None
+        if states.user is None
+        else [None if u is None else u.nbytes for u in states.user],
         "last_metrics": data.metrics[-1] if data.metrics else None,
         "metrics_records": len(data.metrics),
         "config": data.config_toml,
@@ -627,6 +678,14 @@ def format_summary(s: dict) -> str:
         )
     else:
         lines.append("worker states: not stored")
+    user = s.get("user_states")
+    if user is not None:
+        saved = [b for b in user if b is not None]
+        lines.append(
+            f"workers' own states (your loop: optimizer, schedules, sampler, ...): "
+            f"{len(saved)} of {len(user)} saved"
+            + (f", {max(saved) / 1024:.1f} KiB at most" if saved else "")
+        )
     ages = s.get("worker_state_age")
     if ages is not None:
         lines.append("age of each worker's saved state (s): " + ", ".join(f"{a:.2f}" for a in ages))

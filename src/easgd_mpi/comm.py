@@ -38,6 +38,8 @@ __all__ = [
     "gather_to_master",
     "send_object",
     "receive_object",
+    "send_floats",
+    "receive_floats",
     "wait_for_all",
     "keep_progress",
     "BARRIER_POLL",
@@ -55,6 +57,7 @@ __all__ = [
     "cuda_aware_mpi",
     "limit_blas_threads",
     "run_or_abort",
+    "exit_for",
     "report_error",
     "MpiTurn",
 ]
@@ -180,6 +183,22 @@ def send_object(comm, value: Any, dest: int, tag: int) -> None:
 def receive_object(comm, source: int, tag: int) -> Any:
     """The object that :func:`send_object` sent from ``source`` with ``tag``."""
     return comm.recv(source=source, tag=tag)
+
+
+#: Floats per message of :func:`send_floats` (each under 2^31 bytes).
+_FLOAT_PIECE = 1 << 26
+
+
+def send_floats(comm, values, dest: int, tag: int) -> None:
+    """Send a float32 vector (model-sized: in pieces, no pickling) to rank ``dest``."""
+    for lo in range(0, values.shape[0], _FLOAT_PIECE):
+        comm.Send(values[lo : lo + _FLOAT_PIECE], dest=dest, tag=tag)
+
+
+def receive_floats(comm, out, source: int, tag: int) -> None:
+    """Fill the float32 vector ``out`` with what :func:`send_floats` sent from ``source``."""
+    for lo in range(0, out.shape[0], _FLOAT_PIECE):
+        comm.Recv(out[lo : lo + _FLOAT_PIECE], source=source, tag=tag)
 
 
 def wait_for_all(comm, poll: float = BARRIER_POLL) -> None:
@@ -462,6 +481,40 @@ def run_or_abort(func: Callable[[], int]) -> int:
         code = exc.exit_code if isinstance(exc, EasgdError) else 1
         _abort(code)
         return code
+
+
+def exit_for(exc: BaseException, show_traceback: Callable[[], None] | None = None) -> None:
+    """End this rank for an exception that nothing caught, as :func:`run_or_abort` would: a
+    user's script that does not wrap its code (``sys.excepthook``, installed by
+    ``easgd_mpi.torch.init``). An :class:`AgreedError` (every rank has it) is one line and a
+    clean exit with its code; another :class:`EasgdError` is one line and ``MPI_Abort`` (the
+    other ranks cannot know); anything else is ``show_traceback()`` (default: the package's
+    internal-error line) and ``MPI_Abort(1)``. Never returns."""
+    rank = _world_rank_or_none()
+    if isinstance(exc, KeyboardInterrupt):
+        _abort(130)
+    if isinstance(exc, EasgdError) or show_traceback is None:
+        report_error(exc, rank)
+    else:
+        show_traceback()
+    if isinstance(exc, AgreedError):
+        _finalize_and_exit(exc.exit_code)
+    # Not after the lines are forwarded, an abort can cut them off (end_job waits for them).
+    end_job(exc.exit_code if isinstance(exc, EasgdError) else 1)
+
+
+def _finalize_and_exit(code: int) -> None:
+    """Every rank leaves with ``code``: MPI is finalised (the launcher sees a clean end), and
+    nothing else runs (an exception hook cannot choose the exit code otherwise)."""
+    sys.stderr.flush()
+    sys.stdout.flush()
+    try:
+        MPI = _mpi()
+        if MPI.Is_initialized() and not MPI.Is_finalized():
+            MPI.Finalize()
+    except Exception:  # noqa: BLE001
+        pass
+    os._exit(code)
 
 
 def _world_rank_or_none() -> int | None:

@@ -47,6 +47,9 @@ __all__ = [
     "ALGORITHMS",
     "ASYNC_ALGORITHMS",
     "SYNC_ALGORITHMS",
+    "LOOP_ALGORITHMS",
+    "BUILTIN_ALGORITHMS",
+    "RESIZABLE_ALGORITHMS",
     "ELASTIC_ALGORITHMS",
     "MOMENTUM_ALGORITHMS",
     "OPTIONAL_MOMENTUM_ALGORITHMS",
@@ -60,7 +63,7 @@ __all__ = [
     "DEVICES",
 ]
 
-#: Algorithms the worker loop knows (docs/ARCHITECTURE.md §2).
+#: Algorithms the package's own loop knows (docs/ARCHITECTURE.md §2).
 ALGORITHMS = (
     "easgd",
     "eamsgd",
@@ -81,6 +84,16 @@ ACTIVE_ALGORITHMS = ("mdownpour", "adownpour", "mvadownpour", "async-diloco")
 ASYNC_ALGORITHMS = ("easgd", "eamsgd", "downpour", *ACTIVE_ALGORITHMS)
 #: Algorithms whose workers move in lockstep through an all-reduce among the workers.
 SYNC_ALGORITHMS = ("sync-easgd", "allreduce-sgd", "localsgd", "diloco")
+#: Algorithms of a user's own PyTorch loop (easgd_mpi.torch): the user's optimizer steps, the
+#: rule exchanges (EAMSGD there is "easgd" around SGD with Nesterov momentum; "localsgd"
+#: averages as PyTorch's PeriodicModelAverager does). The other rules are refused there
+#: (docs/ARCHITECTURE.md §8).
+LOOP_ALGORITHMS = ("easgd", "sync-easgd", "localsgd")
+#: Algorithms the package's own loop runs: every one.
+BUILTIN_ALGORITHMS = ALGORITHMS
+#: Algorithms whose resume may change the number of workers: their resume is not exact anyway
+#: (the interleaving of exchanges is the scheduler's), so new workers start at the center.
+RESIZABLE_ALGORITHMS = ("easgd", "eamsgd")
 #: Algorithms with an elastic force, i.e. that use rho / alpha / beta.
 ELASTIC_ALGORITHMS = ("easgd", "eamsgd", "sync-easgd")
 #: Algorithms that keep a velocity v per worker.
@@ -613,10 +626,9 @@ class Config:
         )
         why = {
             **{a: pushes_once for a in ("downpour", *ACTIVE_ALGORITHMS)},
-            **{
-                a: "the workers would average their parameters only once, after the last step"
-                for a in ("localsgd", "diloco")
-            },
+            "localsgd": "the workers would average their parameters only once (after the last "
+            "step; in your own loop, after the first, as PyTorch's PeriodicModelAverager does)",
+            "diloco": "the workers would average their parameters only once, after the last step",
             "allreduce-sgd": "the master would see the workers' parameters only after the last "
             "step (tau = steps does that explicitly)",
         }.get(

@@ -18,6 +18,7 @@ __all__ = [
     "LaunchError",
     "ExportError",
     "RunFolderError",
+    "UsageError",
     "AgreedError",
     "PlotError",
     "os_reason",
@@ -56,6 +57,11 @@ class ExportError(EasgdError):
 
 class RunFolderError(EasgdError):
     """The run folder cannot be used: another run holds it, or a file in it cannot be written."""
+
+
+class UsageError(EasgdError):
+    """A user's own loop calls the API where or when it cannot work (easgd_mpi.torch): the
+    worker API on a serving rank, a step before the model is bound, a model changed after."""
 
 
 class PlotError(EasgdError):

@@ -55,9 +55,11 @@ class _Run:
         self.snapshot = np.empty(center.n, dtype=np.float32)
         # When the master first saw each (worker, epoch) state: its age goes into checkpoints.
         # Epoch 0 is the state a worker starts from (this segment's start, or the resumed one).
+        # (A resume with more workers than the checkpoint's: the new ones start now.)
         start_age = resume.states.age if resume is not None else None
         self.seen = {
-            (i, 0): self.elapsed() - (0.0 if start_age is None else float(start_age[i]))
+            (i, 0): self.elapsed()
+            - (0.0 if start_age is None or i >= len(start_age) else float(start_age[i]))
             for i in range(self.p)
         }
         self.warned: set[int] = set()
@@ -100,6 +102,7 @@ class _Run:
         status = self.status.read()
         with self.turn.paused():  # no MPI in the evaluation: the center's thread goes on
             result = self.problem.evaluate(self.snapshot)
+        error = result.get("error")
         now = round(self.elapsed(), 4)
         # The rate is measured from the previous record of this start (a resumed run's last
         # record is older than this start: time_offset is its checkpoint's wall time).
@@ -112,7 +115,7 @@ class _Run:
             "steps": int(status["steps"].sum()),
             "exchanges": int(status["exchanges"].sum()),
             "center_loss": float(result["loss"]),
-            "center_error": float(result["error"]),
+            "center_error": None if error is None else float(error),
             "distance": float(np.nanmean(status["distance"])) if self.p else 0.0,
             "worker_loss": float(np.nanmean(status["loss"])) if self.p else 0.0,
             "bytes": int(status["bytes"].sum()),
@@ -125,6 +128,9 @@ class _Run:
         }
         if self.active is not None:
             record.update(self._center_metrics(status))
+        # A user loop's own numbers (docs/ARCHITECTURE.md §8.3): its evaluation's other keys
+        # (center_<key>) and its workers' (worker_<key>), after the standard ones.
+        record.update({k: float(v) for k, v in result.items() if k not in ("loss", "error")})
         self.records.append(record)
         self.metrics.write(record)
         _log.info(format_progress(record, getattr(self.problem, "error_is_rate", True)))

@@ -26,7 +26,14 @@ import numpy as np
 
 from .errors import os_reason
 
-__all__ = ["MetricsLog", "format_error", "format_progress", "progress_fields", "read_metrics"]
+__all__ = [
+    "MetricsLog",
+    "STANDARD_KEYS",
+    "format_error",
+    "format_progress",
+    "progress_fields",
+    "read_metrics",
+]
 
 
 class MetricsLog:
@@ -122,6 +129,37 @@ def format_error(error: float | None, is_rate: bool = True) -> str:
     return f"{100 * error:.2f}%" if is_rate else f"{error:.4g}"
 
 
+#: The keys the package writes in a record (master.py): the fields above, then ``push_bytes``
+#: and a center that computes's (docs/ARCHITECTURE.md §3.11). A user's own loop adds its own
+#: after them (``center_<key>``, ``worker_<key>``), which the progress line shows.
+STANDARD_KEYS = (
+    "time",
+    "steps",
+    "exchanges",
+    "center_loss",
+    "center_error",
+    "distance",
+    "worker_loss",
+    "bytes",
+    "resets",
+    "steps_per_worker",
+    "step_budget",
+    "done",
+    "steps_per_s",
+    "time_left",
+    "slowest_rank",
+    "slowest_steps",
+    "push_bytes",
+    "staleness",
+    "staleness_max",
+    "push_wait_s",
+    "center_pushes",
+    "center_lag",
+    "center_applies",
+    "center_busy_s",
+)
+
+
 def progress_fields(steps, budget: int, first_rank: int, now: float, previous=None) -> dict:
     """The record's progress fields (see the module's docstring) from each worker's steps
     (``steps[i]`` is the worker on world rank ``first_rank + i``), the per-worker ``budget``
@@ -153,9 +191,10 @@ def progress_fields(steps, budget: int, first_rank: int, now: float, previous=No
 
 def format_progress(rec: dict, error_is_rate: bool = True) -> str:
     """One readable line: time, per-worker steps against the budget (percent, rate, time left,
-    the slowest worker when one lags), center loss and error, distance. A record without the
-    progress fields (an older file's) shows the summed steps and exchanges instead."""
-    error_txt = format_error(rec.get("center_error"), error_is_rate)
+    the slowest worker when one lags), center loss and error, distance, and a user loop's own
+    numbers. A record without the progress fields (an older file's) shows the summed steps and
+    exchanges instead; without an evaluation of the center (a user loop that gives none), the
+    workers' loss takes the center's place."""
     if rec.get("step_budget"):
         steps = (
             f"steps {rec['steps_per_worker']:,d}/{rec['step_budget']:,d} per worker, "
@@ -169,10 +208,22 @@ def format_progress(rec: dict, error_is_rate: bool = True) -> str:
             steps += f" (slowest: rank {rec['slowest_rank']} at {rec['slowest_steps']:,d})"
     else:
         steps = f"steps {rec['steps']:>9,d}  exchanges {rec['exchanges']:>7,d}"
-    return (
-        f"[{rec['time']:7.1f}s] {steps}  center loss {rec['center_loss']:.4f}  "
-        f"error {error_txt:>7}  |x-c| {rec['distance']:.4g}"
+    loss = rec.get("center_loss")
+    if loss is None or not math.isfinite(loss):
+        body = f"worker loss {_number(rec.get('worker_loss'))}"
+    else:
+        error_txt = format_error(rec.get("center_error"), error_is_rate)
+        body = f"center loss {loss:.4f}  error {error_txt:>7}"
+    extras = "".join(
+        f"  {key} {_number(value)}"
+        for key, value in rec.items()
+        if key not in STANDARD_KEYS and isinstance(value, (int, float))
     )
+    return f"[{rec['time']:7.1f}s] {steps}  {body}  |x-c| {rec['distance']:.4g}{extras}"
+
+
+def _number(value) -> str:
+    return "n/a" if value is None or value != value else f"{value:.4g}"
 
 
 def _rate(per_second: float) -> str:

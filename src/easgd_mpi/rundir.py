@@ -9,6 +9,8 @@ segments (a preempted job resumed with ``--resume auto``):
 - ``checkpoint-NNNNNN.h5``: the checkpoints, numbered above every one already in the folder
   (:mod:`easgd_mpi.checkpoint` knows the format of one file, nothing about folders);
 - ``PREEMPTED`` / ``COMPLETED``: how the newest segment ended;
+- ``center.pt``: a user's own loop's center as a PyTorch ``state_dict``, left at its end
+  (:meth:`RunFolder.write_center`; easgd_mpi.torch);
 - ``easgd.lock``: the lock of the run that uses the folder (:mod:`easgd_mpi.runlock`).
 
 Nothing a finished run left is deleted by a new run: a run that does not resume refuses a folder
@@ -25,6 +27,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .checkpoint import CheckpointData, load_checkpoint, save_checkpoint
@@ -35,12 +38,14 @@ from .runlock import acquire as lock_folder
 __all__ = [
     "CONFIG_NAME",
     "METRICS_NAME",
+    "CENTER_NAME",
     "PREEMPTED",
     "COMPLETED",
     "Start",
     "RunFolder",
     "config_path",
     "metrics_path",
+    "center_path",
     "checkpoint_path",
     "checkpoint_sequence",
     "list_checkpoints",
@@ -54,14 +59,22 @@ log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.toml"
 METRICS_NAME = "metrics.jsonl"
+#: A user loop's center as a ``state_dict`` (run.finish() in easgd_mpi.torch).
+CENTER_NAME = "center.pt"
 #: Markers of how a run ended; a starting segment clears those of an earlier one.
 PREEMPTED = "PREEMPTED"
 COMPLETED = "COMPLETED"
 _MARKERS = (PREEMPTED, COMPLETED)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.h5$")
 #: Temporary names a crashed write leaves behind: checkpoint.save_checkpoint's
-#: (``.<name>.tmp-<pid>``), this module's config and MetricsLog's rewrite of the metrics.
-_TEMPORARIES = (".checkpoint-*.h5.tmp-*", f".{CONFIG_NAME}.tmp", f"{METRICS_NAME}.tmp")
+#: (``.<name>.tmp-<pid>``), this module's config, MetricsLog's rewrite of the metrics and
+#: export.py's of the center.
+_TEMPORARIES = (
+    ".checkpoint-*.h5.tmp-*",
+    f".{CONFIG_NAME}.tmp",
+    f"{METRICS_NAME}.tmp",
+    f".{CENTER_NAME}.tmp-*",
+)
 
 
 def config_path(folder) -> Path:
@@ -70,6 +83,10 @@ def config_path(folder) -> Path:
 
 def metrics_path(folder) -> Path:
     return Path(folder) / METRICS_NAME
+
+
+def center_path(folder) -> Path:
+    return Path(folder) / CENTER_NAME
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,6 +194,13 @@ class RunFolder:
                 f"be removed: {os_reason(exc)}"
             )
         return path
+
+    def write_center(self, write: Callable[[Path], object]) -> Path:
+        """Leave the center as ``center.pt``: ``write(target)`` writes the file (export.py
+        writes it atomically); returns its path."""
+        target = center_path(self.path)
+        write(target)
+        return target
 
     def mark(self, outcome: str) -> None:
         """Leave ``PREEMPTED`` or ``COMPLETED``, and no other marker."""

@@ -1,12 +1,15 @@
 """A run's set-up and tear-down on every rank: the one :class:`Session` behind every face.
 
 ``train()`` (and so ``easgd train``) is a Session around the package's own loops; a user's own
-training loop is a Session around theirs. Set-up (docs/ARCHITECTURE.md §5): the layout of the
-world and the roles, the resumed checkpoint and its config precedence, the agreed start-up
-checks (config, device, problem, memory), the run folder and its lock, the windows (center,
-status, worker states), each worker's start state, the stop signals. Tear-down, whatever ended
-the run (its budget, a signal, a stalled worker, an error): the end-of-run barrier, the windows
-freed, the outcome marker, the folder's lock released, the summary.
+training loop (easgd_mpi.torch, docs/ARCHITECTURE.md §8) is a Session around theirs. Set-up
+(docs/ARCHITECTURE.md §5) comes in two parts, because a user's loop builds its model after the
+run has started: :meth:`Session.open_world` (the layout of the world and the roles, the resumed
+checkpoint and its config precedence, the agreed checks of config and device, the stop
+signals) and :meth:`Session.open_run` once the problem exists (memory, the checkpoint against
+the model, the run folder and its lock, the windows: center, status, worker states, each
+worker's start state). Tear-down, whatever ended the run (its budget, a signal, a stalled
+worker, an error): the end-of-run barrier, the windows freed, the outcome marker, the folder's
+lock released, the summary.
 
 Start-up steps that depend on input run on every rank and agree collectively
 (:func:`~easgd_mpi.comm.agree_or_fail`), so bad input is the same one-line error everywhere.
@@ -44,7 +47,13 @@ from .comm import (
     wait_for_all,
     world_comm,
 )
-from .config import SYNC_ALGORITHMS, Config
+from .config import (
+    BUILTIN_ALGORITHMS,
+    LOOP_ALGORITHMS,
+    RESIZABLE_ALGORITHMS,
+    SYNC_ALGORITHMS,
+    Config,
+)
 from .data.sampling import worker_rng
 from .errors import CheckpointError, ConfigError, EasgdError
 from .gpu_binding import bind_before_mpi
@@ -74,7 +83,9 @@ class Session:
     checkpoint file, a run folder (its newest valid checkpoint), ``"auto"`` (the same for
     ``cfg.run_dir``; a fresh start when it holds none) or a loaded :class:`CheckpointData`
     (read on rank 0). On resume the checkpoint's config is the base and the keys this launch
-    states win (:meth:`Config.over_checkpoint`).
+    states win (:meth:`Config.over_checkpoint`). ``warm_start``: a checkpoint file or run folder
+    whose center a fresh run starts from (any number of workers, any rule; a resume found by
+    ``resume`` wins). ``own_loop``: the run is a user's own loop (its rules, its states).
 
     Inside the ``with`` block: :attr:`roles`, :attr:`cfg`, :attr:`problem`, :attr:`backend`,
     :attr:`alpha`, :attr:`center`, :attr:`channel` (this rank's side of the worker-state
@@ -83,11 +94,25 @@ class Session:
     after the block, :attr:`summary` is the same dict on every rank.
     """
 
-    def __init__(self, cfg: Config, problem=None, comm=None, resume=None):
+    def __init__(
+        self,
+        cfg: Config,
+        problem=None,
+        comm=None,
+        resume=None,
+        warm_start=None,
+        own_loop: bool = False,
+    ):
         self.cfg = cfg
         self._problem_spec = problem
         self._comm = comm
         self._resume = resume
+        self._warm_spec = warm_start
+        self.own_loop = own_loop
+        #: The checkpoint whose center a fresh run starts from (rank 0; None: none).
+        self.warm: CheckpointData | None = None
+        #: Every worker's state at the start of this segment (rank 0, from open_run on).
+        self.start_states: WorkerStates | None = None
         self.summary: dict | None = None
         self.master_result: dict | None = None
         self.served: dict | None = None  # an idle server's CPU use (its loop's measurement)
@@ -110,14 +135,24 @@ class Session:
         if exc is None:
             self.close()
         else:
-            # No collective call here: the other ranks may never arrive (run_or_abort ends the
-            # job). What is this rank's own goes back: the signal handlers and the folder lock.
-            self._restore_signals()
-            if self.folder is not None:
-                self.folder.release()
+            self.abandon()
         return False
 
+    def abandon(self) -> None:
+        """After an error: no collective call (the other ranks may never arrive; run_or_abort
+        ends the job). What is this rank's own goes back: the signal handlers, the folder lock."""
+        self._restore_signals()
+        if self.folder is not None:
+            self.folder.release()
+
     def open(self) -> None:
+        """Every rank: the whole set-up (:meth:`open_world`, then :meth:`open_run`)."""
+        self.open_world()
+        self.open_run()
+
+    def open_world(self) -> None:
+        """Every rank: the world, the roles, the config (with a resumed checkpoint's), its
+        agreed checks and the backend, the stop signals; nothing that needs the model."""
         console_if_unconfigured()
         # A script's run: bound to its GPU as `easgd train` binds, while MPI has not started.
         bind_before_mpi(self.cfg.servers)
@@ -132,61 +167,109 @@ class Session:
 
         def setup():
             cfg.validate(workers=p)
+            self._check_rule()
             backend, why_cpu, device_id = _choose_backend(cfg, roles)
-            prob = _build_problem(cfg, self._problem_spec, backend.xp)
-            return backend, why_cpu, device_id, prob, allreduce_on_device(backend.is_gpu)
+            return backend, why_cpu, device_id, allreduce_on_device(backend.is_gpu)
 
-        backend, why_cpu, device_id, self.problem, self.direct_mpi = agree_or_fail(
+        self.backend, self._why_cpu, self.device_id, self.direct_mpi = agree_or_fail(
             roles.world, setup
         )
-        self.backend = backend
         self.alpha = cfg.resolve_alpha(p)
+        self._install_signals()
+
+    def open_run(self, problem=None) -> None:
+        """Every rank, once its problem exists (``problem``: this rank's, else the one given
+        to the Session): memory, the checkpoint against the model, the run folder, the
+        windows, each worker's start state."""
+        cfg, roles, backend = self.cfg, self.roles, self.backend
+        p = roles.n_workers
+        spec = self._problem_spec if problem is None else problem
+        self.problem = agree_or_fail(roles.world, lambda: _build_problem(cfg, spec, backend.xp))
         _check_memory(cfg, roles, self.problem, backend)
         agree_or_fail(roles.world, self._check_resumable)
         self.resuming = self.checkpoint is not None
         self._open_folder()
-        devices = gather_to_master(roles.world, (backend.name, why_cpu, device_id))
+        devices = gather_to_master(roles.world, (backend.name, self._why_cpu, self.device_id))
         initial = self._initial_center()
         if roles.is_master:
-            _announce(cfg, p, self.alpha, devices[roles.servers :], self.run_dir, self.problem)
+            _announce(
+                cfg, p, self.alpha, devices[roles.servers :], self.run_dir, self.problem, self
+            )
             if self.checkpoint is not None:
-                _announce_resume(cfg, self.checkpoint)
+                _announce_resume(cfg, self.checkpoint, p)
+            elif self.warm is not None:
+                _announce_warm_start(self.warm)
+            self.start_states = self._initial_states(initial)
         self._open_windows_(initial)
         self.start_state = self._scatter_start_states()
-        self._install_signals()
         self._start = time.monotonic()
 
+    def _check_rule(self) -> None:
+        """Each face runs its own rules (docs/ARCHITECTURE.md §8)."""
+        cfg = self.cfg
+        if self.own_loop and cfg.algorithm not in LOOP_ALGORITHMS:
+            raise ConfigError(
+                f"config: algorithm = '{cfg.algorithm}' does not run in your own loop: use "
+                f"{', '.join(LOOP_ALGORITHMS)} (EAMSGD: 'easgd' around torch.optim.SGD with "
+                f"momentum and nesterov=True)"
+            )
+        if self.own_loop and cfg.momentum != 0:
+            raise ConfigError(
+                f"config: momentum = {cfg.momentum} is your optimizer's in your own loop: set "
+                f"it there (torch.optim.SGD(momentum=...)) and momentum = 0 here"
+            )
+        if not self.own_loop and cfg.algorithm not in BUILTIN_ALGORITHMS:
+            raise ConfigError(
+                f"config: algorithm = '{cfg.algorithm}' runs in your own PyTorch loop only "
+                f"(easgd_mpi.torch, examples/own_loop.py); easgd train runs "
+                f"{', '.join(BUILTIN_ALGORITHMS)}"
+            )
+
     def _resolve_config(self, base) -> None:
-        """Find the checkpoint to resume (rank 0 reads it) and apply the config precedence."""
+        """Find the checkpoint to resume (rank 0 reads it) and apply the config precedence;
+        without one, the checkpoint a fresh run starts from (``warm_start``)."""
         rank, size = rank_and_size(base)
-        resume = self._resume
+        resume, warm = self._resume, self._warm_spec
 
         def find():
             # A world of one rank is refused next (check_layout): no checkpoint is read for it.
-            if resume is None or rank != 0 or size < 2:
-                return None
+            if rank != 0 or size < 2:
+                return None, None
+            found = None
             if isinstance(resume, CheckpointData):
-                return resume
-            found = find_checkpoint(resume, self.cfg.run_dir)
-            return None if found is None else found[1]
+                found = resume
+            elif resume is not None:
+                hit = find_checkpoint(resume, self.cfg.run_dir)
+                found = None if hit is None else hit[1]
+            if found is not None or warm is None:
+                return found, None
+            if isinstance(warm, CheckpointData):
+                return None, warm
+            hit = find_checkpoint(warm, "")
+            return None, None if hit is None else hit[1]
 
-        self.checkpoint = agree_or_fail(base, find)
+        self.checkpoint, self.warm = agree_or_fail(base, find)
         base_toml = broadcast(base, self.checkpoint.config_toml if self.checkpoint else None)
         if base_toml is not None:
             self.cfg = agree_or_fail(base, lambda: self.cfg.over_checkpoint(base_toml))
 
     def _check_resumable(self) -> None:
+        if not self.roles.is_master:
+            return
+        if self.warm is not None:  # any p, any rule: only the model must match
+            check_matches(self.warm, self.problem.layout, "(warm start)")
         data = self.checkpoint
-        if data is None or not self.roles.is_master:
+        if data is None:
             return
         cfg, p = self.cfg, self.roles.n_workers
         check_matches(data, self.problem.layout, f"#{data.sequence}")
-        if data.workers != p:
+        if data.workers != p and cfg.algorithm not in RESIZABLE_ALGORITHMS:
             # The servers are free to change (the file holds the whole center): only p must match.
             raise CheckpointError(
                 f"checkpoint #{data.sequence} was written by {data.workers} workers, this launch "
                 f"has {p}: launch with {data.workers + cfg.servers} ranks to resume it with "
-                f"servers = {cfg.servers} (ranks = {data.workers} workers + servers)"
+                f"servers = {cfg.servers} (ranks = {data.workers} workers + servers); "
+                f"algorithm '{cfg.algorithm}' resumes exactly, so the number of workers stays"
             )
         if data.algorithm != cfg.algorithm:
             raise CheckpointError(
@@ -218,6 +301,8 @@ class Session:
         initial = np.zeros(self.problem.layout.size, dtype=np.float32)
         if self.checkpoint is not None:
             initial[:] = self.checkpoint.center
+        elif self.warm is not None:
+            initial[:] = self.warm.center
         else:
             self.problem.init_params(initial, self.cfg.seed)
         return initial
@@ -245,7 +330,7 @@ class Session:
                 initial_rows=data.center_state if data is not None else None,
             )
         self.status = StatusBoard(
-            roles.world, p, initial=None if data is None else dict(data.states.counters)
+            roles.world, p, initial=None if data is None else dict(self.start_states.counters)
         )
         if roles.is_master and roles.servers > 1:
             _log.info(
@@ -265,7 +350,7 @@ class Session:
             p,
             row_names=cfg.state_rows if cfg.checkpoint.worker_states else (),
             cut_center=cut,
-            initial=self._initial_states(initial) if roles.is_master else None,
+            initial=self.start_states,
             initial_center=initial,
             center_rows=cfg.center_rows if cut else (),
             initial_center_rows=self._initial_center_rows(initial) if roles.is_master else None,
@@ -274,20 +359,31 @@ class Session:
 
     def _initial_states(self, center: np.ndarray) -> WorkerStates:
         """The state every worker starts this segment from, as the master stores it before any
-        worker answers (snapshots.py): a worker that never answers is saved as it started."""
-        cfg, p, data = self.cfg, self.roles.n_workers, self.checkpoint
+        worker answers (snapshots.py): a worker that never answers is saved as it started.
+        A resume with more workers than the checkpoint's (a rule of RESIZABLE_ALGORITHMS)
+        starts the new ones fresh at the center; one with fewer drops the last ones."""
+        p, data = self.roles.n_workers, self.checkpoint
         n = self.problem.layout.size
-        if data is not None:
-            rows = dict(data.states.rows)
-            rows.setdefault("x", np.broadcast_to(center, (p, n)))
-            if cfg.keeps_residual:  # compression newly on: nothing is pending yet
-                rows.setdefault("residual", np.zeros((p, n), np.float32))
-            return WorkerStates(
-                counters=data.states.counters,
-                rng_words=data.states.rng_words,
-                rows=rows,
-                age=data.states.age,
-            )
+        fresh = self._fresh_states(center)
+        if data is None:
+            return fresh
+        states = data.states if data.workers == p else data.states.resized(fresh)
+        rows = dict(states.rows)
+        rows.setdefault("x", np.broadcast_to(center, (p, n)))
+        if self.cfg.keeps_residual:  # compression newly on: nothing is pending yet
+            rows.setdefault("residual", np.zeros((p, n), np.float32))
+        return WorkerStates(
+            counters=states.counters,
+            rng_words=states.rng_words,
+            rows=rows,
+            age=states.age,
+            user=states.user,
+        )
+
+    def _fresh_states(self, center: np.ndarray) -> WorkerStates:
+        """p workers at step 0, at the center, each with its own generator."""
+        cfg, p = self.cfg, self.roles.n_workers
+        n = self.problem.layout.size
         rows = {"x": center}
         m = int(getattr(self.problem, "n_trainable", n))
         for name in cfg.state_rows[1:]:
@@ -319,7 +415,7 @@ class Session:
             # momentum): each worker gets them with its state. Servers keep the active ones.
             replicated = {} if self.cfg.is_active else dict(self.checkpoint.center_state)
             for i in range(roles.n_workers):
-                state = self.checkpoint.states.of(i)
+                state = self.start_states.of(i)
                 state.center = replicated
                 send_object(roles.world, state, dest=roles.servers + i, tag=_STATE_TAG)
             return None
@@ -353,44 +449,13 @@ class Session:
     # ---- the package's own loops -----------------------------------------------------------
     def run(self) -> None:
         """Serve, master or train, by this rank's role, until the run ends."""
-        from .master import run_master  # noqa: PLC0415
         from .worker import run_worker  # noqa: PLC0415
 
         roles = self.roles
-        server = self.active.server if self.active is not None else None
         if roles.is_server and not roles.is_master:
-            # A passive center: nothing to compute here, keep MPI progress going for this
-            # slice until every rank has joined the end-of-run barrier (the loop is that
-            # barrier). A center that computes: apply the pushes between the tests.
-            if server is None:
-                self.served = keep_progress(roles.world)
-            else:  # polled at the center's pace, not the barrier's
-                self.served = keep_progress(roles.world, poll=SERVER_POLL, work=server.poll)
-            self._barrier_done = True
+            self.serve_slice()
         elif roles.is_master:
-            metrics = self.folder.open_metrics()
-            if server is not None:  # the master's slice, in a thread: evaluations take long
-                server.start_thread()
-            try:
-                self.master_result = run_master(
-                    self.cfg,
-                    roles,
-                    self.problem,
-                    self.center,
-                    self.status,
-                    self.channel,
-                    metrics,
-                    self.folder,
-                    resume=self.checkpoint,
-                    stop_flag=self.stop_requested,
-                    active=self.active,
-                )
-            finally:
-                metrics.close()
-                if server is not None:
-                    server.stop_thread()
-            if self.master_result["abandoned"]:
-                self._end_stalled()
+            self.serve_center()
         else:
             run_worker(
                 self.cfg,
@@ -406,6 +471,47 @@ class Session:
                 stop_flag=self.stop_requested,
                 inbox=self.active.inbox if self.active is not None else None,
             )
+
+    def serve_slice(self) -> None:
+        """A server other than the master. A passive center: nothing to compute here, keep MPI
+        progress going for this slice until every rank has joined the end-of-run barrier (the
+        loop is that barrier). A center that computes: apply the pushes between the tests."""
+        server = self.active.server if self.active is not None else None
+        if server is None:
+            self.served = keep_progress(self.roles.world)
+        else:  # polled at the center's pace, not the barrier's
+            self.served = keep_progress(self.roles.world, poll=SERVER_POLL, work=server.poll)
+        self._barrier_done = True
+
+    def serve_center(self, channel=None) -> None:
+        """The master: the master loop (master.py) until the run ends; ``channel``: the
+        worker-state channel's master side to use (default :attr:`channel`)."""
+        from .master import run_master  # noqa: PLC0415
+
+        server = self.active.server if self.active is not None else None
+        metrics = self.folder.open_metrics()
+        if server is not None:  # the master's slice, in a thread: evaluations take long
+            server.start_thread()
+        try:
+            self.master_result = run_master(
+                self.cfg,
+                self.roles,
+                self.problem,
+                self.center,
+                self.status,
+                self.channel if channel is None else channel,
+                metrics,
+                self.folder,
+                resume=self.checkpoint,
+                stop_flag=self.stop_requested,
+                active=self.active,
+            )
+        finally:
+            metrics.close()
+            if server is not None:
+                server.stop_thread()
+        if self.master_result["abandoned"]:
+            self._end_stalled()
 
     def _end_stalled(self) -> None:
         """The master after a stop that some worker never answered: the final checkpoint holds
@@ -438,13 +544,7 @@ class Session:
         if not self._barrier_done:
             wait_for_all(roles.world)
             self._barrier_done = True
-        if self._open_windows:
-            self.channel.close()
-            self.status.close()
-            if self.active is not None:
-                self.active.close()
-            self.center.close()
-            self._open_windows = False
+        self._close_windows()
         self._restore_signals()
 
         def finish():
@@ -477,6 +577,25 @@ class Session:
         roles.free()
         return self.summary
 
+    def close_together(self) -> None:
+        """Collective, after an error that every rank has once the windows are open (a user
+        loop's agreed restore, easgd_mpi.torch): the windows freed, the folder's lock released,
+        no marker (the run did not start)."""
+        self._close_windows()
+        self.abandon()
+        self.roles.free()
+
+    def _close_windows(self) -> None:
+        """Collective: the worker-state channel, the status board, a center that computes's
+        inboxes and the center freed."""
+        if self._open_windows:
+            self.channel.close()
+            self.status.close()
+            if self.active is not None:
+                self.active.close()
+            self.center.close()
+            self._open_windows = False
+
     def _summary(self, stopped: bool, server_cpu: list[dict]) -> dict:
         cfg, p = self.cfg, self.roles.n_workers
         final = self.master_result or {}
@@ -495,12 +614,18 @@ class Session:
         if "steps" in summary:
             verb = "stopped early" if stopped else "done"
             is_rate = getattr(self.problem, "error_is_rate", True)
+            loss = summary["center_loss"]
+            if loss == loss:
+                result = (
+                    f"center test error {format_error(summary['center_error'], is_rate)}, "
+                    f"loss {loss:.4f}"
+                )
+            else:  # a user loop that does not evaluate the center
+                result = f"workers' loss {summary['worker_loss']:.4f}"
             _log.info(
                 f"{verb}: {cfg.algorithm} with {p} workers, {summary['steps']:,d} worker steps, "
                 f"{summary['exchanges']:,d} exchanges in {summary['wall_time']:.1f}s; "
-                f"center test error {format_error(summary['center_error'], is_rate)}, "
-                f"loss {summary['center_loss']:.4f}{_servers_text(server_cpu)}; "
-                f"run folder {self.run_dir}"
+                f"{result}{_servers_text(server_cpu)}; run folder {self.run_dir}"
             )
         return summary
 
@@ -591,7 +716,7 @@ def _servers_text(served: list[dict]) -> str:
     return f"; {len(served) + 1} servers, the idle ones at most {busiest:.1%} of a core"
 
 
-def _announce(cfg, p, alpha, devices, run_dir, prob) -> None:
+def _announce(cfg, p, alpha, devices, run_dir, prob, session) -> None:
     kinds: dict[str, int] = {}
     for name, why, dev in devices:
         if name == "numpy":
@@ -604,19 +729,40 @@ def _announce(cfg, p, alpha, devices, run_dir, prob) -> None:
     if cfg.compress != "none":  # docs/ARCHITECTURE.md §2.16: what the codes save, and where
         feedback = "with" if cfg.error_feedback else "WITHOUT"
         coded = f", pushes coded in {cfg.compress} {feedback} error feedback"
+    # In a user's own loop the optimizer (and its learning rate) is the user's.
+    lr = "your optimizer" if session.own_loop else f"lr = {cfg.lr:g}"
     _log.info(
         f"easgd: {cfg.algorithm}, {p} workers ({where}), tau = {cfg.tau}, "
-        f"alpha = {alpha:.4g} (beta = {alpha * p:.3g}), lr = {cfg.lr:g}, "
+        f"alpha = {alpha:.4g} (beta = {alpha * p:.3g}), {lr}, "
         f"{prob.layout.size:,d} parameters, {cfg.steps:,d} steps per worker{coded}; "
         f"run folder {run_dir}"
     )
 
 
-def _announce_resume(cfg, checkpoint) -> None:
+def _announce_resume(cfg, checkpoint, p) -> None:
     changes = cfg.changes_from(checkpoint.config_toml)
+    resized = ""
+    if checkpoint.workers != p:
+        resized = (
+            f"{checkpoint.workers} workers then, {p} now ("
+            + (
+                f"workers {checkpoint.workers}..{p - 1} start at the center"
+                if p > checkpoint.workers
+                else f"the states of workers {p}..{checkpoint.workers - 1} are dropped"
+            )
+            + "); "
+        )
     _log.info(
         f"easgd: resuming from checkpoint #{checkpoint.sequence}: "
-        f"{checkpoint.total_steps:,d} worker steps, {checkpoint.wall_time:.1f}s done; "
+        f"{checkpoint.total_steps:,d} worker steps, {checkpoint.wall_time:.1f}s done; {resized}"
         + ("config changes: " + ", ".join(changes) if changes else "config as the checkpoint's")
     )
     sys.stdout.flush()
+
+
+def _announce_warm_start(checkpoint) -> None:
+    _log.info(
+        f"easgd: starting from the center of checkpoint #{checkpoint.sequence} (warm start: "
+        f"{checkpoint.algorithm}, {checkpoint.workers} workers, "
+        f"{checkpoint.total_steps:,d} worker steps); a fresh run otherwise"
+    )

@@ -120,15 +120,6 @@ class WorkerSide(_StateWindows):
         self._host = None  # staging buffer, made at the first copy that needs one
         self._open()
 
-    def answer_if_asked(
-        self, slot: int, algo, rng, steps: int, finished: bool = False, wants_stop: bool = False
-    ) -> tuple[bool, bool]:
-        """Answer a new checkpoint epoch if there is one. Returns (stop, release): stop training
-        now; the master has everything, a finished worker may leave."""
-        epoch, stop, release = self.peek()
-        self.answer(slot, algo, rng, steps, epoch, finished=finished, wants_stop=wants_stop)
-        return stop, release
-
     def peek(self) -> tuple[int, bool, bool]:
         """The master's control word: (epoch asked for, stop, release)."""
         MPI = self._MPI
@@ -148,13 +139,14 @@ class WorkerSide(_StateWindows):
         epoch: int,
         finished: bool = False,
         wants_stop: bool = False,
-    ) -> None:
+    ) -> bool:
         """Save the state for ``epoch`` if not done yet (into the other half), then report the
-        flags and which half is the latest."""
-        if epoch == self._acked and not (wants_stop or finished):
-            return
+        flags and which half is the latest. Returns whether it saved a new epoch's state."""
+        saved = epoch != self._acked
+        if not saved and not (wants_stop or finished):
+            return False
         MPI = self._MPI
-        if epoch != self._acked:
+        if saved:
             half = 1 - self._latest
             if self.rows:
                 self._write_state(slot, half, algo)
@@ -177,6 +169,7 @@ class WorkerSide(_StateWindows):
             op=MPI.REPLACE,
         )
         self._meta.Flush(MASTER)
+        return saved
 
     def _write_state(self, slot: int, half: int, algo) -> None:
         b = algo.backend
@@ -304,15 +297,17 @@ class MasterSide(_StateWindows):
         self._meta.Flush(MASTER)
         meta = out.reshape(self.p, _META).copy()
         half = meta[:, _LATEST].clip(0, 1)
-        return self._describe(meta, half) | {
+        return self.describe_halves(meta, half) | {
             "finished": meta[:, _FINISHED].astype(bool),
             "wants_stop": meta[:, _WANTS_STOP].astype(bool),
-            "other_ack": self._describe(meta, 1 - half)["ack"],
+            "other_ack": self.describe_halves(meta, 1 - half)["ack"],
             "meta": meta,
         }
 
     @staticmethod
-    def _describe(meta: np.ndarray, half: np.ndarray) -> dict[str, np.ndarray]:
+    def describe_halves(meta: np.ndarray, half: np.ndarray) -> dict[str, np.ndarray]:
+        """Of each worker's meta block, the half ``half`` names: ``half``, ``ack``, the
+        counters and ``rng_words``."""
         rows = np.take_along_axis(
             meta[:, _COMMON:].reshape(-1, 2, _HALF), half[:, None, None], axis=1
         )[:, 0, :]
@@ -335,7 +330,7 @@ class MasterSide(_StateWindows):
         if epoch is not None:
             other = table["other_ack"] == epoch
             half[(table["ack"] != epoch) & other] ^= 1
-        return self._describe(table["meta"], half)
+        return self.describe_halves(table["meta"], half)
 
     def states(self, cut, age: np.ndarray | None = None) -> tuple[WorkerStates, dict | None]:
         """The workers' states in the halves ``cut`` names (copies), and the first worker's

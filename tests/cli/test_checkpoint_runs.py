@@ -238,10 +238,18 @@ def test_nan_on_one_worker_never_reaches_the_center(algorithm, mpiexec, clean_en
 
 def test_resume_refuses_a_checkpoint_that_does_not_fit(mpiexec, clean_env, tmp_path):
     run_dir = tmp_path / "run"
-    first = run(train_command(mpiexec, 3, run_dir, "steps=200", "checkpoint.interval=0"), clean_env)
+    # Sync EASGD resumes exactly, so it keeps its number of workers (async EASGD may change it:
+    # tests/cli/test_servers.py).
+    sets = ("algorithm=sync-easgd", "steps=200", "checkpoint.interval=0")
+    first = run(train_command(mpiexec, 3, run_dir, *sets), clean_env)
     assert first.returncode == 0, first.stderr
     cases = [
-        (4, ["steps=400"], "written by 2 workers, this launch has 3: launch with 3 ranks"),
+        (
+            4,
+            ["steps=400"],
+            "written by 2 workers, this launch has 3: launch with 3 ranks to resume it with "
+            "servers = 1 (ranks = 2 workers + servers); algorithm 'sync-easgd' resumes exactly",
+        ),
         (3, ["model.hidden=[32]"], "tensor 'w0' has shape [64, 64], the model needs [64, 32]"),
     ]
     for ranks, sets, fragment in cases:

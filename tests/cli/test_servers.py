@@ -6,7 +6,7 @@ import numpy as np
 from easgd_mpi.checkpoint import load_checkpoint
 from easgd_mpi.metrics import read_metrics
 from easgd_mpi.rundir import list_checkpoints
-from launching import assert_one_line_per_rank, run, train_command
+from launching import run, train_command
 
 COMMON = ["lr=0.1", "eval_interval=0.3", "checkpoint.interval=0", "chunk=1024"]
 
@@ -55,13 +55,9 @@ def test_a_checkpoint_resumes_with_another_number_of_servers(mpiexec, clean_env,
     assert records[-1]["steps"] == 3000 and records[-1]["center_error"] <= 0.06
     assert (run_dir / "COMPLETED").exists()
 
-    # The workers must match; the servers are free. The message says how to launch.
-    proc = run(
-        train_command(mpiexec, 4, run_dir, "servers=1", "steps=1600", resume="auto"), clean_env
-    )
-    assert_one_line_per_rank(
-        proc,
-        4,
-        "written by 2 workers, this launch has 3: launch with 3 ranks to resume it "
-        "with servers = 1 (ranks = 2 workers + servers)",
-    )
+    # Async EASGD, whose resume is not exact anyway, may also change its number of workers
+    # (the exact rules refuse: tests/cli/test_checkpoint_runs.py): the new one starts at the
+    # center, from step 0.
+    proc, more = segment(4, 1, 1600)
+    assert "2 workers then, 3 now (workers 2..2 start at the center)" in proc.stdout
+    assert list(more.states.counters["steps"]) == [1600, 1600, 1600]

@@ -26,5 +26,15 @@ def config(tmp_path, **overrides) -> ea.Config:
     )
 
 
+def pair():
+    """This rank's pair (ranks 2k, 2k + 1) as a communicator, or None for a leftover rank: the
+    deterministic one-worker runs, several at once."""
+    world = MPI.COMM_WORLD
+    rank, size = world.Get_rank(), world.Get_size()
+    alone = rank == size - 1 and size % 2 == 1
+    sub = world.Split(MPI.UNDEFINED if alone else rank // 2, rank)
+    return None if alone else sub
+
+
 def train_quietly(cfg, **kwargs) -> dict:
     return ea.train(cfg, comm=MPI.COMM_WORLD, **kwargs)

@@ -16,6 +16,7 @@ synchronous rules above.
 import numpy as np
 import pytest
 from mpi4py import MPI
+from mpi_helpers import pair
 
 import easgd_mpi as ea
 from recurrences import (
@@ -109,15 +110,6 @@ def test_allreduce_sgd_with_different_workers(tmp_path, tau, momentum):
 
 
 # ---- the asynchronous rules at p = 1: pairs of ranks, the real CenterWindow -------------------
-
-
-def pair():
-    """This rank's pair (ranks 2k, 2k + 1) as a communicator, or None for a leftover rank."""
-    world = MPI.COMM_WORLD
-    rank, size = world.Get_rank(), world.Get_size()
-    alone = rank == size - 1 and size % 2 == 1
-    sub = world.Split(MPI.UNDEFINED if alone else rank // 2, rank)
-    return None if alone else sub
 
 
 ASYNC_CASES = [

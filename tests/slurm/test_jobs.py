@@ -270,6 +270,33 @@ def test_multi_node_refuses_a_server_layout_it_cannot_place(cluster, tmp_path, v
     assert message in out, out
 
 
+def signal_and_requeue(cluster, job, run_dir, submit_dir, timeout) -> dict:
+    """USR1 to the batch shell once the training is visibly under way (an evaluation with
+    steps > 0); returns scontrol's record once the job runs again (or is over).
+
+    Slurm holds a requeued job for AuthInfo's cred_expire (10 s on the test cluster, 120 s by
+    default) before it starts again. (Releasing it earlier with `scontrol update
+    StartTime=now` races with the revoked credential of the first start: "Job credential
+    revoked", and the job fails.)
+    """
+    deadline = time.monotonic() + timeout
+    while not any(r["steps"] > 0 for r in read_metrics(run_dir)):
+        info = cluster.job(job)
+        assert info.get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), describe(
+            cluster, job, run_dir, submit_dir
+        )
+        assert time.monotonic() < deadline, describe(cluster, job, run_dir, submit_dir)
+        time.sleep(0.1)
+    cluster.run("scancel", "--batch", "--signal=USR1", job)
+
+    def restarted_or_over(info):
+        if info.get("JobState") in cluster.FINAL_STATES:
+            return True
+        return int(info.get("Restarts", 0)) >= 1 and info.get("JobState") == "RUNNING"
+
+    return cluster.wait(job, timeout=timeout, until=restarted_or_over)
+
+
 def test_preemptible_requeues_and_resumes(cluster, tmp_path):
     """jobs/easgd-preemptible.sbatch: USR1 to the batch shell (what --signal=B:USR1@120 sends)
     mid-run -> checkpoint, requeue (same job id) -> the resumed run finishes from it.
@@ -286,28 +313,7 @@ def test_preemptible_requeues_and_resumes(cluster, tmp_path):
         EASGD_ARGS=f"--set steps={steps} --set eval_interval=0.2",
     )
     run_dir = tmp_path / "runs" / f"easgd-pre-{job}"
-
-    # Signal once the training is visibly under way (an evaluation with steps > 0).
-    deadline = time.monotonic() + 90
-    while not any(r["steps"] > 0 for r in read_metrics(run_dir)):
-        info = cluster.job(job)
-        assert info.get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), describe(
-            cluster, job, run_dir, tmp_path
-        )
-        assert time.monotonic() < deadline, describe(cluster, job, run_dir, tmp_path)
-        time.sleep(0.1)
-    cluster.run("scancel", "--batch", "--signal=USR1", job)
-
-    # Slurm holds a requeued job for AuthInfo's cred_expire (10 s on the test cluster, 120 s by
-    # default) before it starts again. (Releasing it earlier with `scontrol update
-    # StartTime=now` races with the revoked credential of the first start: "Job credential
-    # revoked", and the job fails.)
-    def restarted_or_over(info):
-        if info.get("JobState") in cluster.FINAL_STATES:
-            return True
-        return int(info.get("Restarts", 0)) >= 1 and info.get("JobState") == "RUNNING"
-
-    info = cluster.wait(job, timeout=90, until=restarted_or_over)
+    info = signal_and_requeue(cluster, job, run_dir, tmp_path, timeout=90)
     assert int(info.get("Restarts", 0)) == 1, "[issue 4] not requeued\n" + describe(
         cluster, job, run_dir, tmp_path
     )
@@ -345,3 +351,98 @@ def test_preemptible_requeues_and_resumes(cluster, tmp_path):
     assert any(0 < s <= stopped_at for s in counts), why
     back = [(a, b) for a, b in zip(counts, counts[1:], strict=False) if b < a]
     assert not back, f"[issue 4] metrics steps go back {back} (steps: {counts[:12]}...)\n{why}"
+
+
+# ---- your own script (EASGD_COMMAND) ---------------------------------------------------------
+
+#: A user's own loop (easgd_mpi.torch) in scripts/ of the submit folder, with a module of its
+#: own at the top of it (found through EASGD_PYTHONPATH: Python puts only scripts/ on the path).
+OWN_MODEL = """
+import torch
+
+
+def build():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+"""
+OWN_SCRIPT = """
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import easgd_mpi.torch as et
+from my_model import build  # in the submit folder: found through EASGD_PYTHONPATH
+
+steps, delay = int(sys.argv[1]), float(sys.argv[2])
+run = et.init({"steps": steps, "eval_interval": 0.2})  # run_dir, resume: from the template
+if run.serves:
+    run.serve()
+else:
+    model = build()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    elastic = et.ElasticAveraging(model, opt, run)
+    g = torch.Generator().manual_seed(run.worker)
+    while not run.should_stop:
+        x = torch.randn(16, 4, generator=g)
+        loss = F.cross_entropy(model(x), (x[:, 0] > 0).long())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        elastic.step(loss=loss)
+        time.sleep(delay)
+run.finish()
+"""
+
+
+def own_script(submit_dir: Path) -> None:
+    (submit_dir / "scripts").mkdir(parents=True, exist_ok=True)
+    (submit_dir / "my_model.py").write_text(OWN_MODEL)
+    (submit_dir / "scripts" / "my_train.py").write_text(OWN_SCRIPT)
+
+
+def test_single_node_runs_your_own_script(cluster, tmp_path):
+    """jobs/easgd-single-node.sbatch with EASGD_COMMAND: every rank runs the user's script
+    (easgd_mpi.torch), bound to its GPU, in the template's run folder, its modules found."""
+    own_script(tmp_path)
+    steps = 60
+    job = cluster.submit(
+        "easgd-single-node.sbatch",
+        *COMMON,
+        "--ntasks=3",
+        "--gpus-per-node=2",
+        submit_dir=tmp_path,
+        EASGD_COMMAND=f"python scripts/my_train.py {steps} 0",
+    )
+    info = cluster.wait(job, timeout=300)  # three ranks import torch on two cores
+    run_dir = tmp_path / "runs" / f"easgd-{job}"
+    out = check_finished_run(cluster, job, info, run_dir, tmp_path, workers=2, steps=steps)
+    assert "your optimizer" in out and "python scripts/my_train.py 60 0" in out, out
+    assert layout(out) == {0: ("n1", ""), 1: ("n1", "0"), 2: ("n1", "1")}, out
+    assert (run_dir / "center.pt").is_file(), out
+
+
+def test_preemptible_requeues_and_resumes_your_own_script(cluster, tmp_path):
+    """jobs/easgd-preemptible.sbatch with EASGD_COMMAND: USR1 mid-run -> the script's final
+    checkpoint and PREEMPTED -> requeue -> the script resumes (EASGD_RESUME=auto) and ends."""
+    own_script(tmp_path)
+    steps, workers = 400, 2
+    job = cluster.submit(
+        "easgd-preemptible.sbatch",
+        *COMMON,
+        "--ntasks-per-node=3",
+        "--gpus-per-node=2",
+        submit_dir=tmp_path,
+        EASGD_COMMAND=f"python scripts/my_train.py {steps} 0.01",
+    )
+    run_dir = tmp_path / "runs" / f"easgd-pre-{job}"
+    signal_and_requeue(cluster, job, run_dir, tmp_path, timeout=120)
+    info = cluster.wait(job, timeout=180)
+    out = check_finished_run(
+        cluster, job, info, run_dir, tmp_path, workers=workers, steps=steps, announcements=2
+    )
+    why = describe(cluster, job, run_dir, tmp_path)
+    first, second = out.split("easgd-job: stopped before the end: requeueing", 1)
+    assert "got SIGUSR1" in first and "python exited with 0" in first, why
+    assert "resuming from checkpoint" in second, why

@@ -2,11 +2,13 @@
 
 import pytest
 
-from easgd_mpi.algorithms import _RULES
+from easgd_mpi.algorithms import _LOOP_RULES, _RULES
 from easgd_mpi.config import (
     ALGORITHMS,
     ASYNC_ALGORITHMS,
+    BUILTIN_ALGORITHMS,
     ELASTIC_ALGORITHMS,
+    LOOP_ALGORITHMS,
     MOMENTUM_ALGORITHMS,
     OPTIONAL_MOMENTUM_ALGORITHMS,
     SYNC_ALGORITHMS,
@@ -21,10 +23,13 @@ def load(workers=None, **overrides):
 
 
 def test_every_algorithm_has_exactly_one_rule():
-    assert set(ALGORITHMS) == set(_RULES)
+    assert set(BUILTIN_ALGORITHMS) == set(ALGORITHMS) == set(_RULES)
+    # A user's own loop (easgd_mpi.torch) runs some of them, under the same names.
+    assert set(LOOP_ALGORITHMS) == set(_LOOP_RULES) < set(ALGORITHMS)
     assert set(ASYNC_ALGORITHMS) | set(SYNC_ALGORITHMS) == set(ALGORITHMS)
     assert not set(ASYNC_ALGORITHMS) & set(SYNC_ALGORITHMS)
-    assert all(_RULES[name].collective == (name in SYNC_ALGORITHMS) for name in ALGORITHMS)
+    for rules in (_RULES, _LOOP_RULES):
+        assert all(rule.collective == (name in SYNC_ALGORITHMS) for name, rule in rules.items())
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)

@@ -19,12 +19,12 @@ torch = pytest.importorskip("torch", reason="the torch extra is installed by `ma
 
 from easgd_mpi.checkpoint import CheckpointData, save_checkpoint  # noqa: E402
 from easgd_mpi.cli import main  # noqa: E402
-from easgd_mpi.models.torch_adapter import _layout_of  # noqa: E402
+from easgd_mpi.models.torch_binding import layout_of  # noqa: E402
 from easgd_mpi.workerstate import COUNTERS, WorkerStates  # noqa: E402
 
 
 def write_checkpoint(path, module, seed=0):
-    layout, trainable, local = _layout_of(torch, module)
+    layout, trainable, local = layout_of(torch, module)
     center = np.random.default_rng(seed).standard_normal(layout.size).astype(np.float32)
     data = CheckpointData(
         config_toml='algorithm = "easgd"\n',

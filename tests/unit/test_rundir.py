@@ -14,6 +14,7 @@ from easgd_mpi.metrics import read_metrics
 from easgd_mpi.rundir import (
     RunFolder,
     Start,
+    center_path,
     checkpoint_path,
     find_checkpoint,
     list_checkpoints,
@@ -228,6 +229,19 @@ def test_mark_leaves_exactly_one_marker(tmp_path):
     finally:
         folder.release()
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["PREEMPTED"]
+
+
+def test_the_center_file_is_the_folders_and_a_crashed_write_of_it_is_cleared(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / ".center.pt.tmp-4242").write_bytes(b"half")  # export.py's write, crashed
+    folder = RunFolder.open(config(run_dir), Start.NEW)
+    try:
+        written = folder.write_center(lambda target: target.write_bytes(b"state_dict"))
+    finally:
+        folder.release()
+    assert written == center_path(run_dir) == run_dir / "center.pt"
+    assert snapshot(run_dir) == {"center.pt": b"state_dict"}
 
 
 def test_timestamped_folders_are_created_exclusively(tmp_path):

@@ -22,7 +22,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="the torch extra is installed by `make test`")
 
 from easgd_mpi.backend import NumpyBackend, cupy_backend  # noqa: E402
-from easgd_mpi.models import torch_adapter  # noqa: E402
+from easgd_mpi.models import torch_binding  # noqa: E402
 
 LEGACY, PER_THREAD = 0, 2  # cudaStreamLegacy's and cudaStreamPerThread's handles
 
@@ -201,7 +201,7 @@ def test_torch_shares_the_compute_stream_in_every_mode_on_every_device(
     monkeypatch.setattr(cupy_backend, "_STREAMS", {})
     cupy.cuda.Device(device).use()  # the worker's GPU, as CupyBackend makes it current
     where = types.SimpleNamespace(type="cuda", index=device)
-    torch_adapter._share_stream(fake, cupy, where)
+    torch_binding.share_stream(fake, cupy, where)
     torch_stream = fake.cuda.current_stream(device)
     cupy_stream = cupy.cuda.get_current_stream()
     np.testing.assert_allclose(
@@ -209,5 +209,5 @@ def test_torch_shares_the_compute_stream_in_every_mode_on_every_device(
     )
     assert cupy_stream.ptr not in (LEGACY, PER_THREAD)  # a real stream, the same in all threads
     # Made once per device: a second problem (or the backend) gets the same stream.
-    torch_adapter._share_stream(fake, cupy, where)
+    torch_binding.share_stream(fake, cupy, where)
     assert cupy.cuda.get_current_stream() is cupy_stream

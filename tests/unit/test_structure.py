@@ -1,10 +1,10 @@
 """The package's structure rules, checked on the source with ``ast``.
 
 * MPI is imported and called only in comm.py, center.py, center_inbox.py, status_board.py,
-  snapshots.py and collective.py (each owns one group of MPI objects: the world and its
-  barriers, the center's window, the inboxes of a center that computes, the status board's
-  window, the state channel's windows, the workers' all-reduce);
-  every other module reaches MPI through their functions.
+  snapshots.py, side_channel.py and collective.py (each owns one group of MPI objects: the world
+  and its barriers, the center's window, the inboxes of a center that computes, the status
+  board's window, the state channel's windows, the workers' messages to the master, the
+  workers' all-reduce); every other module reaches MPI through their functions.
 * Every exception class is defined in errors.py.
 * config.py reaches none of the modules that touch MPI or run training, not even indirectly;
   the modules it is built from (config_io.py, stability.py) import nothing of the package but
@@ -28,7 +28,17 @@ PACKAGE = Path(__file__).resolve().parents[2] / "src" / "easgd_mpi"
 # windows with unrelated jobs): it owns its window's MPI calls, as center does its own.
 # center_inbox: the windows of a center that computes (inboxes, counters, center-side rows) are
 # a group of their own, built only for the rules whose servers apply updates.
-MPI_MODULES = {"comm", "center", "center_inbox", "status_board", "snapshots", "collective"}
+# side_channel: a user loop's states and metrics, whose sizes no window can know in advance,
+# as point-to-point messages the master only probes (docs/ARCHITECTURE.md §4.7).
+MPI_MODULES = {
+    "comm",
+    "center",
+    "center_inbox",
+    "status_board",
+    "snapshots",
+    "side_channel",
+    "collective",
+}
 NOT_FROM_CONFIG = MPI_MODULES | {"training", "session", "worker", "master", "center_server"}
 #: The parts of config.py: TOML and the other sources as text, the stability region.
 CONFIG_PARTS = ("config_io", "stability")
@@ -52,7 +62,8 @@ MPI_METHODS = frozenset(
 #: The files of a run folder (README "Running", docs/CHECKPOINT.md), as a name or a path ending in
 #: one; found in a string or an f-string's text. Their owner: rundir.py, the lock runlock.py.
 RUN_FOLDER_FILE = re.compile(
-    r"(?:^|/)\.?(checkpoint-|metrics\.jsonl|config\.toml|PREEMPTED|COMPLETED|easgd\.lock)"
+    r"(?:^|/)\.?(checkpoint-|metrics\.jsonl|config\.toml|center\.pt|PREEMPTED|COMPLETED"
+    r"|easgd\.lock)"
 )
 LOCK_FILE = "easgd.lock"
 #: A variable that holds a run folder, and what changes, lists or joins a path onto it.
@@ -267,7 +278,14 @@ def test_only_rundir_touches_run_folder_files():
 def test_rundir_and_runlock_are_seen_to_touch_run_folder_files():
     # The rule above means something only if the scan finds the files where they are handled.
     found = {f for f, _ in run_folder_uses(_tree(_modules()["rundir"]), "rundir.py")}
-    assert {"checkpoint-", "metrics.jsonl", "config.toml", "PREEMPTED", "COMPLETED"} <= found
+    assert {
+        "checkpoint-",
+        "metrics.jsonl",
+        "config.toml",
+        "center.pt",
+        "PREEMPTED",
+        "COMPLETED",
+    } <= found
     runlock = _modules()["runlock"]
     assert {f for f, _ in run_folder_uses(_tree(runlock), "runlock.py")} == {LOCK_FILE}
 
@@ -281,6 +299,7 @@ def test_rundir_and_runlock_are_seen_to_touch_run_folder_files():
         ("def f(run_folder):\n    os.makedirs(run_folder)\n", True),
         ("name = f'checkpoint-{n:06d}.h5'\n", True),
         ("target = f'{folder}/COMPLETED'\n", True),
+        ("torch.save(state, Path(out) / 'center.pt')\n", True),
         ("stale = '.checkpoint-*.h5.tmp-*'\n", True),
         ("say(f'run folder {run_dir}: each run has its own config.toml')\n", False),
         ("found = find_checkpoint(spec, cfg.run_dir)\n", False),

@@ -1,7 +1,8 @@
 """A ``torch.nn.Module`` as a problem on the flat buffers (docs/ARCHITECTURE.md §1.5).
 
 The module's trainable parameters, then its frozen parameters and floating-point buffers
-(BatchNorm running statistics), are laid out in one flat float32 vector. On a worker every
+(BatchNorm running statistics), are laid out in one flat float32 vector (torch_binding.py, the
+binding shared with a user's own loop). On a worker every
 parameter's storage and every ``.grad`` are re-pointed once to views of the worker's own flat
 ``x`` and ``g`` (``torch.from_numpy`` on the host, DLPack over the CuPy arrays on a GPU):
 ``loss.backward()`` writes straight into ``g``, the fused kernels update ``x`` in place, and
@@ -17,13 +18,12 @@ PyTorch is imported only when a torch model is asked for (the ``torch`` extra).
 from __future__ import annotations
 
 import inspect
-import os
 from collections.abc import Callable
 
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from ..flat import Layout
+from .torch_binding import ModuleBinding, share_stream, use_rank_threads
 from .torch_data import device_upload, largest_label, make_batches
 
 __all__ = ["TorchProblem", "import_torch", "MEMORY_COPIES"]
@@ -73,12 +73,13 @@ class TorchProblem:
             raise ConfigError(f"the model is a {type(module).__name__}, not a torch.nn.Module")
         self.xp = xp
         self.device = _device_for(torch, xp)
-        _share_stream(torch, xp, self.device)
-        _use_rank_threads(torch)
+        share_stream(torch, xp, self.device)
+        use_rank_threads(torch)
         self.module = module.to(self.device)
         self.loss_fn = loss or torch.nn.functional.cross_entropy
         self.eval_batch = int(eval_batch)
-        self.layout, self.n_trainable, self._local = _layout_of(torch, self.module)
+        self._binding = ModuleBinding(torch, self.module)
+        self.layout, self.n_trainable = self._binding.layout, self._binding.n_trainable
         self._upload = device_upload(torch, xp)
         self._train = make_batches(
             torch, train_data, self.device, batch=batch_size, upload=self._upload
@@ -89,11 +90,6 @@ class TorchProblem:
         self._stochastic = any(
             isinstance(m, torch.nn.modules.dropout._DropoutNd) for m in self.module.modules()
         )
-        self._home = None  # the worker's own x: where the buffers live
-        self._bound_point = None  # the vector the parameters view now
-        self._bound_grad = None
-        self._views_cache: dict[int, tuple[object, dict]] = {}
-        self._g_flat = None
         #: False once an evaluation finds that "error" is not a misclassification rate.
         self.error_is_rate = True
         self._probe()
@@ -134,10 +130,7 @@ class TorchProblem:
     # ---- the problem protocol -----------------------------------------------------------
     def init_params(self, x_host: np.ndarray, seed: int) -> None:
         """The module's values as built (the factory seeded them from ``cfg.seed``)."""
-        x_host[:] = 0.0
-        views = self.layout.views(x_host)
-        for name, tensor in self._named_state().items():
-            views[name][...] = tensor.detach().cpu().numpy()
+        self._binding.copy_into(x_host)
 
     def sample_batch(self, rng: np.random.Generator):
         drawn = self._train.draw(rng)
@@ -149,25 +142,28 @@ class TorchProblem:
     def bind_state(self, x, g) -> None:
         """Where the worker's state lives: buffers in ``x`` for good, gradients in ``g``."""
         self.module.train()
-        views = self._views(x)
-        for name, tensor in self._named_state().items():
-            tensor.data = views[name]
-        self._home = self._bound_point = x
-        self._bind_grad(g)
+        self._binding.bind(x)
+        self._binding.bind_grad(g)
+
+    @property
+    def _g_flat(self):
+        """The gradient vector as one tensor (the benchmark times its zeroing)."""
+        return self._binding.grad_flat
 
     def loss_and_grad(self, x, batch, g):
         """Minibatch loss at parameters ``x`` (a 0-d tensor, read only when reported; no host
         synchronisation per step), its gradient accumulated into ``g``."""
-        if self._bound_point is None:  # first step, or after an evaluation rebound the module
-            self.bind_state(x if self._home is None else self._home, g)
-        if x is not self._bound_point:
-            self._bind_params(x)  # e.g. EAMSGD's look-ahead point; buffers stay in x
-        if g is not self._bound_grad:
-            self._bind_grad(g)
+        bound = self._binding
+        if bound.point is None:  # first step, or after an evaluation rebound the module
+            self.bind_state(x if bound.home is None else bound.home, g)
+        if x is not bound.point:
+            bound.bind_params(x)  # e.g. EAMSGD's look-ahead point; buffers stay in x
+        if g is not bound.grad:
+            bound.bind_grad(g)
         drawn, seed = batch
         if seed is not None:
             self.torch.manual_seed(seed)
-        self._g_flat.zero_()  # in place: the .grad views must survive
+        bound.grad_flat.zero_()  # in place: the .grad views must survive
         inputs, targets = self._train.batch(drawn)
         loss = self.loss_fn(self.module(inputs), targets)
         loss.backward()
@@ -187,10 +183,10 @@ class TorchProblem:
                 what="held-out data",
                 upload=self._upload,
             )
-        views = self._views(x_host)
-        for name, tensor in self._named_state().items():
+        views = self._binding.views(x_host)
+        for name, tensor in self._binding.named_state().items():
             tensor.data = views[name]
-        self._bound_point = None  # a worker rebinds on its next step
+        self._binding.point = None  # a worker rebinds on its next step
         self.module.eval()
         total, errors, count, rate = 0.0, 0, 0, True
         with torch.no_grad():
@@ -251,49 +247,7 @@ class TorchProblem:
     # ---- what checkpoints and exports need -------------------------------------------------
     def local_state(self) -> dict[str, np.ndarray]:
         """The integer buffers (kept per process, not averaged), as host arrays."""
-        return {name: t.detach().cpu().numpy().copy() for name, t in self._local.items()}
-
-    # ---- binding --------------------------------------------------------------------------
-    def _named_state(self) -> dict:
-        params = dict(self.module.named_parameters())
-        buffers = dict(self.module.named_buffers())
-        return {s.name: params.get(s.name, buffers.get(s.name)) for s in self.layout.specs}
-
-    def _views(self, flat) -> dict:
-        """Per-tensor torch views of a flat buffer (cached: a worker has two or three)."""
-        key = id(flat)
-        cached = self._views_cache.get(key)
-        if cached is not None and cached[0] is flat:
-            return cached[1]
-        whole = self._as_tensor(flat)
-        views = {
-            s.name: whole[s.offset : s.offset + s.size].view(s.shape) for s in self.layout.specs
-        }
-        views["__flat__"] = whole
-        self._views_cache[key] = (flat, views)
-        return views
-
-    def _bind_params(self, x) -> None:
-        views = self._views(x)
-        params = dict(self.module.named_parameters())
-        for spec in self.layout.specs:
-            if spec.offset >= self.n_trainable:
-                break
-            params[spec.name].data = views[spec.name]
-        self._bound_point = x
-
-    def _bind_grad(self, g) -> None:
-        views = self._views(g)
-        for name, p in self.module.named_parameters():
-            if p.requires_grad:
-                p.grad = views[name]
-        self._g_flat = views["__flat__"]
-        self._bound_grad = g
-
-    def _as_tensor(self, flat):
-        if isinstance(flat, np.ndarray):
-            return self.torch.from_numpy(flat)
-        return self.torch.from_dlpack(flat)  # a CuPy array: same device memory, no copy
+        return self._binding.local_state()
 
 
 def build_module(torch, build: Callable, cfg, label: str):
@@ -331,38 +285,6 @@ def check_memory_before_building(torch, build, cfg, takes_cfg, label) -> None:
         )
 
 
-def _layout_of(torch, module):
-    """(layout, n_trainable, integer buffers) of a module, with errors naming the tensor."""
-    trainable, frozen = [], []
-    for name, p in module.named_parameters():
-        if p.dtype != torch.float32:
-            raise ConfigError(
-                f"model parameter '{name}' is {p.dtype}; easgd-mpi trains float32 parameters "
-                f"(convert the model with .float())"
-            )
-        (trainable if p.requires_grad else frozen).append((name, tuple(p.shape)))
-    if not trainable:
-        raise ConfigError("the model has no trainable parameters (requires_grad) to train")
-    averaged, local = [], {}
-    for name, b in module.named_buffers():
-        if b.is_floating_point():
-            if b.dtype != torch.float32:
-                raise ConfigError(
-                    f"model buffer '{name}' is {b.dtype}; easgd-mpi keeps float32 buffers "
-                    f"(convert the model with .float())"
-                )
-            averaged.append((name, tuple(b.shape)))
-        else:
-            local[name] = b
-    layout = Layout(trainable + frozen + averaged)
-    n_trainable = layout[trainable[-1][0]].offset + _round4(layout[trainable[-1][0]].size)
-    return layout, n_trainable, local
-
-
-def _round4(n: int) -> int:
-    return (n + 3) // 4 * 4
-
-
 def _device_for(torch, xp):
     if xp is np or getattr(xp, "__name__", "") == "numpy":
         return torch.device("cpu")
@@ -372,32 +294,6 @@ def _device_for(torch, xp):
             "a CUDA build of torch, or set device = 'off'"
         )
     return torch.device("cuda", int(xp.cuda.Device().id))
-
-
-def _share_stream(torch, xp, device) -> None:
-    """Run PyTorch's work on the worker's compute stream of ``device``, where the fused kernels
-    run: the module's backward pass writes the gradient that the next kernel reads, ordered by
-    issue order on one stream, without events.
-
-    The stream is a real one, made once per device (``use_compute_stream``), whatever CuPy's
-    default-stream mode: following CuPy's current stream by its handle would, under
-    ``CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1``, name a different stream in each thread, and
-    autograd runs the backward pass in a thread of its own. PyTorch's view of it is made with
-    its device, so it is right on a worker whose GPU is not device 0.
-    """
-    if device.type != "cuda":
-        return
-    from ..backend.cupy_backend import use_compute_stream  # noqa: PLC0415
-
-    stream = use_compute_stream(device.index)
-    torch.cuda.set_stream(torch.cuda.ExternalStream(int(stream.ptr), device=device))
-
-
-def _use_rank_threads(torch) -> None:
-    """One rank's share of the cores (set by easgd's start-up as OMP_NUM_THREADS)."""
-    threads = os.environ.get("OMP_NUM_THREADS", "")
-    if threads.isdigit() and int(threads) > 0 and torch.get_num_threads() != int(threads):
-        torch.set_num_threads(int(threads))
 
 
 def _takes_one_argument(fn) -> bool:
