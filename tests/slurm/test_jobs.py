@@ -220,6 +220,59 @@ def test_multi_node_with_a_server_per_node(cluster, tmp_path, flavour="pmi2"):
     assert "servers = 2" in config, config
 
 
+def _venv_whose_srun_fails_once(root: Path, stderr_line: str) -> Path:
+    """A venv folder (this venv's easgd and python) whose ``srun`` fails the first training
+    launch as MPI_Init does when Slurm's pmi2 cuts a PMI line, printing ``stderr_line``, and
+    is the real srun otherwise (the layout launch and every later one): fault injection in
+    front of the real launcher, which the template finds first on PATH."""
+    bin_dir = root / "bin"
+    bin_dir.mkdir(parents=True)
+    for name in ("easgd", "python"):
+        (bin_dir / name).symlink_to(VENV / "bin" / name)
+    real = subprocess.run(["which", "srun"], capture_output=True, text=True).stdout.strip()
+    marker = root / "failed-once"
+    script = bin_dir / "srun"
+    script.write_text(
+        "#!/bin/bash\n"
+        f'if [[ " $* " == *" easgd train "* ]] && [ ! -e {marker} ]; then\n'
+        f"  touch {marker}\n"
+        f"  echo {stderr_line!r} >&2\n"
+        "  exit 134\n"
+        "fi\n"
+        f'exec {real} "$@"\n'
+    )
+    script.chmod(0o755)
+    return root
+
+
+def test_multi_node_launches_again_when_pmi2_cut_a_line(cluster, tmp_path):
+    """MPI_Init failed because Slurm's pmi2 cut a PMI line (its slurmstepd line on the
+    launcher's stderr, docs/SLURM.md): the multi-node template launches again and the run
+    completes; any other failed launch is not repeated."""
+    cut = "slurmstepd: error: mpi/pmi2: value not properly terminated in client request"
+    venv = _venv_whose_srun_fails_once(tmp_path / "venv", cut)
+    out, _, _ = _multi_node_run(cluster, tmp_path / "job", "pmi2", EASGD_VENV=str(venv))
+    assert out.count("launching again") == 1, out
+    assert re.search(r"easgd exited with 134\n.*launching again", out), out
+
+    other = _venv_whose_srun_fails_once(tmp_path / "venv2", "srun: error: some other failure")
+    job = cluster.submit(
+        "easgd-multi-node.sbatch",
+        *COMMON,
+        "--nodes=2",
+        "--ntasks-per-node=3",
+        "--gpus-per-node=2",
+        submit_dir=tmp_path / "job2",
+        EASGD_ARGS=ARGS,
+        MPI_FLAVOUR="pmi2",
+        EASGD_VENV=str(other),
+    )
+    info = cluster.wait(job)
+    run_out = (tmp_path / "job2" / "runs" / f"easgd-mn-{job}" / "job.out").read_text()
+    assert info.get("ExitCode") == "134:0", (info, run_out)
+    assert "launching again" not in run_out, run_out
+
+
 def test_module_lines_and_bad_flavour_do_not_hang(cluster, tmp_path):
     """EASGD_MODULES where there are no modules is a note, not a failure; a bad MPI_FLAVOUR is a
     clear error (exit 2) before anything starts."""
