@@ -273,6 +273,27 @@ def test_multi_node_launches_again_when_pmi2_cut_a_line(cluster, tmp_path):
     assert "launching again" not in run_out, run_out
 
 
+def test_preemptible_launches_again_when_pmi2_cut_a_line(cluster, tmp_path):
+    """The preemptible template, too, launches again after a cut PMI line, and the run
+    completes in the same start."""
+    cut = "slurmstepd: error: mpi/pmi2: value not properly terminated in client request"
+    venv = _venv_whose_srun_fails_once(tmp_path / "venv", cut)
+    job = cluster.submit(
+        "easgd-preemptible.sbatch",
+        *COMMON,
+        "--ntasks-per-node=3",
+        "--gpus-per-node=2",
+        submit_dir=tmp_path / "job",
+        EASGD_ARGS=ARGS,
+        EASGD_VENV=str(venv),
+    )
+    info = cluster.wait(job)
+    run_dir = tmp_path / "job" / "runs" / f"easgd-pre-{job}"
+    out = check_finished_run(cluster, job, info, run_dir, tmp_path / "job", workers=2, steps=STEPS)
+    assert out.count("launching again") == 1, out
+    assert info.get("Restarts") == "0", info
+
+
 def test_module_lines_and_bad_flavour_do_not_hang(cluster, tmp_path):
     """EASGD_MODULES where there are no modules is a note, not a failure; a bad MPI_FLAVOUR is a
     clear error (exit 2) before anything starts."""
