@@ -8,9 +8,10 @@ import numpy as np
 
 
 class LocalCenter:
-    def __init__(self, initial, chunk=100):
+    def __init__(self, initial, chunk=100, n_workers=1):
         self.value = np.array(initial, dtype=np.float32)
         self.n = self.value.size
+        self.n_workers = n_workers
         self.chunk = chunk  # small chunks: several per exchange even for small vectors
         self.lock = threading.Lock()
 

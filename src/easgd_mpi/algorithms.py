@@ -497,7 +497,7 @@ class Downpour(WorkerAlgorithm):
         # Running statistics are averages, not sums of updates: each of the p workers pushes
         # 1/p of its buffers' change (p whole changes would move the center's statistics p
         # times too far; a variance can go negative).
-        self._buffers_share = 1.0 / max(1, int(getattr(self.center, "n_workers", 1)))
+        self._buffers_share = 1.0 / self.center.n_workers
         self._pending = None  # the checkpoint row, made at the first checkpoint
 
     def pull_center(self) -> None:

@@ -134,6 +134,7 @@ class CenterWindow:
         chunk: int = 1 << 18,
         alloc_chunk: Callable[[int], object] | None = None,
         servers: int = 1,
+        n_workers: int = 1,
     ):
         from mpi4py import MPI  # noqa: PLC0415
 
@@ -147,6 +148,9 @@ class CenterWindow:
         self.n = int(n)
         self.lock_mode = lock_mode
         self.servers = int(servers)
+        #: How many workers exchange with this center: rules that add averages (DOWNPOUR's
+        #: buffers) add each worker's 1/n_workers share.
+        self.n_workers = max(1, int(n_workers))
         self.chunk = max(1, min(round_chunk(chunk), self.n or 1))
         #: [lo, hi) of the slice each server rank holds (index = rank).
         self.slices = shard_slices(

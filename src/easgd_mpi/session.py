@@ -320,6 +320,7 @@ class Session:
             # Pinned host chunks on a GPU: the one-sided operations never see device memory.
             alloc_chunk=self.backend.host_empty,
             servers=roles.servers,
+            n_workers=p,
         )
         if cfg.is_active:  # the servers apply the rule: inboxes, counters, center-side rows
             self.active = ActiveCenter(

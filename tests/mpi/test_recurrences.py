@@ -19,6 +19,7 @@ from mpi4py import MPI
 from mpi_helpers import pair
 
 import easgd_mpi as ea
+from easgd_mpi.flat import Layout
 from recurrences import (
     SETTINGS,
     START,
@@ -208,3 +209,53 @@ def test_a_center_that_computes_at_one_worker(tmp_path, algorithm, tau, knobs):
         assert np.abs(evaluated - START).max() > 0.1  # the center moved: the pushes were seen
     finally:
         comm.Free()
+
+
+# ---- DOWNPOUR's buffers: each worker adds its 1/p share of their change -------------------------
+
+
+class MeasuringProblem:
+    """A zero-gradient model with one buffer that each worker's forward pass sets to its own
+    measurement (worker index + 1), as BatchNorm sets its running statistics."""
+
+    error_is_rate = False
+
+    def __init__(self, worker, xp):
+        self.xp = xp
+        self.layout = Layout([("w", (2,)), ("statistic", (1,))])
+        self.n_trainable = self.layout["statistic"].offset
+        self.measured = float(worker + 1)
+        self.evaluated = None
+
+    def init_params(self, x_host, seed):
+        x_host[:] = 0.0
+
+    def sample_batch(self, rng):
+        return None
+
+    def loss_and_grad(self, x, batch, g):
+        g[...] = 0
+        x[self.n_trainable] = self.measured
+        return 0.0
+
+    def evaluate(self, x_host):
+        self.evaluated = np.array(x_host, dtype=np.float64)
+        return {"loss": 0.0, "error": 0.0}
+
+
+@pytest.mark.mpi(min_size=3)
+def test_downpour_adds_each_workers_share_of_its_buffers_change(tmp_path):
+    """One push per worker from a statistic of 0: the center's statistic is the workers' mean
+    measurement (p + 1)/2, not their sum (p whole changes move an average p times too far)."""
+    comm, p, worker = world_and_worker()
+    made = []
+
+    def factory(cfg, xp):
+        made.append(MeasuringProblem(worker, xp))
+        return made[-1]
+
+    cfg = make_config(tmp_path, algorithm='"downpour"', steps=1, tau=1)
+    ea.train(cfg, problem=factory, comm=comm)
+    if comm.Get_rank() == 0:
+        statistic = made[0].evaluated[made[0].n_trainable]
+        assert statistic == pytest.approx((p + 1) / 2, abs=1e-6), (statistic, p)
