@@ -83,6 +83,8 @@ class ElasticAveraging:
             rng,
             direct_mpi=session.direct_mpi,
             workers_comm=roles.workers,
+            # async-diloco pushes into the servers' inboxes, which run.serve() applies.
+            inbox=session.active.inbox if session.active is not None else None,
             own_loop=True,
         )
         rule.pull_center()  # the module views x: it now holds the center
