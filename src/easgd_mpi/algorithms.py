@@ -40,8 +40,16 @@ __all__ = [
     "LoopEASGD",
     "LoopSyncEASGD",
     "LoopLocalSGD",
+    "LoopDiLoCo",
+    "LoopAsyncDiLoCo",
     "make_algorithm",
 ]
+
+
+def _ends_round(t: int, cfg) -> bool:
+    """Whether local step ``t`` ends a round of the rules that exchange after their local
+    steps: after every τ-th step ((t + 1) mod τ = 0) and after the last of the budget."""
+    return (t + 1) % cfg.tau == 0 or t + 1 == cfg.steps
 
 
 class _ChunkStaging:
@@ -470,7 +478,7 @@ class AllreduceSGD(_Synchronous):
             self.resets += 1
         self.bytes += self.allreduce.mean(self.g, self.g)
         self._local_step()
-        if (t + 1) % self.cfg.tau == 0 or t + 1 == self.cfg.steps:
+        if _ends_round(t, self.cfg):
             self._mirror_center(self.x)
             self.exchanges += 1
         return loss
@@ -536,7 +544,7 @@ class Downpour(WorkerAlgorithm):
         loss = self.problem.loss_and_grad(self.x, batch, self.g)
         m = self.m
         b.downpour_step(self.x[:m], self.acc[:m], self.g[:m], cfg.lr, cfg.weight_decay)
-        if (t + 1) % cfg.tau == 0 or t + 1 == cfg.steps:
+        if _ends_round(t, cfg):
             self._push_and_copy()
         return loss
 
@@ -607,7 +615,7 @@ class LocalSGD(_Synchronous):
     def step(self, t: int) -> float:
         loss = self._gradient()
         self._local_step()
-        if (t + 1) % self.cfg.tau == 0 or t + 1 == self.cfg.steps:
+        if _ends_round(t, self.cfg):
             self._round()
         return loss
 
@@ -848,7 +856,7 @@ class AsyncDiLoCo(_Pushing, WorkerAlgorithm):
             )
         else:
             b.sgd_step(self.x[:m], self.g[:m], cfg.lr, cfg.weight_decay)
-        if (t + 1) % cfg.tau == 0 or t + 1 == cfg.steps:
+        if _ends_round(t, cfg):
             self._exchange_outer()
         return loss
 
@@ -878,7 +886,9 @@ class AsyncDiLoCo(_Pushing, WorkerAlgorithm):
 # (models/torch_binding.py); a rule only exchanges. ``step(t)`` is the rule's part of local step
 # t; ``before_update`` says where it runs: inside the optimizer's step, before its update (the
 # gradient was taken at the old x, as in the package's own EASGD rules, so e and the gradient
-# come from the same point), or after the update (model averaging, as PyTorch's averager).
+# come from the same point), or after the update (model averaging, as PyTorch's averager; the
+# DiLoCo rules, whose round follows H local steps). The DiLoCo rules subclass the package's own
+# and run their round unchanged: x is the module's state, whoever stepped it.
 
 
 class LoopEASGD(WorkerAlgorithm):
@@ -937,6 +947,36 @@ class LoopLocalSGD(_Synchronous):
         self.exchanges += 1
 
 
+class LoopDiLoCo(DiLoCo):
+    """DiLoCo around a user's optimizer: H = τ local steps of the user's optimizer, then, after
+    the optimizer's update of local step t with (t + 1) mod τ = 0 (and of the last step of the
+    budget), the package's DiLoCo round on x, parameters and buffers (§2.14): D ← mean(θ − x^i)
+    (one all-reduce), the outer Nesterov step on θ, x ← θ, the window set to θ. The user's
+    optimizer state (its momentum, Adam's moments) stays each worker's own across rounds, as
+    the inner optimizer's state does in DiLoCo."""
+
+    uses_gradient = False
+    before_update = False
+
+    def step(self, t: int) -> None:
+        if _ends_round(t, self.cfg):
+            self._round()
+
+
+class LoopAsyncDiLoCo(AsyncDiLoCo):
+    """Async DiLoCo around a user's optimizer: H = τ local steps of the user's optimizer from
+    θ_b, then, after the optimizer's update of local step t with (t + 1) mod τ = 0 (and of the
+    last step of the budget), the package's push (§2.15, §3.11): u = w(s)·(x − θ_b) into the
+    servers' inboxes, the servers' outer step, x ← θ_b ← the center pulled."""
+
+    uses_gradient = False
+    before_update = False
+
+    def step(self, t: int) -> None:
+        if _ends_round(t, self.cfg):
+            self._exchange_outer()
+
+
 _RULES = {
     cls.name: cls
     for cls in (
@@ -955,7 +995,9 @@ _RULES = {
 }
 
 
-_LOOP_RULES = {cls.name: cls for cls in (LoopEASGD, LoopSyncEASGD, LoopLocalSGD)}
+_LOOP_RULES = {
+    cls.name: cls for cls in (LoopEASGD, LoopSyncEASGD, LoopLocalSGD, LoopDiLoCo, LoopAsyncDiLoCo)
+}
 
 
 def make_algorithm(

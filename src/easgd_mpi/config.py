@@ -48,6 +48,7 @@ __all__ = [
     "ASYNC_ALGORITHMS",
     "SYNC_ALGORITHMS",
     "LOOP_ALGORITHMS",
+    "DOWNPOUR_ALGORITHMS",
     "BUILTIN_ALGORITHMS",
     "RESIZABLE_ALGORITHMS",
     "ELASTIC_ALGORITHMS",
@@ -86,9 +87,13 @@ ASYNC_ALGORITHMS = ("easgd", "eamsgd", "downpour", *ACTIVE_ALGORITHMS)
 SYNC_ALGORITHMS = ("sync-easgd", "allreduce-sgd", "localsgd", "diloco")
 #: Algorithms of a user's own PyTorch loop (easgd_mpi.torch): the user's optimizer steps, the
 #: rule exchanges (EAMSGD there is "easgd" around SGD with Nesterov momentum; "localsgd"
-#: averages as PyTorch's PeriodicModelAverager does). The other rules are refused there
-#: (docs/ARCHITECTURE.md §8).
-LOOP_ALGORITHMS = ("easgd", "sync-easgd", "localsgd")
+#: averages as PyTorch's PeriodicModelAverager does; "diloco" and "async-diloco" take their
+#: outer step after every H = tau of the optimizer's steps). The other rules are refused there
+#: (docs/ARCHITECTURE.md §8): DOWNPOUR's push is the sum of the package's own SGD steps.
+LOOP_ALGORITHMS = ("easgd", "sync-easgd", "localsgd", "diloco", "async-diloco")
+#: DOWNPOUR and its master-side variants: the worker pushes the sum of its SGD updates
+#: −η Σ (g + λx) (docs/ARCHITECTURE.md §2.7, §2.10-2.12), steps of the package's own kernels.
+DOWNPOUR_ALGORITHMS = ("downpour", "mdownpour", "adownpour", "mvadownpour")
 #: Algorithms the package's own loop runs: every one.
 BUILTIN_ALGORITHMS = ALGORITHMS
 #: Algorithms whose resume may change the number of workers: their resume is not exact anyway

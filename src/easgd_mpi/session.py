@@ -49,6 +49,7 @@ from .comm import (
 )
 from .config import (
     BUILTIN_ALGORITHMS,
+    DOWNPOUR_ALGORITHMS,
     LOOP_ALGORITHMS,
     RESIZABLE_ALGORITHMS,
     SYNC_ALGORITHMS,
@@ -207,6 +208,14 @@ class Session:
     def _check_rule(self) -> None:
         """Each face runs its own rules (docs/ARCHITECTURE.md §8)."""
         cfg = self.cfg
+        if self.own_loop and cfg.algorithm in DOWNPOUR_ALGORITHMS:
+            raise ConfigError(
+                f"config: algorithm = '{cfg.algorithm}' does not run in your own loop: its push "
+                f"is the sum of the package's own SGD steps (-lr * sum of gradients), which "
+                f"your optimizer does not make; use 'async-diloco' (each worker pushes x minus "
+                f"the center it pulled, whatever optimizer took the steps, and the center "
+                f"takes an outer step) or 'diloco'"
+            )
         if self.own_loop and cfg.algorithm not in LOOP_ALGORITHMS:
             raise ConfigError(
                 f"config: algorithm = '{cfg.algorithm}' does not run in your own loop: use "

@@ -63,21 +63,36 @@ def test_a_mistake_in_the_middle_of_training_ends_the_job(
 
 # ---- rules of the package's own loop only --------------------------------------------------------
 
-#: A center that computes (its workers push into the servers' inboxes), DiLoCo's outer step on
-#: the workers' replicas, the package's own kernels: none runs around a user's optimizer.
-OTHER_RULES = ["async-diloco", "mdownpour", "diloco", "eamsgd"]
+#: DOWNPOUR's variants push the sum of the package's own SGD steps (what to use instead is in the
+#: line); EAMSGD is easgd around the user's Nesterov SGD; async-diloco's pushes are float32 only.
+REFUSED = [
+    (
+        "mdownpour",
+        (),
+        "config: algorithm = 'mdownpour' does not run in your own loop: its push is the sum of "
+        "the package's own SGD steps",
+    ),
+    ("eamsgd", (), "config: algorithm = 'eamsgd' does not run in your own loop: use easgd"),
+    (
+        "async-diloco",
+        ("compress=int8",),
+        "config: compress = 'int8' cannot be used with algorithm = 'async-diloco'",
+    ),
+]
 
 
-@pytest.mark.parametrize("algorithm", OTHER_RULES)
+@pytest.mark.parametrize(
+    ("algorithm", "extra", "fragment"), REFUSED, ids=[a for a, _, _ in REFUSED]
+)
 def test_a_rule_that_does_not_run_in_your_own_loop_is_one_line_on_every_rank(
-    algorithm, mpiexec, clean_env, tmp_path
+    algorithm, extra, fragment, mpiexec, clean_env, tmp_path
 ):
-    args = (f"algorithm={algorithm}", "steps=24")
+    args = (f"algorithm={algorithm}", "steps=24", *extra)
     proc = run(train(mpiexec, 2, tmp_path, *args), clean_env, timeout=120)
-    assert_one_line_per_rank(
-        proc, 2, f"config: algorithm = '{algorithm}' does not run in your own loop: use easgd"
-    )
+    assert_one_line_per_rank(proc, 2, fragment)
     assert not list_checkpoints(tmp_path)
+    if algorithm == "mdownpour":  # and what to use instead
+        assert "use 'async-diloco'" in proc.stderr
 
 
 # ---- resumes that do not fit ------------------------------------------------------------------

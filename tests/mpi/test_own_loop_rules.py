@@ -16,86 +16,17 @@ from mpi_helpers import pair
 
 torch = pytest.importorskip("torch", reason="the torch extra is installed by `make test`")
 
-import easgd_mpi as ea  # noqa: E402
-import easgd_mpi.torch as et  # noqa: E402
-from recurrences import (  # noqa: E402
-    LR,
-    SETTINGS,
-    START,
-    TOL,
-    H,
-    WorkerQuadratic,
-    as_toml,
-    async_rule,
-    optimum,
-    sync_easgd,
+from own_loop_quadratic import (  # noqa: E402
+    SAME,
+    STEPS,
+    assert_follows,
+    builtin_loop,
+    settings,
+    user_loop,
 )
 
-STEPS = 13
-#: User loop against the package's own loop, both float32: the optimizer's update rounds
-#: differently from the fused kernel (PyTorch's add may fuse a multiply-add), nothing more.
-SAME = 1e-6
-
-
-class Quadratic(torch.nn.Module):
-    """½ Σ H (w − m)²: one parameter, the start of tests/recurrences.py."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.full((len(H),), START, dtype=torch.float32))
-
-    def forward(self, m):
-        return 0.5 * (torch.as_tensor(H, dtype=torch.float32) * (self.w - m) ** 2).sum()
-
-
-def settings(out, **values) -> dict:
-    return {
-        "eval_interval": 0.2,
-        "checkpoint.interval": 0,
-        "output": out,
-        **values,
-    }
-
-
-def user_loop(comm, values):
-    """The user's script on every rank of ``comm``: the master returns the center it
-    evaluated last; a worker its gradient points (steps × dim)."""
-    run = et.init(values, comm=comm)
-    if run.serves:
-        seen = []
-        run.serve(evaluate=lambda sd: seen.append(sd["w"].numpy().astype(np.float64)) or 0.0)
-        run.finish()
-        return seen[-1]
-    model = Quadratic()
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    et.ElasticAveraging(model, opt, run)
-    elastic = run._elastic
-    m = torch.as_tensor(optimum(run.worker), dtype=torch.float32)
-    points = []
-    while not run.should_stop:
-        points.append(model.w.detach().numpy().astype(np.float64))
-        loss = model(m)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        elastic.step(loss=loss)
-    run.finish()
-    return np.array(points)
-
-
-def builtin_loop(comm, out, values):
-    """The package's own loop on the same problem: the master's last evaluated center, a
-    worker's gradient points."""
-    made = []
-
-    def factory(cfg, xp):
-        made.append(WorkerQuadratic(cfg.quadratic, comm.Get_rank() - 1, xp))
-        return made[-1]
-
-    overrides = {**as_toml(SETTINGS), **as_toml(values), "output": f'"{out}"'}
-    cfg = ea.Config.from_toml(None, environ={}, overrides=overrides)
-    ea.train(cfg, problem=factory, comm=comm)
-    return made[0].evaluated if comm.Get_rank() == 0 else np.array(made[0].points)
+import easgd_mpi.torch as et  # noqa: E402
+from recurrences import TOL, async_rule, optimum, sync_easgd  # noqa: E402
 
 
 @pytest.mark.mpi(min_size=2)
@@ -109,12 +40,7 @@ def test_async_easgd_at_one_worker_follows_the_recurrence(tmp_path, tau, alpha):
         rule = {"algorithm": "easgd", "tau": tau, "steps": STEPS, "alpha": alpha}
         got = user_loop(comm, settings(f"{out}/loop", **rule))
         points, _, center = async_rule("easgd", STEPS, tau, alpha)
-        if comm.Get_rank() == 0:
-            np.testing.assert_allclose(got, center, rtol=0, atol=TOL)
-            assert np.abs(center - START).max() > 0.1  # the center moved: exchanges were seen
-        else:
-            assert got.shape == points.shape
-            np.testing.assert_allclose(got, points, rtol=0, atol=TOL)
+        assert_follows(got, comm.Get_rank() == 0, points, center, TOL)
         own = builtin_loop(comm, f"{out}/builtin", rule)
         np.testing.assert_allclose(got, own, rtol=0, atol=SAME)
     finally:

@@ -11,9 +11,10 @@ t mod τ = 0 *inside* the optimizer's step, before its update (a step pre-hook):
 taken at the old x, so the elastic difference and the gradient come from the same point, as
 in the paper's rule and the package's own (with ``torch.optim.SGD(lr)`` the user loop follows
 the package's recurrence exactly). Model averaging averages after the update, as PyTorch's
-``PeriodicModelAverager``. When the optimizer skips its step (a ``GradScaler`` that found an
-overflow), :meth:`ElasticAveraging.step` makes the exchange itself, so every worker makes the
-same exchanges.
+``PeriodicModelAverager``; DiLoCo (sync and async) takes its outer step after the update of
+every τ-th step (H local steps, then the outer step), as the package's DiLoCo. When the
+optimizer skips its step (a ``GradScaler`` that found an overflow), :meth:`ElasticAveraging.step`
+makes the exchange itself, so every worker makes the same exchanges.
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ class ElasticAveraging:
             rng,
             direct_mpi=session.direct_mpi,
             workers_comm=roles.workers,
+            # async-diloco pushes into the servers' inboxes, which run.serve() applies.
+            inbox=session.active.inbox if session.active is not None else None,
             own_loop=True,
         )
         rule.pull_center()  # the module views x: it now holds the center
