@@ -215,8 +215,10 @@ def test_a_center_that_computes_at_one_worker(tmp_path, algorithm, tau, knobs):
 
 
 class MeasuringProblem:
-    """A zero-gradient model with one buffer that each worker's forward pass sets to its own
-    measurement (worker index + 1), as BatchNorm sets its running statistics."""
+    """A zero-gradient model with one buffer that each worker's forward pass moves by its own
+    measurement (worker index + 1), as BatchNorm moves its running statistics. A change, not a
+    value: workers start when they start, and a late one copies a center that already holds an
+    earlier worker's push."""
 
     error_is_rate = False
 
@@ -235,7 +237,7 @@ class MeasuringProblem:
 
     def loss_and_grad(self, x, batch, g):
         g[...] = 0
-        x[self.n_trainable] = self.measured
+        x[self.n_trainable] += self.measured
         return 0.0
 
     def evaluate(self, x_host):
@@ -245,8 +247,8 @@ class MeasuringProblem:
 
 @pytest.mark.mpi(min_size=3)
 def test_downpour_adds_each_workers_share_of_its_buffers_change(tmp_path):
-    """One push per worker from a statistic of 0: the center's statistic is the workers' mean
-    measurement (p + 1)/2, not their sum (p whole changes move an average p times too far)."""
+    """One push per worker, whatever the order: the center's statistic moves by the workers'
+    mean change (p + 1)/2, not their sum (p whole changes move an average p times too far)."""
     comm, p, worker = world_and_worker()
     made = []
 
