@@ -757,6 +757,7 @@ class _Pushing:
     def _push_update(self, update) -> None:
         """Push ``update`` (already weighted), wait for the center, pull it into x."""
         staleness = self._last_staleness
+        sent = self.push_bytes
         payload = self._form_push(update, staleness)
         if self.compressor is None:
             self._tickets = self.inbox.push(payload)
@@ -768,7 +769,8 @@ class _Pushing:
         self.staleness_max = max(self.staleness_max, staleness)
         self._pull_version()
         self._read_center(self.x)
-        self.bytes += 8 * self.problem.layout.size
+        # The push as sent (float32 or coded) and the float32 read of the center.
+        self.bytes += self.push_bytes - sent + 4 * self.problem.layout.size
         self.exchanges += 1
 
     def finish(self) -> None:

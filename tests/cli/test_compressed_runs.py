@@ -64,6 +64,8 @@ def test_async_diloco_sends_int8_codes_to_its_center_and_resumes(mpiexec, clean_
     assert f32["exchanges"] == 2 * 600 // 4 and i8["exchanges"] == 2 * 300 // 4
     assert f32["push_bytes"] == f32["exchanges"] * 4 * n
     assert i8["push_bytes"] == i8["exchanges"] * coded_bytes(n, "int8")  # codes + scales
+    assert f32["bytes"] == f32["exchanges"] * 8 * n  # float32 push and read of the center
+    assert i8["bytes"] == i8["push_bytes"] + i8["exchanges"] * 4 * n  # coded push, float32 read
     ratio = (f32["push_bytes"] / f32["exchanges"]) / (i8["push_bytes"] / i8["exchanges"])
     assert 3.9 < ratio < 4.0, ratio
     resumed = json.loads((coded_dir / "metrics.jsonl").read_text().splitlines()[-1])
