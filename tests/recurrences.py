@@ -8,6 +8,8 @@ that skipped the averaging could not pass.
 
 import numpy as np
 
+from easgd_mpi.backend import NumpyBackend
+from easgd_mpi.compress import BLOCK
 from easgd_mpi.models import QuadraticProblem
 
 H = np.array([0.5, 1.0, 1.5, 2.0])
@@ -162,7 +164,26 @@ def local_sgd(p, steps, tau, delta=0.0, lr=LR, outer_lr=None, outer_momentum=0.0
     return np.array(points), theta, mom
 
 
-def master_rule(algorithm, steps, tau, lr=LR, **knobs):
+def coded_sender(codec: str):
+    """A worker's coded pushes with error feedback, written with the NumPy backend's compress
+    and decompress: u (float64) ↦ what the center receives (u + r coded in float32 blocks,
+    then decoded), the residual r carried to the next push."""
+    backend, residual = NumpyBackend(), []
+
+    def send(u):
+        e = np.asarray(u, np.float32).copy()
+        if not residual:
+            residual.append(np.zeros_like(e))
+        codes, scales = np.empty(e.size, np.uint8), np.empty(-(-e.size // BLOCK), np.float32)
+        backend.compress(e, residual[0], codes, scales, codec, BLOCK)
+        received = np.empty_like(e)
+        backend.decompress(codes, scales, received, codec, BLOCK)
+        return received.astype(np.float64)
+
+    return send
+
+
+def master_rule(algorithm, steps, tau, lr=LR, send=None, **knobs):
     """A rule whose center computes, one worker (no staleness): gradient points (steps × dim),
     the vector the master evaluates, and the center-side rows.
 
@@ -171,7 +192,8 @@ def master_rule(algorithm, steps, tau, lr=LR, **knobs):
     x̃ ← x̃ + η_o u/(√G + ε); mvadownpour (``moving_rate`` ν): x̃ ← x̃ + u,
     z ← (1 − ν)z + νx̃, z evaluated; async-diloco (``outer_lr``, ``outer_momentum``, worker
     ``momentum``): g = θ − x after τ local steps, m ← μm + g, θ ← θ − η_o(g + μm). u is the
-    worker's summed update x − (what it pulled) after τ local steps (the last round shorter).
+    worker's summed update x − (what it pulled) after τ local steps (the last round shorter);
+    ``send`` (e.g. :func:`coded_sender`) maps it to what the center receives.
     """
     m_opt = optimum(0)[None, :]
     start = np.full(len(H), START)
@@ -190,7 +212,7 @@ def master_rule(algorithm, steps, tau, lr=LR, **knobs):
         base = pulled()
         x, v = _local_phase(base[None, :].copy(), v, m_opt, delta, lr, h, points)
         done += h
-        u = x[0] - base
+        u = x[0] - base if send is None else send(x[0] - base)
         if algorithm == "mdownpour":
             vel = knobs["momentum"] * vel + u
             center = center + vel

@@ -707,6 +707,9 @@ class _Pushing:
         self._payload = (
             self.backend.host_empty(n) if self.backend.is_gpu else np.zeros(n, np.float32)
         )
+        if self.compressor is not None:  # coded pushes: host codes and scales (§2.16)
+            self._codes_host = np.zeros(n, np.uint8)
+            self._scales_host = np.zeros(inbox.n_scales, np.float32)
         self._tickets: list[int] | None = None
         self._base = None  # the servers' applied counters when this worker last pulled
         #: Pushes, their summed and largest staleness, seconds spent waiting for the center.
@@ -727,24 +730,47 @@ class _Pushing:
         return int(np.max(arrived - self._base))
 
     def _form_push(self, update, staleness: int):
-        """The host payload of one push from the update (on the worker's device). The hook
-        for compressed pushes: a subclass may quantize here and keep the residual."""
-        if self.backend.is_gpu:
-            return self.backend.to_host(update, self._payload)
-        return update
+        """The host payload of one push from the update (on the worker's device): float32,
+        or with ``compress`` each server's slice coded (blocks from the slice's start, the
+        residual kept) into host codes and scales, what the server decodes (§2.16). Counts
+        the bytes sent in :attr:`push_bytes`."""
+        if self.compressor is None:
+            self.push_bytes += 4 * update.shape[0]
+            if self.backend.is_gpu:
+                return self.backend.to_host(update, self._payload)
+            return update
+        inbox, b = self.inbox, self.backend
+        for s in inbox.targets:
+            lo, hi = inbox.slices[s]
+            self.push_bytes += self.compressor.compress(lo, hi, update[lo:hi])
+            codes, scales = self.compressor.coded()
+            a, z = inbox.scale_slices[s]
+            self._codes_host[lo:hi] = b.xp.asnumpy(codes) if b.is_gpu else codes
+            self._scales_host[a:z] = b.to_host(scales) if b.is_gpu else scales
+        return self._codes_host, self._scales_host
+
+    def _code_push(self, lo, hi, e) -> int:
+        """Nothing: a push to a center that computes is coded and counted per server slice
+        when it is sent (:meth:`_form_push`)."""
+        return 0
 
     def _push_update(self, update) -> None:
         """Push ``update`` (already weighted), wait for the center, pull it into x."""
         staleness = self._last_staleness
+        sent = self.push_bytes
         payload = self._form_push(update, staleness)
-        self._tickets = self.inbox.push(payload)
+        if self.compressor is None:
+            self._tickets = self.inbox.push(payload)
+        else:
+            self._tickets = self.inbox.push_coded(*payload)
         self.wait_s += self.inbox.wait_applied(self._tickets, self.lag)
         self.pushes += 1
         self.staleness_sum += staleness
         self.staleness_max = max(self.staleness_max, staleness)
         self._pull_version()
         self._read_center(self.x)
-        self.bytes += 8 * self.problem.layout.size
+        # The push as sent (float32 or coded) and the float32 read of the center.
+        self.bytes += self.push_bytes - sent + 4 * self.problem.layout.size
         self.exchanges += 1
 
     def finish(self) -> None:
@@ -833,7 +859,7 @@ class AsyncDiLoCo(_Pushing, WorkerAlgorithm):
 
     def saved_rows(self) -> list:
         rows = [self.x] if self.v is None else [self.x, self.v]
-        return [*rows, self.base]
+        return [*rows, self.base, *self._residual_row()]
 
     def restore(self, state) -> None:
         super().restore(state)
@@ -871,6 +897,8 @@ class AsyncDiLoCo(_Pushing, WorkerAlgorithm):
             self.resets += 1
             if self.v is not None:
                 self.v[...] = 0
+            if self.compressor is not None:
+                self.compressor.reset()  # the residual of a trajectory that was abandoned
         else:
             b.scale(u[:m], weight)
             if m < u.shape[0]:

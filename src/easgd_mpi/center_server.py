@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 
+from .backend import NumpyBackend
 from .center_inbox import COUNTER_FIELDS, CenterInbox
 from .center_rules import make_center_rule
 from .comm import MpiTurn, run_or_abort
@@ -117,11 +118,14 @@ class ActiveCenter:
     def __init__(self, cfg, center, workers: int, trainable: int, initial_rows=None):
         self.rule = make_center_rule(cfg, workers)
         fresh = self.rule.initial_rows
+        coded = cfg.compress != "none"  # coded slots, decoded here (§2.16, §3.11)
         self.inbox = CenterInbox(
             center,
             self.rule.rows,
             initial_rows,
             fresh=lambda name, slice_: fresh(slice_)[name],
+            codec=cfg.compress if coded else None,
+            decoder=NumpyBackend() if coded else None,
         )
         self.center = center
         self.server = (

@@ -139,8 +139,9 @@ CENTER_ROWS = {
 LOCK_MODES = ("shared", "exclusive")
 #: How a worker codes what it pushes to the center (``compress``, docs/ARCHITECTURE.md §2.16).
 COMPRESS = ("none", "int8", "fp8")
-#: The rules whose workers push a difference to the center, which compression can carry.
-COMPRESS_ALGORITHMS = ("easgd", "eamsgd", "downpour")
+#: The rules whose workers push a difference to the center, which compression can carry (the
+#: passive window receives it decoded; a center that computes decodes it: §2.16, §3.11).
+COMPRESS_ALGORITHMS = ("easgd", "eamsgd", "downpour", *ACTIVE_ALGORITHMS)
 
 #: Default exchange chunks (floats): CPU workers overlap small chunks best; a GPU worker pays one
 #: stream synchronisation per chunk, so it takes large ones.
@@ -686,17 +687,18 @@ class Config:
         none (docs/ARCHITECTURE.md §2.16 says why their all-reduce is not compressed)."""
         _check_choice("compress", self.compress, COMPRESS)
         if self.compress != "none" and self.algorithm not in COMPRESS_ALGORITHMS:
-            why = (
-                "its center applies the rule to float32 pushes; coded pushes to a center that "
-                "computes are not built yet"
-                if self.algorithm in ACTIVE_ALGORITHMS
-                else "its workers average through an all-reduce, which sums float32 and cannot "
-                "add codes of different scales"
-            )
             raise ConfigError(
                 f"config: compress = '{self.compress}' cannot be used with algorithm = "
-                f"'{self.algorithm}' ({why}; compression applies to "
+                f"'{self.algorithm}' (its workers average through an all-reduce, which sums "
+                f"float32 and cannot add codes of different scales; compression applies to "
                 f"{', '.join(COMPRESS_ALGORITHMS)}): set compress = 'none'"
+            )
+        if self.compress != "none" and self.is_active and self.push_lag:
+            raise ConfigError(
+                f"config: push_lag = {self.push_lag} cannot be used with compress = "
+                f"'{self.compress}' (each worker's coded push waits in a slot of its own until "
+                f"the center applied it, so the next push waits for it): set push_lag = 0 or "
+                f"compress = 'none'"
             )
         if not self.error_feedback and self.compress == "none":
             raise ConfigError(

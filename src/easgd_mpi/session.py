@@ -47,6 +47,7 @@ from .comm import (
     wait_for_all,
     world_comm,
 )
+from .compress import coded_bytes
 from .config import (
     BUILTIN_ALGORITHMS,
     DOWNPOUR_ALGORITHMS,
@@ -659,6 +660,8 @@ def _check_memory(cfg, roles, prob, backend) -> None:
         need = 4 * (hi - lo)
         if cfg.is_active:  # inbox, its take buffers, the private slice, the rows twice
             need += 4 * (hi - lo) * (4 + 2 * len(cfg.center_rows))
+            if cfg.compress != "none":  # a coded slot per worker: 1 byte an element + scales
+                need += p * coded_bytes(hi - lo, cfg.compress)
         if roles.is_master:
             # The state window holds two halves of every worker's rows (snapshots.py) and two
             # of the cut's center; a checkpoint copies one half of each.

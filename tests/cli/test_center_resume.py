@@ -27,6 +27,13 @@ CASES = [
     ("adownpour", 2, ("tau=2", "outer_lr=0.01")),
     ("mvadownpour", 2, ("tau=1", "moving_rate=0.05")),
     ("async-diloco", 2, ("tau=3", "momentum=0.5", "lr=0.05")),
+    # Coded pushes into the servers' slots: the worker's residual row resumes with it.
+    ("async-diloco", 2, ("tau=3", "momentum=0.5", "lr=0.05", "compress=int8")),
+    ("mdownpour", 2, ("tau=1", "momentum=0.9", "lr=0.02", "compress=fp8")),
+]
+IDS = [
+    a + "".join(f"-{e[len('compress=') :]}" for e in extra if e.startswith("compress="))
+    for a, _, extra in CASES
 ]
 
 
@@ -36,7 +43,7 @@ def _assert_center_state_identical(a, b) -> None:
         assert np.array_equal(row.view(np.uint32), b.center_state[name].view(np.uint32)), name
 
 
-@pytest.mark.parametrize(("algorithm", "n", "extra"), CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(("algorithm", "n", "extra"), CASES, ids=IDS)
 def test_resuming_mid_run_ends_bit_identical_with_the_center_state(
     algorithm, n, extra, mpiexec, clean_env, tmp_path
 ):

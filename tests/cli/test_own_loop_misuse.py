@@ -64,7 +64,8 @@ def test_a_mistake_in_the_middle_of_training_ends_the_job(
 # ---- rules of the package's own loop only --------------------------------------------------------
 
 #: DOWNPOUR's variants push the sum of the package's own SGD steps (what to use instead is in the
-#: line); EAMSGD is easgd around the user's Nesterov SGD; async-diloco's pushes are float32 only.
+#: line); EAMSGD is easgd around the user's Nesterov SGD; async-diloco's coded pushes need
+#: push_lag = 0.
 REFUSED = [
     (
         "mdownpour",
@@ -75,8 +76,8 @@ REFUSED = [
     ("eamsgd", (), "config: algorithm = 'eamsgd' does not run in your own loop: use easgd"),
     (
         "async-diloco",
-        ("compress=int8",),
-        "config: compress = 'int8' cannot be used with algorithm = 'async-diloco'",
+        ("compress=int8", "push_lag=1"),
+        "config: push_lag = 1 cannot be used with compress = 'int8'",
     ),
 ]
 

@@ -28,7 +28,7 @@ from own_loop_quadratic import (  # noqa: E402
 
 from easgd_mpi.checkpoint import load_checkpoint  # noqa: E402
 from easgd_mpi.rundir import list_checkpoints  # noqa: E402
-from recurrences import TOL, local_sgd, master_rule, optimum  # noqa: E402
+from recurrences import TOL, coded_sender, local_sgd, master_rule, optimum  # noqa: E402
 
 OUTER = {"outer_lr": 0.7, "outer_momentum": 0.9}
 
@@ -100,5 +100,24 @@ def test_async_diloco_at_one_worker_follows_the_recurrence(tmp_path, tau):
             assert np.abs(rows["outer_momentum"]).max() > 0.1
         own = builtin_loop(comm, f"{out}/builtin", rule)
         np.testing.assert_allclose(got, own, rtol=0, atol=SAME)
+    finally:
+        comm.Free()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_async_diloco_with_int8_pushes_in_your_own_loop_follows_the_coded_recurrence(tmp_path):
+    """The user's loop pushes through the same coded slots (docs/ARCHITECTURE.md §3.11): each
+    push replaced by its NumPy-coded-then-decoded value, the residual carried."""
+    comm = pair()
+    if comm is None:
+        return
+    try:
+        out = comm.bcast(str(tmp_path), root=0)
+        rule = {"algorithm": "async-diloco", "tau": 3, "steps": STEPS, "compress": "int8", **OUTER}
+        got = user_loop(comm, settings(out, run_dir=f"{out}/loop", **rule))
+        points, center, _ = master_rule(
+            "async-diloco", STEPS, 3, send=coded_sender("int8"), **OUTER
+        )
+        assert_follows(got, comm.Get_rank() == 0, points, center, TOL)
     finally:
         comm.Free()

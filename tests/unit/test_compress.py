@@ -293,12 +293,24 @@ def test_a_non_finite_push_reaches_nothing_and_resets_the_residual(algorithm):
     assert np.isfinite(center.value).all() and np.isfinite(algo.x).all()
 
 
-@pytest.mark.parametrize("algorithm", ["sync-easgd", "allreduce-sgd"])
+@pytest.mark.parametrize("algorithm", ["sync-easgd", "allreduce-sgd", "localsgd", "diloco"])
 def test_compression_is_refused_for_the_all_reduce_rules(algorithm):
     cfg = Config()
     cfg.set("algorithm", algorithm)
     cfg.set("compress", "int8")
     with pytest.raises(ConfigError, match="compress = 'int8' cannot be used with algorithm"):
+        cfg.validate()
+
+
+@pytest.mark.parametrize("algorithm", ["mdownpour", "adownpour", "mvadownpour", "async-diloco"])
+def test_a_center_that_computes_takes_coded_pushes_without_push_lag(algorithm):
+    cfg = Config()
+    cfg.set("algorithm", algorithm)
+    cfg.set("compress", "int8")
+    cfg.validate()
+    assert cfg.state_rows[-1] == "residual"
+    cfg.set("push_lag", 2)
+    with pytest.raises(ConfigError, match="push_lag = 2 cannot be used with compress = 'int8'"):
         cfg.validate()
 
 
