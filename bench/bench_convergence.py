@@ -55,21 +55,13 @@ from pathlib import Path
 import numpy as np
 
 from benchlib import launcher
+from easgd_mpi.config import ALGORITHMS as CONFIG_ALGORITHMS
 
 REPO = Path(__file__).resolve().parents[1]
 #: The default sweep: the paper's methods of the first comparison.
 ALGORITHMS = ("easgd", "eamsgd", "sync-easgd", "downpour", "allreduce-sgd")
-#: Every method this script knows (``--algorithms``): DOWNPOUR's master-side variants, local
-#: SGD and DiLoCo (issue 19) too.
-KNOWN = (
-    *ALGORITHMS,
-    "mdownpour",
-    "adownpour",
-    "mvadownpour",
-    "localsgd",
-    "diloco",
-    "async-diloco",
-)
+#: Every method this script knows (``--algorithms``): every rule of the package's own loop.
+KNOWN = CONFIG_ALGORITHMS
 #: Per-algorithm settings on top of the shared ones. EAMSGD gets δ = 0.9 and η = 0.01, an
 #: effective step η/(1 − δ) = 0.1, twice the plain methods' η (``--set eamsgd:momentum=0.99``
 #: gives the paper's δ); β = 0.9 (the paper's) is the default for the elastic ones.
